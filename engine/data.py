@@ -1,0 +1,712 @@
+"""Data: raw files -> checked records -> token files on disk -> sharded, resumable batches.
+
+Pretraining text is tokenized once (a `datasets` batched map over the fast tokenizer), an EOS
+after every document, and stored as one flat memmap token file per split. SFT conversations
+are rendered with the tokenizer's chat template; all loss masking happens here, while the data
+is prepared (labels are -100 everywhere but the assistant's tokens); the collators only pad.
+
+A prepared directory holds::
+
+    meta.json                 kind, dtype, vocab size, tokenizer fingerprint, source hashes, counts
+    train.bin / val.bin       token ids (uint16 when the vocab fits, else uint32)
+    train.mask.bin, ...       SFT only: 1 where the token is trained on (uint8)
+    train.idx.npy, ...        SFT only: example start offsets into the token file (n + 1)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from engine.errors import ZerotrainError
+
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100
+PRETRAIN_SUFFIXES = (".txt", ".jsonl", ".parquet")
+SFT_SUFFIXES = (".json", ".jsonl", ".parquet")
+ROLE_ALIASES = {
+    "system": "system",
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bot": "assistant",
+}
+
+
+@dataclass
+class ReadStats:
+    """Counts of what a read skipped, reported in meta.json and to the user."""
+
+    bad_lines: int = 0
+    dropped_no_label: int = 0
+    truncated: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+# --------------------------------------------------------------------------- reading raw files
+
+def _lines(path: Path, skip_bad: bool, stats: ReadStats) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line; invalid UTF-8 is an error naming the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if skip_bad:
+                    stats.bad_lines += 1
+                    continue
+                raise ZerotrainError(f"{path}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start}); "
+                                     "fix the file or pass --skip-bad-lines") from None
+            if line.strip():
+                yield lineno, line
+
+
+def _json_records(path: Path, skip_bad: bool, stats: ReadStats) -> Iterator[tuple[str, Any]]:
+    """(location, record) from a .jsonl file (one object a line) or a .json array."""
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ZerotrainError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+        except json.JSONDecodeError as e:
+            raise ZerotrainError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(data, list):
+            raise ZerotrainError(f"{path}: expected a JSON array of records (or use .jsonl, one record a line)")
+        for i, record in enumerate(data):
+            yield f"{path}[{i}]", record
+        return
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            offset = 0
+            for record in batch.to_pylist():
+                offset += 1
+                yield f"{path}:row {offset}", record
+        return
+    for lineno, line in _lines(path, skip_bad, stats):
+        try:
+            yield f"{path}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as e:
+            if skip_bad:
+                stats.bad_lines += 1
+                continue
+            raise ZerotrainError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno}); "
+                                 "fix the line or pass --skip-bad-lines to skip and count such lines") from None
+
+
+def _check_input(path: str | Path, suffixes: tuple[str, ...], kind: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ZerotrainError(f"{kind} input {path} does not exist (or is not a file)")
+    if path.suffix not in suffixes:
+        raise ZerotrainError(f"{path}: unsupported {kind} input type '{path.suffix}'; use one of "
+                             + ", ".join(suffixes))
+    if path.stat().st_size == 0:
+        raise ZerotrainError(f"{path}: the file is empty")
+    return path
+
+
+def read_documents(path: str | Path, skip_bad_lines: bool = False,
+                   stats: ReadStats | None = None) -> Iterator[str]:
+    """Pretraining documents of one file.
+
+    `.txt`: paragraphs (blank-line separated); `.jsonl`: `{"text": ...}` a line (MiniMind's
+    format); `.parquet`: the `text` column.
+    """
+    path = _check_input(path, PRETRAIN_SUFFIXES, "pretraining")
+    stats = stats if stats is not None else ReadStats()
+    if path.suffix == ".txt":
+        paragraph: list[str] = []
+        previous = 0
+        for lineno, line in _lines(path, skip_bad_lines, stats):
+            if paragraph and lineno > previous + 1:
+                yield "".join(paragraph).rstrip("\n")
+                paragraph = []
+            paragraph.append(line)
+            previous = lineno
+        if paragraph:
+            yield "".join(paragraph).rstrip("\n")
+        return
+    for where, record in _json_records(path, skip_bad_lines, stats):
+        text = record.get("text") if isinstance(record, dict) else None
+        if isinstance(text, str) and text.strip():
+            yield text
+            continue
+        if skip_bad_lines:
+            stats.bad_lines += 1
+            continue
+        if not isinstance(record, dict) or "text" not in record:
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            problem = f"no \"text\" field (found {found})"
+        elif not isinstance(text, str):
+            problem = f"\"text\" is {type(text).__name__}, not a string"
+        else:
+            problem = "empty document"
+        raise ZerotrainError(f"{where}: {problem}; pretraining records need a non-empty \"text\" "
+                             "string (or pass --skip-bad-lines to skip and count them)")
+
+
+def _detect_sft_format(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    turns = record.get("conversations")
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict):
+        if "from" in turns[0] and "value" in turns[0]:
+            return "sharegpt"
+        if "role" in turns[0] and "content" in turns[0]:
+            return "minimind"
+    turns = record.get("messages")
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "role" in turns[0]:
+        return "openai"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "instruction" in record and isinstance(record.get("instances"), list):
+        return "alpaca-seed"
+    return None
+
+
+SFT_SHAPES = ("ShareGPT {conversations: [{from, value}], system?}, OpenAI {messages: [{role, content}]}, "
+              "MiniMind {conversations: [{role, content}]}, Alpaca {instruction, input?, output}, "
+              "Alpaca seed {instruction, instances: [{input, output}]}")
+
+
+def _turns(record: dict, key: str, role_key: str, text_key: str, where: str) -> list[dict[str, str]]:
+    messages = []
+    system = record.get("system")
+    if isinstance(system, str) and system.strip():
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(record.get(key) or []):
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            raise ZerotrainError(f"{where}: {key}[{i}] needs '{role_key}' and '{text_key}'")
+        role = ROLE_ALIASES.get(str(turn[role_key]).lower())
+        if role is None:
+            raise ZerotrainError(f"{where}: {key}[{i}] has unknown role {turn[role_key]!r}; "
+                                 f"expected one of {sorted(ROLE_ALIASES)}")
+        if not isinstance(turn[text_key], str):
+            raise ZerotrainError(f"{where}: {key}[{i}].{text_key} must be a string")
+        messages.append({"role": role, "content": turn[text_key]})
+    return messages
+
+
+def _alpaca(instruction: Any, inp: Any, output: Any, system: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(inp or "", str):
+        raise ZerotrainError(f"{where}: Alpaca 'instruction', 'input' and 'output' must be strings")
+    prompt = instruction if not inp else f"{instruction}\n\n{inp}"
+    messages = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+def to_messages(record: Any, fmt: str, where: str) -> list[list[dict[str, str]]]:
+    """The conversations (lists of {role, content}) in one record of a known format."""
+    if _detect_sft_format(record) != fmt:
+        raise ZerotrainError(f"{where}: record does not match this file's format ({fmt}, detected from its "
+                             f"first record); every record of a file must have one shape: {SFT_SHAPES}")
+    if fmt == "sharegpt":
+        return [_turns(record, "conversations", "from", "value", where)]
+    if fmt == "minimind":
+        return [_turns(record, "conversations", "role", "content", where)]
+    if fmt == "openai":
+        return [_turns(record, "messages", "role", "content", where)]
+    if fmt == "alpaca":
+        return [_alpaca(record["instruction"], record.get("input"), record["output"], record.get("system"), where)]
+    return [_alpaca(record["instruction"], inst.get("input"), inst.get("output"), None, f"{where}.instances[{i}]")
+            for i, inst in enumerate(record["instances"]) if isinstance(inst, dict)]
+
+
+def read_conversations(path: str | Path, skip_bad_lines: bool = False,
+                       stats: ReadStats | None = None) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """(location, messages) for each conversation of an SFT file; the format is detected per file."""
+    path = _check_input(path, SFT_SUFFIXES, "SFT")
+    stats = stats if stats is not None else ReadStats()
+    fmt = None
+    for where, record in _json_records(path, skip_bad_lines, stats):
+        if fmt is None:
+            fmt = _detect_sft_format(record)
+            if fmt is None:
+                found = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ZerotrainError(f"{where}: unknown SFT format (keys {found}); supported shapes: {SFT_SHAPES}")
+        try:
+            conversations = to_messages(record, fmt, where)
+        except ZerotrainError:
+            if skip_bad_lines:
+                stats.bad_lines += 1
+                continue
+            raise
+        for messages in conversations:
+            yield where, messages
+
+
+# --------------------------------------------------------------------------- encoding
+
+def encode_chat(messages: list[dict[str, str]], tokenizer, seq_len: int,
+                where: str = "conversation") -> tuple[list[int], list[int], bool]:
+    """Render with the chat template; return (input_ids, labels, truncated).
+
+    Labels are the token ids inside assistant replies (their end-of-turn token included) and
+    -100 elsewhere. Assistant spans are found in the rendered text by rendering each prefix of
+    the conversation, so any prefix-stable template works, then mapped to tokens by offsets.
+    """
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    text = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(messages[:i], True)) if i else 0
+        end_text = render(messages[: i + 1], False)
+        if not text.startswith(end_text) or start > len(end_text):
+            raise ZerotrainError(f"{where}: the chat template is not prefix-stable, so assistant turns "
+                                 "cannot be located; use a ChatML-style template")
+        body = end_text[start:]
+        spans.append((start, start + len(body.rstrip())))
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoding["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for t, (a, b) in enumerate(encoding["offset_mapping"]):
+        if b > a and any(s <= a and b <= e for s, e in spans):
+            labels[t] = ids[t]
+    truncated = len(ids) > seq_len
+    return ids[:seq_len], labels[:seq_len], truncated
+
+
+def _fast_backend(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ZerotrainError("a fast (Rust `tokenizers`) tokenizer is needed; load it with load_tokenizer()")
+    return backend
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+# --------------------------------------------------------------------------- preparing
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def preparation_key(kind: str, inputs: list[str], tokenizer, *, seq_len: int, val_fraction: float,
+                    skip_bad_lines: bool) -> tuple[str, list[dict[str, Any]]]:
+    """A hash of everything a prepared directory depends on, and the source records it came from."""
+    from model.tokenizer import tokenizer_fingerprint
+
+    sources = [{"path": str(Path(p).resolve()), "sha256": file_sha256(p), "bytes": Path(p).stat().st_size}
+               for p in inputs]
+    parts = {"version": FORMAT_VERSION, "kind": kind, "tokenizer": tokenizer_fingerprint(tokenizer),
+             "sources": [s["sha256"] for s in sources], "val_fraction": val_fraction,
+             "skip_bad_lines": skip_bad_lines, "seq_len": seq_len if kind == "sft" else None}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], sources
+
+
+class _SplitWriter:
+    """Appends tokens (and SFT masks/offsets) of one split to files in a directory."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, sft: bool):
+        self.dtype, self.sft, self.count, self.examples = dtype, sft, 0, 0
+        self.tokens = open(directory / f"{split}.bin", "wb")
+        self.mask = open(directory / f"{split}.mask.bin", "wb") if sft else None
+        self.offsets = [0]
+        self.idx_path = directory / f"{split}.idx.npy"
+
+    def add_stream(self, ids: np.ndarray, documents: int) -> None:
+        self.tokens.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.count += len(ids)
+        self.examples += documents
+
+    def add_example(self, ids: list[int], labels: list[int]) -> None:
+        self.tokens.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.mask.write((np.asarray(labels) != IGNORE_INDEX).astype(np.uint8).tobytes())
+        self.count += len(ids)
+        self.examples += 1
+        self.offsets.append(self.count)
+
+    def close(self) -> dict[str, int]:
+        self.tokens.close()
+        if self.sft:
+            self.mask.close()
+            np.save(self.idx_path, np.asarray(self.offsets, dtype=np.int64))
+        return {"tokens": self.count, ("examples" if self.sft else "documents"): self.examples}
+
+
+def _chunks(iterable: Iterable, size: int) -> Iterator[list]:
+    it = iter(iterable)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _is_val(index: int, val_fraction: float) -> bool:
+    """Every k-th document or conversation goes to validation (deterministic, spread over files)."""
+    return val_fraction > 0 and index % max(2, round(1 / val_fraction)) == 1
+
+
+def _write_pretrain(inputs: list[str], tokenizer, out: Path, val_fraction: float, skip_bad_lines: bool,
+                    stats: ReadStats, progress) -> dict[str, dict[str, int]]:
+    import datasets
+    import pyarrow as pa
+
+    backend = _fast_backend(tokenizer)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ZerotrainError("the tokenizer has no eos token; pretraining puts one between documents")
+    dtype = _token_dtype(len(tokenizer))
+    writers = {s: _SplitWriter(out, s, dtype, sft=False) for s in ("train", "val")}
+
+    def encode(batch):
+        # Arrow in, Arrow out: building the list column from numpy skips datasets' per-token
+        # Python type checks, which otherwise cost more than the tokenizer itself.
+        encoded = backend.encode_batch(batch.column("text").to_pylist(), add_special_tokens=False)
+        pieces = [np.asarray(e.ids + [eos], dtype=np.uint32) for e in encoded]
+        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in pieces], out=offsets[1:])
+        ids = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(pieces)))
+        return pa.table({"ids": ids})
+
+    datasets.disable_progress_bars()
+    documents = (doc for path in inputs for doc in read_documents(path, skip_bad_lines, stats))
+    index = 0
+    for chunk in _chunks(documents, 16384):
+        split_docs: dict[str, list[str]] = {"train": [], "val": []}
+        for doc in chunk:
+            split_docs["val" if _is_val(index, val_fraction) else "train"].append(doc)
+            index += 1
+        for split, docs in split_docs.items():
+            if not docs:
+                continue
+            mapped = datasets.Dataset.from_dict({"text": docs}).with_format("arrow").map(
+                encode, batched=True, batch_size=len(docs), remove_columns=["text"], keep_in_memory=True)
+            flat = mapped.data.column("ids").combine_chunks().flatten().to_numpy()
+            writers[split].add_stream(flat, len(docs))
+        progress(len(chunk))
+    if index == 0:
+        raise ZerotrainError(f"no documents in {', '.join(inputs)}")
+    return {s: w.close() for s, w in writers.items()}
+
+
+def _write_sft(inputs: list[str], tokenizer, out: Path, seq_len: int, val_fraction: float,
+               skip_bad_lines: bool, stats: ReadStats, progress) -> dict[str, dict[str, int]]:
+    dtype = _token_dtype(len(tokenizer))
+    writers = {s: _SplitWriter(out, s, dtype, sft=True) for s in ("train", "val")}
+    index = 0
+    for path in inputs:
+        for where, messages in read_conversations(path, skip_bad_lines, stats):
+            ids, labels, truncated = encode_chat(messages, tokenizer, seq_len, where)
+            stats.truncated += truncated
+            progress(1)
+            if all(label == IGNORE_INDEX for label in labels):
+                stats.dropped_no_label += 1
+                continue
+            writers["val" if _is_val(index, val_fraction) else "train"].add_example(ids, labels)
+            index += 1
+    if index == 0:
+        raise ZerotrainError(f"no usable conversations in {', '.join(inputs)} "
+                             f"({stats.dropped_no_label} had no assistant token within seq_len {seq_len})")
+    return {s: w.close() for s, w in writers.items()}
+
+
+def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, seq_len: int = 512,
+            val_fraction: float = 0.01, skip_bad_lines: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """Tokenize `inputs` into `output_dir` (reused as is when nothing changed); return its meta.
+
+    The directory is built under a temporary name and renamed into place, so a crash never
+    leaves a half-written one behind.
+    """
+    if kind not in ("pretrain", "sft"):
+        raise ZerotrainError(f"unknown data kind '{kind}': use pretrain or sft")
+    if not inputs:
+        raise ZerotrainError("no input files given (--input / --data)")
+    suffixes = PRETRAIN_SUFFIXES if kind == "pretrain" else SFT_SUFFIXES
+    for p in inputs:
+        _check_input(p, suffixes, "pretraining" if kind == "pretrain" else "SFT")
+    key, sources = preparation_key(kind, inputs, tokenizer, seq_len=seq_len, val_fraction=val_fraction,
+                                   skip_bad_lines=skip_bad_lines)
+    output_dir = Path(output_dir)
+    existing = read_meta(output_dir) if (output_dir / "meta.json").is_file() else None
+    if existing and existing.get("key") == key:
+        return existing
+
+    from model.tokenizer import tokenizer_fingerprint
+    from tqdm import tqdm
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    stats = ReadStats()
+    bar = tqdm(desc=f"prepare {kind}", unit=" docs" if kind == "pretrain" else " convs", disable=not show_progress)
+    try:
+        writer = _write_pretrain if kind == "pretrain" else _write_sft
+        args = (seq_len,) if kind == "sft" else ()
+        splits = writer(list(map(str, inputs)), tokenizer, tmp, *args, val_fraction, skip_bad_lines,
+                        stats, bar.update)
+        meta = {"format_version": FORMAT_VERSION, "key": key, "kind": kind,
+                "dtype": str(_token_dtype(len(tokenizer))), "vocab_size": len(tokenizer),
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "seq_len": seq_len if kind == "sft" else None,
+                "val_fraction": val_fraction, "sources": sources, "splits": splits, "stats": stats.to_dict()}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        _swap_into_place(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return meta
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target`; an older `target` is removed only once the new one is complete."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another rank or node finished the same preparation first
+            if not (target / "meta.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_cached(kind: str, inputs: list[str], tokenizer, cache_dir: str | Path, *, seq_len: int,
+                   val_fraction: float, skip_bad_lines: bool, show_progress: bool = True) -> Path:
+    """Prepare into `cache_dir/<kind>-<key>/`, keyed by the inputs' contents and the tokenizer."""
+    key, _ = preparation_key(kind, inputs, tokenizer, seq_len=seq_len, val_fraction=val_fraction,
+                             skip_bad_lines=skip_bad_lines)
+    target = Path(cache_dir) / f"{kind}-{key}"
+    prepare(kind, inputs, tokenizer, target, seq_len=seq_len, val_fraction=val_fraction,
+            skip_bad_lines=skip_bad_lines, show_progress=show_progress)
+    return target
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """meta.json of a prepared directory, checked for format version."""
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        raise ZerotrainError(f"{directory} is not a prepared data directory (no meta.json); "
+                             "make one with `zerotrain prepare`")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ZerotrainError(f"{path}: prepared with format version {meta.get('format_version')}, this zerotrain "
+                             f"reads version {FORMAT_VERSION}; prepare the data again")
+    return meta
+
+
+# --------------------------------------------------------------------------- datasets
+
+def _open_tokens(directory: Path, split: str, meta: dict[str, Any]) -> np.ndarray:
+    path = directory / f"{split}.bin"
+    dtype = np.dtype(meta["dtype"])
+    expected = meta["splits"][split]["tokens"] * dtype.itemsize
+    if not path.is_file() or path.stat().st_size != expected:
+        size = path.stat().st_size if path.is_file() else "missing"
+        raise ZerotrainError(f"{path}: expected {expected} bytes, found {size}; the prepared data is "
+                             "truncated or changed, prepare it again")
+    if expected == 0:
+        return np.zeros(0, dtype=dtype)
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    # Out-of-vocab ids would index past the embedding: check once, in chunks.
+    for start in range(0, len(tokens), 1 << 24):
+        top = int(tokens[start:start + (1 << 24)].max())
+        if top >= meta["vocab_size"]:
+            raise ZerotrainError(f"{path}: token id {top} is outside the vocabulary ({meta['vocab_size']}); "
+                                 "the file is corrupt or from another tokenizer, prepare it again")
+    return tokens
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Fixed-length windows of `seq_len` tokens over a split's token stream (labels = inputs;
+    transformers shifts them inside the model)."""
+
+    def __init__(self, directory: str | Path, split: str, seq_len: int):
+        self.directory, self.seq_len = Path(directory), seq_len
+        self.meta = read_meta(directory)
+        if self.meta["kind"] != "pretrain":
+            raise ZerotrainError(f"{directory} holds {self.meta['kind']} data, not pretraining data")
+        self.tokens = _open_tokens(self.directory, split, self.meta)
+
+    def __len__(self) -> int:
+        return len(self.tokens) // self.seq_len
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        window = torch.from_numpy(self.tokens[i * self.seq_len:(i + 1) * self.seq_len].astype(np.int64))
+        return {"input_ids": window, "labels": window}
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Prepared conversations: input_ids and labels (-100 where not trained on)."""
+
+    def __init__(self, directory: str | Path, split: str, seq_len: int):
+        self.directory = Path(directory)
+        self.meta = read_meta(directory)
+        if self.meta["kind"] != "sft":
+            raise ZerotrainError(f"{directory} holds {self.meta['kind']} data, not SFT data")
+        if self.meta["seq_len"] != seq_len:
+            raise ZerotrainError(f"{directory} was prepared with seq_len {self.meta['seq_len']}, the run uses "
+                                 f"{seq_len}: prepare again with --seq-len {seq_len}")
+        self.tokens = _open_tokens(self.directory, split, self.meta)
+        self.offsets = np.load(self.directory / f"{split}.idx.npy")
+        self.mask = np.memmap(self.directory / f"{split}.mask.bin", dtype=np.uint8, mode="r") if len(self.tokens) else None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        ids = torch.from_numpy(self.tokens[a:b].astype(np.int64))
+        keep = torch.from_numpy(self.mask[a:b].astype(np.bool_))
+        return {"input_ids": ids, "labels": torch.where(keep, ids, IGNORE_INDEX)}
+
+
+# --------------------------------------------------------------------------- batching
+
+def collate_stack(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Fixed-length examples (pretraining windows) stacked into a batch."""
+    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def collate_pad(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; labels are padded with -100, attention_mask marks real tokens."""
+    length = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
+             "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
+             "attention_mask": torch.zeros((len(examples), length), dtype=torch.long)}
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        batch["input_ids"][row, :n] = e["input_ids"]
+        batch["labels"][row, :n] = e["labels"]
+        batch["attention_mask"][row, :n] = 1
+    return batch
+
+
+def collate_packed(examples: list[dict[str, torch.Tensor]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack examples greedily, in order, into rows of at most `seq_len` tokens.
+
+    position_ids restart at 0 for every example and no attention_mask is passed, so
+    transformers builds a block-diagonal causal mask from the position_ids: examples in one
+    row never attend to each other (the forward must run with use_cache=False, as the
+    engine's does: transformers ignores packing when a KV cache is in play). The first label of each example is -100, so no token is
+    trained to predict across a boundary. Examples are never split across rows.
+    """
+    rows: list[list[dict[str, torch.Tensor]]] = [[]]
+    used = 0
+    for e in examples:
+        n = len(e["input_ids"])
+        if used + n > seq_len and rows[-1]:
+            rows.append([])
+            used = 0
+        rows[-1].append(e)
+        used += n
+    length = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    batch = {"input_ids": torch.full((len(rows), length), pad_id, dtype=torch.long),
+             "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long),
+             "position_ids": torch.zeros((len(rows), length), dtype=torch.long)}
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e["input_ids"])
+            batch["input_ids"][r, at:at + n] = e["input_ids"]
+            batch["labels"][r, at:at + n] = e["labels"]
+            batch["labels"][r, at] = IGNORE_INDEX
+            batch["position_ids"][r, at:at + n] = torch.arange(n)
+            at += n
+        # Padding continues as its own "sequence" (positions restart), fully masked by labels.
+        batch["position_ids"][r, at:] = torch.arange(length - at)
+    return batch
+
+
+class ShardedSampler:
+    """An endless, seeded stream of sample indices shared out between ranks.
+
+    The stream is epoch 0's permutation, then epoch 1's, and so on. Each micro-batch step
+    consumes the next `world_size * micro_batch_size` positions of it: rank r takes the r-th
+    block. The only state is the global `cursor` (positions consumed), which does not depend
+    on the world size: a run can resume on another number of ranks at the same place.
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+        if num_samples <= 0:
+            raise ZerotrainError("the dataset has no samples: use more data or a shorter --seq-len")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.seed, self.shuffle, self.cursor = seed, shuffle, 0
+        self._epoch, self._perm = -1, None
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_samples)
+        if not self.shuffle:
+            return offset
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        return int(self._perm[offset])
+
+    def next_indices(self, micro_batch_size: int) -> list[int]:
+        """This rank's indices for the next micro-batch; advances the shared cursor."""
+        start = self.cursor + self.rank * micro_batch_size
+        self.cursor += self.world_size * micro_batch_size
+        return [self._index(p) for p in range(start, start + micro_batch_size)]
+
+    @property
+    def epoch(self) -> float:
+        return self.cursor / self.num_samples
+
+    def state_dict(self) -> dict[str, int]:
+        return {"cursor": self.cursor, "seed": self.seed, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
+            raise ZerotrainError(
+                f"the checkpoint's data position is for {state['num_samples']} samples with seed {state['seed']}, "
+                f"this run has {self.num_samples} samples with seed {self.seed}: resume with the same data and "
+                "seed, or start fresh (--resume never)")
+        self.cursor = int(state["cursor"])
+
+
+@dataclass
+class BatchLoader:
+    """Micro-batches for one rank: dataset + sampler + collate, resumable through state_dict()."""
+
+    dataset: torch.utils.data.Dataset
+    sampler: ShardedSampler
+    micro_batch_size: int
+    collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self.collate([self.dataset[i] for i in self.sampler.next_indices(self.micro_batch_size)])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def eval_batches(dataset: torch.utils.data.Dataset, rank: int, world_size: int, micro_batch_size: int,
+                 max_batches: int, collate) -> Iterator[dict[str, torch.Tensor]]:
+    """Validation micro-batches for one rank: a fixed, unshuffled share of the split.
+
+    Every rank yields the same number of batches (the extra samples that do not divide are
+    left out), so collective calls in the eval loop stay in step.
+    """
+    per_step = micro_batch_size * world_size
+    steps = min(max_batches, len(dataset) // per_step)
+    for step in range(steps):
+        start = step * per_step + rank * micro_batch_size
+        yield collate([dataset[i] for i in range(start, start + micro_batch_size)])

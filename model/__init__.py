@@ -1,0 +1,1 @@
+"""Model presets, construction, FLOPs accounting and tokenizers. Knows nothing of DeepSpeed."""

@@ -1,0 +1,31 @@
+"""zerotrain: DeepSpeed ZeRO 0-3 pretraining and SFT for GPT-style language models."""
+
+from setuptools import setup
+
+setup(
+    name="zerotrain",
+    version="0.1.0",
+    description="DeepSpeed ZeRO 0-3 pretraining and SFT (full and LoRA) for GPT-style language models",
+    python_requires=">=3.10",
+    packages=["engine", "model"],
+    # torch is installed first by `make install` (the CPU build here, CUDA on GPU machines);
+    # a range it satisfies keeps pip from pulling another build.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.17,<0.20",
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "datasets>=3.0",
+        "tokenizers>=0.21",
+        "sentencepiece>=0.2",
+        "protobuf",
+        "safetensors>=0.4",
+        "numpy",
+        "pyarrow",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=8", "ninja"]},
+    entry_points={"console_scripts": ["zerotrain = engine.cli:main"]},
+)

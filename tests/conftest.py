@@ -1,0 +1,37 @@
+"""Shared fixtures: one small tokenizer for the whole session, trained on the shipped samples."""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "data" / "samples"
+
+
+def sample_texts(english_lines: int = 4000, poems: int = 1500) -> list[str]:
+    """A slice of the English and Chinese samples, as documents."""
+    with open(SAMPLES / "tinyshakespeare.txt", encoding="utf-8") as f:
+        english = "".join(islice(f, english_lines)).split("\n\n")
+    with open(SAMPLES / "tang_poems_5k.jsonl", encoding="utf-8") as f:
+        chinese = [json.loads(line)["text"] for line in islice(f, poems)]
+    return english + chinese
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from model.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(sample_texts(), vocab_size=1000, output_dir=str(out), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from model.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(tokenizer_dir))

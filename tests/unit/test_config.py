@@ -1,0 +1,65 @@
+import pytest
+import yaml
+
+from engine.config import Config, parse_config
+from engine.errors import ZerotrainError
+
+
+def test_flags_fill_every_section():
+    cfg = parse_config(["--micro-batch-size", "4", "--lr", "3e-4", "--data", "a.txt", "b.txt", "--data", "c.txt",
+                        "--pack", "--zero-stage", "3", "--local_rank=1", "--output-dir", "out"])
+    assert cfg.train.micro_batch_size == 4 and cfg.optim.lr == 3e-4
+    assert cfg.data.data == ["a.txt", "b.txt", "c.txt"] and cfg.data.pack is True
+    assert cfg.distributed.zero_stage == 3 and cfg.train.output_dir == "out"
+
+
+def test_yaml_nested_and_flat_then_flags_win(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_steps: 20\n  micro_batch_size: 2\nlr: 5e-4\nwarmup_steps: 5\n")
+    cfg = parse_config(["--config", str(path), "--micro-batch-size", "3"])
+    assert cfg.train.max_steps == 20 and cfg.train.micro_batch_size == 3
+    assert cfg.optim.lr == pytest.approx(5e-4) and isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--micro-batch", "3"], "unknown flag '--micro-batch'; did you mean '--micro-batch-size'?"),
+    (["--max-step", "1"], "did you mean '--max-steps'?"),
+    (["--warmup-steps", "2000", "--max-steps", "10"], "warmup_steps (2000) is larger than train.max_steps (10)"),
+    (["--precision", "fp8"], "train.precision (--precision) must be one of auto, bf16, fp16, fp32, got 'fp8'"),
+    (["--micro-batch-size", "0"], "train.micro_batch_size (--micro-batch-size) must be a positive number"),
+    (["--zero-stage", "4"], "distributed.zero_stage (--zero-stage) must be 0, 1, 2 or 3, got 4"),
+    (["--seq-len", "abc"], "data.seq_len: expected int, got 'abc'"),
+    (["--val-fraction", "0.7"], "data.val_fraction (--val-fraction) must be a number in [0, 0.5)"),
+    (["stray"], "unexpected argument 'stray'"),
+])
+def test_bad_flags_are_named(argv, message):
+    with pytest.raises(ZerotrainError) as e:
+        parse_config(argv)
+    assert message in str(e.value)
+
+
+def test_unknown_yaml_key_is_named_with_file_and_suggestion(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  micro_bach_size: 3\n")
+    with pytest.raises(ZerotrainError, match=r"x.yaml: unknown key 'train.micro_bach_size'; did you mean 'micro_batch_size'"):
+        parse_config(["--config", str(path)])
+    path.write_text("sequence_len: 3\n")
+    with pytest.raises(ZerotrainError, match=r"unknown key 'sequence_len'"):
+        parse_config(["--config", str(path)])
+    with pytest.raises(ZerotrainError, match="does not exist"):
+        parse_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_global_batch_checked_against_world_size():
+    cfg = parse_config(["--micro-batch-size", "2", "--grad-accum", "4", "--global-batch-size", "16"])
+    assert cfg.check_world_size(2) == 16
+    with pytest.raises(ZerotrainError, match=r"2 x 4 x 3 = 24.*--global-batch-size 24"):
+        cfg.check_world_size(3)
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = parse_config(["--lr", "1e-3", "--data", "x.jsonl", "--zero-stage", "1", "--output-dir", "o"])
+    cfg.save(tmp_path / "config.yaml")
+    again = Config.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == cfg
+    assert not list(tmp_path.glob("*.tmp"))
