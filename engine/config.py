@@ -29,6 +29,7 @@ import yaml
 from engine.errors import ZerotrainError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+MONITORS = ("tensorboard", "csv", "wandb")
 
 
 @dataclass
@@ -138,6 +139,9 @@ class TrainConfig:
     """Micro-batches per rank in one validation pass."""
     max_consecutive_nonfinite: int = 5
     """A NaN/inf loss skips the step; this many in a row stop the run."""
+    report_to: list[str] = field(default_factory=list)
+    """DeepSpeed monitors to log to as well, written under output_dir/monitor: tensorboard, csv, wandb.
+    (Not `--monitor`: torchrun would take that as an abbreviation of its --monitor-interval.)"""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "log_interval", "eval_batches",
@@ -149,6 +153,9 @@ class TrainConfig:
             _bad("eval_interval", self.eval_interval, "0 (only at the end) or a positive integer")
         if self.precision not in PRECISIONS:
             _bad("precision", self.precision, "one of " + ", ".join(PRECISIONS))
+        for name in self.report_to:
+            if name not in MONITORS:
+                _bad("report_to", name, "any of " + ", ".join(MONITORS))
 
 
 @dataclass

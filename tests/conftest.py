@@ -35,3 +35,15 @@ def tokenizer(tokenizer_dir):
     from model.tokenizer import load_tokenizer
 
     return load_tokenizer(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def pretrain_data(tokenizer, tmp_path_factory) -> Path:
+    """Prepared pretraining tokens (a slice of the English and Chinese samples), shared by every run."""
+    from engine.data import prepare
+
+    tmp = tmp_path_factory.mktemp("pretrain")
+    src = tmp / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in sample_texts(2000, 600)))
+    prepare("pretrain", [str(src)], tokenizer, tmp / "prepared", val_fraction=0.05, show_progress=False)
+    return tmp / "prepared"

@@ -63,3 +63,23 @@ def test_saved_config_reloads_identically(tmp_path):
     again = Config.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again == cfg
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_no_flag_is_taken_by_torchrun_or_the_deepspeed_launcher():
+    """Both launchers parse with argparse abbreviations even after the script name: a flag of
+    ours that is a prefix of one of theirs (say --monitor of --monitor-interval) never arrives."""
+    from unittest import mock
+
+    import deepspeed.launcher.runner as ds_runner
+    from torch.distributed.run import get_args_parser
+
+    from engine.config import build_parser
+
+    theirs = {o for a in get_args_parser()._actions for o in a.option_strings}
+    captured = {}
+    with mock.patch("argparse.ArgumentParser.parse_args", lambda self, args=None: captured.setdefault("p", self)):
+        ds_runner.parse_args([])
+    theirs |= {o for a in captured["p"]._actions for o in a.option_strings}
+    ours = {o for a in build_parser("x")._actions for o in a.option_strings if o not in ("-h", "--help")}
+    clashes = {(o, t) for o in ours for t in theirs if t.startswith(o) and o not in ("--local_rank", "--local-rank")}
+    assert not clashes

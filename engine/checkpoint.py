@@ -1,0 +1,178 @@
+"""Saving and resuming training: DeepSpeed shards plus zerotrain's own state, written so that
+`latest` only ever names a complete checkpoint.
+
+A checkpoint tag folder (`checkpoints/global_stepN/`) holds DeepSpeed's files (model, optimizer
+and scheduler state; the client state carries step, tokens seen, data position and config),
+one `rng_state_{rank}.pt` per rank, and `zerotrain.json`, written last by rank 0 once every
+rank has finished. Only then is `latest` replaced (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.errors import ZerotrainError
+
+SIDECAR = "zerotrain.json"
+TAG_RE = re.compile(r"^global_step(\d+)$")
+
+
+def tag_name(step: int) -> str:
+    return f"global_step{step}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a step can touch, in types torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], sidecar: dict[str, Any],
+         keep_last: int) -> Path:
+    """Save a checkpoint on every rank (collective); returns the tag folder."""
+    import torch.distributed as dist
+
+    tag = tag_name(step)
+    tag_dir = ckpt_dir / tag
+    rank = dist.get_rank()
+    if rank == 0 and tag_dir.exists():
+        shutil.rmtree(tag_dir)  # a leftover of a crashed save at this step
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    tmp = tag_dir / f".rng_state_{rank}.pt.tmp"
+    torch.save(rng_state(), tmp)
+    os.replace(tmp, tag_dir / f"rng_state_{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        _atomic_write(tag_dir / SIDECAR, json.dumps(sidecar, indent=2, default=str))
+        _atomic_write(ckpt_dir / "latest", tag)
+        _prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return tag_dir
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for tag in zerotrain_tags(ckpt_dir)[:-keep_last]:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def zerotrain_tags(ckpt_dir: Path) -> list[str]:
+    """global_stepN folders, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
+    return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+
+
+def tag_problems(tag_dir: Path) -> list[str]:
+    """Why a tag cannot be resumed from (empty when it is complete)."""
+    from engine.ds_checkpoint import describe
+
+    if not (tag_dir / SIDECAR).is_file():
+        return [f"{tag_dir / SIDECAR} is missing (the save did not finish)"]
+    try:
+        info = describe(tag_dir)
+    except ZerotrainError as e:
+        return [str(e)]
+    problems = list(info.problems)
+    world = json.loads((tag_dir / SIDECAR).read_text()).get("world_size", info.world_size)
+    problems += [f"{tag_dir}/rng_state_{r}.pt is missing" for r in range(world)
+                 if not (tag_dir / f"rng_state_{r}.pt").is_file()]
+    return problems
+
+
+def find_resume_tag(ckpt_dir: Path, resume: str) -> Path | None:
+    """The tag folder to resume from, per --resume (auto | never | PATH), or None to start fresh.
+
+    `auto` takes the newest complete checkpoint and falls back to older ones with a warning.
+    An explicit PATH must be complete.
+    """
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if path.is_dir() and TAG_RE.match(path.name):
+            problems = tag_problems(path)
+            if problems:
+                raise ZerotrainError(f"cannot resume from {path}: " + "; ".join(problems))
+            return path
+        if path.is_dir():
+            tag = find_resume_tag(path, "auto")
+            if tag is None:
+                raise ZerotrainError(f"--resume {path}: no global_stepN checkpoint there")
+            return tag
+        raise ZerotrainError(f"--resume {path}: no such checkpoint folder")
+    skipped = []
+    for tag in reversed(zerotrain_tags(ckpt_dir)):
+        problems = tag_problems(ckpt_dir / tag)
+        if not problems:
+            if skipped:
+                warnings.warn(f"skipped incomplete checkpoint(s) {', '.join(skipped)}; resuming from {tag}")
+            return ckpt_dir / tag
+        skipped.append(f"{tag} ({problems[0]})")
+    if skipped:
+        raise ZerotrainError(f"no complete checkpoint in {ckpt_dir}: " + "; ".join(skipped)
+                             + ". Remove the broken folders to start fresh, or pass --resume never with a new --output-dir")
+    return None
+
+
+def check_loadable(tag_dir: Path) -> None:
+    """Open every file of the tag with torch.load(weights_only=True) and the DeepSpeed allowlist
+    before DeepSpeed (which unpickles with weights_only=False) reads them."""
+    from engine.ds_checkpoint import safe_load
+
+    for path in sorted(tag_dir.glob("*.pt")):
+        safe_load(path)
+
+
+def load(engine, tag_dir: Path) -> dict[str, Any]:
+    """Load model, optimizer, scheduler and this rank's RNG state; return zerotrain's client state."""
+    import torch.distributed as dist
+
+    saved_world = json.loads((tag_dir / SIDECAR).read_text()).get("world_size")
+    if saved_world != dist.get_world_size():
+        raise ZerotrainError(f"{tag_dir} was saved by {saved_world} ranks and this run has {dist.get_world_size()}; "
+                             f"resume on {saved_world} ranks")
+    check_loadable(tag_dir)
+    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+    if client_state is None or "zerotrain" not in client_state:
+        raise ZerotrainError(f"{tag_dir} was not written by zerotrain (no client state); start a new run from "
+                             "its weights instead (consolidate it, then initialise from the file)")
+    from engine.ds_checkpoint import safe_load
+
+    rank_file = tag_dir / f"rng_state_{dist.get_rank()}.pt"
+    if rank_file.is_file():  # absent when resuming on more ranks than saved
+        set_rng_state(safe_load(rank_file, mmap=False))
+    return client_state["zerotrain"]

@@ -1,0 +1,723 @@
+"""Read DeepSpeed checkpoint folders safely, without DeepSpeed's engine and without reading
+optimizer moments. Works on the checkpoints of any DeepSpeed program (zerotrain, HF Trainer's
+`checkpoint-N/global_stepN`, DeepSpeed-Chat, a plain `deepspeed.initialize` script).
+
+A tag folder (`global_stepN/`) holds `torch.save` files. What each ZeRO stage writes:
+
+    stage 0     mp_rank_00_model_states.pt: 'module' (the whole state dict in the training dtype);
+                a bf16/fp16 run's fp32 masters sit in its 'optimizer' ('fp32_groups' or
+                'fp32_groups_flat', without names)
+    stage 1, 2  mp_rank_00_model_states.pt as above plus 'param_shapes', 'shared_params', ...;
+                [bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt: rank R's slice of each flat fp32
+                group ('single_partition_of_fp32_groups', laid end to end over the ranks)
+    stage 3     zero_pp_rank_R_mp_rank_00_model_states.pt: placeholders, buffers, 'param_shapes',
+                rank R's slice of each frozen parameter; [bf16_]zero_pp_rank_R_..._optim_states.pt:
+                'fp32_flat_groups', every trainable parameter's R-th slice (ceil(numel / world size)
+                elements, the last rank's padded) back to back, in 'param_shapes' order
+
+Files are unpickled with `weights_only=True` and `map_location="meta"`: that reads only the pickle
+(never tensor data) and gives each tensor's byte offset in the file. A tensor is then read with
+plain file reads from those offsets, one at a time, so Adam moments are never read and memory
+holds one tensor, not the checkpoint.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import pickle
+import re
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import ZerotrainError
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+_ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_UNSUPPORTED = {
+    "mixture-of-experts": re.compile(r"^(expp_rank_\d+|layer_\d+_expert_\d+|expert_\d+)_.*\.pt$"),
+    "pipeline-parallel": re.compile(r"^layer_\d+-model_\d+-model_states\.pt$"),
+}
+
+
+def _safe_globals() -> list:
+    """The classes DeepSpeed pickles into its checkpoints, and nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def __getattr__(name: str) -> Any:
+    # SAFE_GLOBALS is computed on first use: importing deepspeed costs a second and ~25 MB.
+    if name == "SAFE_GLOBALS":
+        return _safe_globals()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def safe_load(path: str | os.PathLike, *, trust_pickle: bool = False, mmap: bool = True) -> Any:
+    """`torch.load` onto the CPU with `weights_only=True`, allowing only SAFE_GLOBALS.
+
+    A refused class, a truncated or corrupt file: ZerotrainError naming the file. With
+    `trust_pickle` the file is unpickled without restrictions (it can run arbitrary code).
+    """
+    return _load(Path(path), map_location="cpu", mmap=mmap, trust_pickle=trust_pickle)
+
+
+def _load(path: Path, *, map_location: str, mmap: bool, trust_pickle: bool) -> Any:
+    if not path.is_file():
+        raise ZerotrainError(f"{path} does not exist")
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        refused = _refused_globals(path)
+        if not refused:
+            raise ZerotrainError(f"{path} is corrupt: cannot unpickle it ({_first_line(e)})") from None
+        allowed = ", ".join(c.__name__ for c in _safe_globals())
+        raise ZerotrainError(
+            f"{path} pickles {', '.join(refused)}, which is not among the classes zerotrain unpickles "
+            f"from DeepSpeed checkpoints ({allowed}); unpickling other classes can run arbitrary code. "
+            f"Pass --trust-pickle only if you trust where this checkpoint came from.") from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise ZerotrainError(f"{path} is truncated or corrupt: {_first_line(e)}") from None
+
+
+def _refused_globals(path: Path) -> list[str]:
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # a file too broken to disassemble: report it as corrupt instead
+        return []
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor data by byte offset
+
+
+@dataclass(frozen=True)
+class Piece:
+    """`numel` elements stored contiguously at byte `offset` of `path`."""
+
+    path: str
+    offset: int
+    numel: int
+
+
+@dataclass
+class TensorSource:
+    """One tensor of a checkpoint: its pieces, concatenated in order, viewed as `shape`."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    pieces: tuple[Piece, ...]
+    origin: str = "module"
+    """fp32 master, module (weights in the training dtype), frozen or buffer."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def read(self) -> torch.Tensor:
+        """Read the tensor from disk (plain reads, no mmap)."""
+        out = torch.empty(self.numel, dtype=self.dtype)
+        buf = memoryview(out.view(torch.uint8).numpy())
+        itemsize = out.element_size()
+        pos = 0
+        for piece in self.pieces:
+            size = piece.numel * itemsize
+            with open(piece.path, "rb", buffering=0) as f:
+                f.seek(piece.offset)
+                got = 0
+                while got < size:
+                    n = f.readinto(buf[pos + got:pos + size])
+                    if not n:
+                        raise ZerotrainError(f"{piece.path} ends at byte {piece.offset + got}, inside a tensor "
+                                             f"({size} bytes from {piece.offset}): the file is truncated")
+                    got += n
+            pos += size
+        if pos != len(buf):
+            raise ZerotrainError(f"internal error: pieces of {pos} bytes for a tensor of {len(buf)} bytes")
+        return out.view(self.shape)
+
+
+class _ZipIndex:
+    """Where each record's data lies in a torch.save ZIP file, to check the offsets from the pickle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with zipfile.ZipFile(path) as z:
+            infos = sorted(z.infolist(), key=lambda i: i.header_offset)
+        self.headers = [i.header_offset for i in infos]
+        self.infos = infos
+        self.data_start: dict[int, int] = {}
+
+    def check(self, offset: int, nbytes: int) -> None:
+        i = bisect.bisect_right(self.headers, offset) - 1
+        if i < 0:
+            raise ZerotrainError(f"{self.path}: tensor data at byte {offset} lies before any record (corrupt file)")
+        info = self.infos[i]
+        if i not in self.data_start:
+            with open(self.path, "rb") as f:
+                f.seek(info.header_offset)
+                header = f.read(30)
+            if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                raise ZerotrainError(f"{self.path}: bad ZIP record header for {info.filename} (corrupt file)")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            self.data_start[i] = info.header_offset + 30 + name_len + extra_len
+        start = self.data_start[i]
+        if info.compress_type != zipfile.ZIP_STORED or not start <= offset <= offset + nbytes <= start + info.file_size:
+            raise ZerotrainError(f"{self.path}: tensor data at bytes {offset}..{offset + nbytes} does not lie inside "
+                                 f"record {info.filename} (corrupt file)")
+
+
+class _File:
+    """One checkpoint file, its pickle loaded with meta tensors."""
+
+    def __init__(self, path: Path, trust_pickle: bool) -> None:
+        self.path = path
+        self.state = _load(path, map_location="meta", mmap=False, trust_pickle=trust_pickle)
+        self._zip: _ZipIndex | None = None
+
+    def piece(self, t: torch.Tensor, start: int = 0, numel: int | None = None) -> Piece:
+        """Elements [start, start + numel) of the contiguous meta tensor `t` from this file."""
+        numel = t.numel() - start if numel is None else numel
+        if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+            raise ZerotrainError(f"{self.path}: expected a tensor, found {type(t).__name__}")
+        if not t.is_contiguous():
+            raise ZerotrainError(f"{self.path}: a non-contiguous tensor of shape {tuple(t.shape)} is not supported")
+        if start < 0 or start + numel > t.numel():
+            raise ZerotrainError(f"{self.path}: elements {start}..{start + numel} asked of a tensor of "
+                                 f"{t.numel()} (checkpoint layout not understood)")
+        base = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+        if base is None:
+            raise ZerotrainError(f"{self.path}: cannot locate tensor data (not a zip-format torch.save file?)")
+        offset = base + (t.storage_offset() + start) * t.element_size()
+        if self._zip is None:
+            self._zip = _ZipIndex(self.path)
+        self._zip.check(offset, numel * t.element_size())
+        return Piece(str(self.path), offset, numel)
+
+    def source(self, t: torch.Tensor, origin: str) -> TensorSource:
+        return TensorSource(tuple(t.shape), t.dtype, (self.piece(t),) if t.numel() else (), origin)
+
+
+# --------------------------------------------------------------------------------------------
+# Tags
+
+
+def list_tags(ckpt_dir: str | os.PathLike) -> list[str]:
+    """The checkpoint subfolders (those holding *_model_states.pt), by step number."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*model_states.pt"))]
+    return sorted(tags, key=_tag_key)
+
+
+def _tag_key(tag: str) -> tuple:
+    m = re.search(r"(\d+)$", tag)
+    return (0, int(m.group(1)), tag) if m else (1, 0, tag)
+
+
+def resolve_tag(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path:
+    """The tag folder to read: `tag` if given, else the one `latest` names.
+
+    CKPT_DIR may also be a tag folder itself (it holds *_model_states.pt) when no tag is given.
+    """
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise ZerotrainError(f"checkpoint directory {root} does not exist")
+    if tag is None and any(root.glob("*model_states.pt")):
+        return root
+    tags = list_tags(root)
+    available = f"available tags: {', '.join(tags)}" if tags else "it holds no checkpoint tags"
+    if tag is not None:
+        if (root / tag).is_dir():
+            return root / tag
+        raise ZerotrainError(f"no checkpoint tag {tag!r} in {root}; {available}")
+    if not tags:
+        raise ZerotrainError(f"{root} holds no DeepSpeed checkpoint (no global_stepN/ folder with "
+                             f"*_model_states.pt files); pass the directory given to save_checkpoint")
+    latest = root / "latest"
+    if not latest.is_file():
+        raise ZerotrainError(f"{root} has no 'latest' file; pass --tag ({available})")
+    name = latest.read_text().strip()
+    if not (root / name).is_dir():
+        raise ZerotrainError(f"{latest} names {name!r}, which does not exist in {root} (deleted or not yet "
+                             f"written?); pass --tag ({available})")
+    return root / name
+
+
+# --------------------------------------------------------------------------------------------
+# Describing a tag folder
+
+
+@dataclass
+class CheckpointInfo:
+    """What a tag folder holds, found without reading tensor data."""
+
+    tag: str
+    path: Path
+    zero_stage: int | None = None
+    world_size: int | None = None
+    """Data-parallel ranks that saved it."""
+    dtype: str | None = None
+    """Training dtype of the module weights: fp32, bf16 or fp16."""
+    files: list[str] = field(default_factory=list)
+    bytes: int = 0
+    complete: bool = False
+    problems: list[str] = field(default_factory=list)
+    num_params: int | None = None
+    is_lora: bool = False
+    step: int | None = None
+
+
+@dataclass
+class _Layout:
+    model_files: dict[int, Path]  # rank -> file (stage 3: one per rank; else rank 0 only)
+    optim_files: dict[int, Path]
+    zero3: bool
+    other_mp: list[str]
+    unsupported: list[str]
+
+
+def _scan(tag_dir: Path) -> _Layout:
+    model, optim, other_mp, unsupported = {}, {}, [], []
+    zero3 = False
+    for p in sorted(tag_dir.iterdir()):
+        name = p.name
+        if m := _ZERO3_MODEL.match(name):
+            zero3 = True
+            if int(m.group(2)):
+                other_mp.append(name)
+            else:
+                model[int(m.group(1))] = p
+        elif m := _MODEL.match(name):
+            if int(m.group(1)):
+                other_mp.append(name)
+            else:
+                model.setdefault(-1, p)
+        elif m := _OPTIM.match(name):
+            if int(m.group(3)):
+                other_mp.append(name)
+            else:
+                optim[int(m.group(2))] = p
+        else:
+            unsupported += [f"{name} ({kind})" for kind, rx in _UNSUPPORTED.items() if rx.match(name)]
+    if not zero3 and -1 in model:
+        model = {0: model[-1]}
+    elif zero3:
+        model.pop(-1, None)
+    return _Layout(model, optim, zero3, other_mp, unsupported)
+
+
+def describe(tag_dir: str | os.PathLike, *, trust_pickle: bool = False) -> CheckpointInfo:
+    """Stage, world size, dtype, files, size, completeness of one tag folder.
+
+    Cheap: reads the pickles of one model-states and one optimizer file (not their tensors) and the
+    ZIP directory of every file, which is what a truncated file loses first.
+    """
+    tag_dir = Path(tag_dir)
+    info = CheckpointInfo(tag=tag_dir.name, path=tag_dir)
+    if not tag_dir.is_dir():
+        info.problems.append(f"{tag_dir} does not exist")
+        return info
+    layout = _scan(tag_dir)
+    info.files = sorted(p.name for p in tag_dir.iterdir() if p.is_file())
+    info.bytes = sum((tag_dir / f).stat().st_size for f in info.files)
+    problems = info.problems
+    if layout.other_mp:
+        problems.append(f"model/tensor-parallel files ({', '.join(layout.other_mp[:3])}) are not supported")
+    if layout.unsupported:
+        problems.append(f"{', '.join(layout.unsupported[:3])}: such checkpoints are not supported")
+    if not layout.model_files:
+        problems.append("no *_model_states.pt file")
+        return info
+
+    broken = {p for p in [*layout.model_files.values(), *layout.optim_files.values()] if not _zip_ok(p)}
+    first_model = next((p for r, p in sorted(layout.model_files.items()) if p not in broken), None)
+    first_optim = next((p for r, p in sorted(layout.optim_files.items()) if p not in broken), None)
+    model_state = _File(first_model, trust_pickle).state if first_model else None
+    optim_state = _File(first_optim, trust_pickle).state if first_optim else None
+    info.zero_stage, info.world_size = _stage_and_world(layout, model_state, optim_state)
+    if model_state is not None:
+        info.step = model_state.get("global_steps")
+        module = model_state.get("module") or {}
+        info.dtype = next((DTYPE_NAMES.get(t.dtype) for t in module.values()
+                           if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+        info.is_lora = any(_is_lora_key(k) for k in _param_names(model_state))
+        info.num_params = _count_params(model_state, layout.zero3)
+
+    ws = info.world_size or 1
+    expected_optim = info.zero_stage not in (None, 0) or bool(layout.optim_files)
+    ranks = range(ws)
+    if layout.zero3:
+        for r in ranks:
+            if r not in layout.model_files:
+                problems.append(f"rank {r}: model states file zero_pp_rank_{r}_mp_rank_00_model_states.pt is missing")
+    if expected_optim:
+        prefix = "bf16_" if first_optim and first_optim.name.startswith("bf16_") else ""
+        for r in ranks:
+            if r not in layout.optim_files:
+                problems.append(f"rank {r}: optimizer file {prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt "
+                                f"is missing")
+    for kind, files in (("model states", layout.model_files), ("optimizer", layout.optim_files)):
+        for r, p in sorted(files.items()):
+            if p in broken:
+                problems.append(f"rank {r}: {kind} file {p.name} is truncated or corrupt")
+            elif info.world_size and r >= info.world_size:
+                problems.append(f"rank {r}: {p.name} is there but the checkpoint was saved by {info.world_size} "
+                                f"ranks (a leftover of another run?)")
+    info.complete = not problems
+    return info
+
+
+def _zip_ok(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            size = path.stat().st_size
+            return all(i.header_offset + i.compress_size <= size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _stage_and_world(layout: _Layout, model_state: dict | None, optim_state: dict | None) -> tuple[int | None, int | None]:
+    osd = (optim_state or {}).get("optimizer_state_dict") or {}
+    ds_config = (model_state or {}).get("ds_config") or (optim_state or {}).get("ds_config") or {}
+    config_stage = ((ds_config.get("zero_optimization") or {}) if isinstance(ds_config, dict) else {}).get("stage")
+    if layout.zero3:
+        stage = 3
+    elif "zero_stage" in osd:
+        stage = int(getattr(osd["zero_stage"], "value", osd["zero_stage"]))
+    elif isinstance(config_stage, int):
+        stage = config_stage
+    else:
+        stage = 0 if not layout.optim_files else None
+    count = osd.get("partition_count")
+    if isinstance(count, (list, tuple)):
+        count = max(count) if count else None
+    if count is None and model_state is not None:
+        count = model_state.get("dp_world_size")
+    if count is None and layout.optim_files:
+        count = max(layout.optim_files) + 1
+    return stage, int(count) if count is not None else None
+
+
+def _param_names(model_state: dict) -> list[str]:
+    names = list(model_state.get("module") or {})
+    for shapes in model_state.get("param_shapes") or []:
+        names += list(shapes)
+    names += list(model_state.get("frozen_param_shapes") or {})
+    return names
+
+
+def _is_lora_key(name: str) -> bool:
+    return ".lora_A." in name or ".lora_embedding_A." in name
+
+
+def _count_params(model_state: dict, zero3: bool) -> int:
+    buffers = set(model_state.get("buffer_names") or [])
+    if zero3:
+        shapes = {k: v for d in model_state.get("param_shapes") or [] for k, v in d.items()}
+        shapes.update(model_state.get("frozen_param_shapes") or {})
+        return sum(math.prod(s) for s in shapes.values())
+    aliases = _module_aliases(model_state)
+    return sum(t.numel() for k, t in (model_state.get("module") or {}).items()
+               if isinstance(t, torch.Tensor) and k not in buffers and k not in aliases)
+
+
+def _module_aliases(model_state: dict) -> dict[str, str]:
+    """Tied names: DeepSpeed's 'shared_params', and module entries that share a storage and shape."""
+    aliases = dict(model_state.get("shared_params") or {})
+    seen: dict[tuple, str] = {}
+    for name, t in (model_state.get("module") or {}).items():
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        key = (getattr(t.untyped_storage(), "_checkpoint_offset", None), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key[0] is not None and key in seen and name not in aliases:
+            aliases[name] = seen[key]
+        seen.setdefault(key, name)
+    return aliases
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the weights
+
+
+@dataclass
+class Checkpoint:
+    """The weights of one tag folder, as sources to read one at a time."""
+
+    info: CheckpointInfo
+    tensors: dict[str, TensorSource]
+    """Names as saved (state-dict order), wrapper prefixes (module., _orig_mod.) stripped."""
+    aliases: dict[str, str]
+    """Tied names -> the name whose data they share (e.g. lm_head.weight -> model.embed_tokens.weight)."""
+    notes: list[str] = field(default_factory=list)
+    zerotrain: dict | None = None
+    """The tag's zerotrain.json, when zerotrain wrote it."""
+
+
+def load_checkpoint(tag_dir: str | os.PathLike, *, trust_pickle: bool = False) -> Checkpoint:
+    """Map every tensor of a tag folder to its bytes: fp32 masters where they exist, else the
+    module's weights (frozen parameters, buffers, fp32 training). Fails on an incomplete folder."""
+    tag_dir = Path(tag_dir)
+    info = describe(tag_dir, trust_pickle=trust_pickle)
+    if not info.complete:
+        raise ZerotrainError(f"checkpoint {tag_dir} is incomplete or inconsistent:\n  " + "\n  ".join(info.problems))
+    layout = _scan(tag_dir)
+    models = {r: _File(p, trust_pickle) for r, p in sorted(layout.model_files.items())}
+    optims = {r: _File(p, trust_pickle) for r, p in sorted(layout.optim_files.items())}
+    notes: list[str] = []
+    if layout.zero3:
+        tensors, aliases = _zero3_sources(models, optims, info.world_size or 1)
+    else:
+        tensors, aliases = _module_sources(models[0])
+        masters = _flat_master_sources(models[0], optims) if optims else _stage0_master_sources(models[0], tensors, notes)
+        for name, src in masters.items():
+            if name in tensors and tensors[name].shape != src.shape:
+                raise ZerotrainError(f"{tag_dir}: fp32 master of {name} has shape {src.shape} but the module's "
+                                     f"weight has {tensors[name].shape} (checkpoint layout not understood)")
+            tensors[name] = src
+    zerotrain = None
+    if (tag_dir / "zerotrain.json").is_file():
+        try:
+            zerotrain = json.loads((tag_dir / "zerotrain.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ZerotrainError(f"{tag_dir / 'zerotrain.json'} is not valid JSON: {e}") from None
+    tensors = {strip_wrappers(k): v for k, v in tensors.items()}
+    aliases = {strip_wrappers(k): strip_wrappers(v) for k, v in aliases.items()}
+    for alias, target in list(aliases.items()):
+        if target not in tensors:
+            del aliases[alias]
+        tensors.pop(alias, None)
+    return Checkpoint(info, tensors, aliases, notes, zerotrain)
+
+
+def strip_wrappers(name: str) -> str:
+    """Drop the `module.` (DDP/DeepSpeed) and `_orig_mod.` (torch.compile) parts of a name."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def _module_sources(model: _File) -> tuple[dict[str, TensorSource], dict[str, str]]:
+    """Stage 0-2: the module state dict holds every tensor in the training dtype."""
+    state = model.state
+    module = state.get("module")
+    if not isinstance(module, dict):
+        raise ZerotrainError(f"{model.path} has no 'module' state dict (not a DeepSpeed model-states file?)")
+    buffers = set(state.get("buffer_names") or [])
+    aliases = _module_aliases(state)
+    tensors = {}
+    for name, t in module.items():
+        if isinstance(t, torch.Tensor) and name not in aliases:
+            tensors[name] = model.source(t, "buffer" if name in buffers else "module")
+    return tensors, aliases
+
+
+def _flat_master_sources(model: _File, optims: dict[int, _File]) -> dict[str, TensorSource]:
+    """Stage 1/2 (and bf16 BF16_Optimizer) fp32 masters: per group, rank slices laid end to end."""
+    osds = {r: f.state.get("optimizer_state_dict") or {} for r, f in optims.items()}
+    ranks = sorted(optims)
+    first = osds[ranks[0]]
+    key = "single_partition_of_fp32_groups"
+    if any(key not in osd for osd in osds.values()):
+        raise ZerotrainError(f"{optims[ranks[0]].path} has no '{key}' (an optimizer layout zerotrain does not know)")
+    num_groups = len(first[key])
+    param_shapes = model.state.get("param_shapes") or [{} for _ in range(num_groups)]
+    module = model.state.get("module") or {}
+    mappings = [osds[r].get("param_slice_mappings") for r in ranks]
+    sources: dict[str, TensorSource] = {}
+    for g in range(num_groups):
+        parts = [(optims[r], osds[r][key][g]) for r in ranks]
+        dtype = parts[0][1].dtype
+        shapes = dict(param_shapes[g]) if g < len(param_shapes) else {}
+        if all(m is not None and g < len(m) for m in mappings):
+            names = list(shapes) or list(dict.fromkeys(n for m in mappings for n in m[g]))
+            for name in names:
+                shape = tuple(shapes[name]) if name in shapes else tuple(module[name].shape)
+                pieces = tuple(f.piece(t, int(m[g][name].start), int(m[g][name].numel))
+                               for (f, t), m in zip(parts, mappings) if name in m[g])
+                if sum(p.numel for p in pieces) != math.prod(shape):
+                    raise ZerotrainError(f"{optims[ranks[0]].path}: the fp32 slices of {name} hold "
+                                         f"{sum(p.numel for p in pieces)} elements, its shape {shape} needs "
+                                         f"{math.prod(shape)} (checkpoint layout not understood)")
+                sources[name] = TensorSource(shape, dtype, pieces, "fp32 master")
+            continue
+        if not shapes:
+            raise ZerotrainError(f"{model.path} has no 'param_shapes' for group {g}: cannot place the fp32 masters")
+        paddings = (first.get("param_alignment_paddings") or [None] * num_groups)[g]
+        total = sum(t.numel() for _, t in parts)
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            numel = math.prod(shape)
+            sources[name] = TensorSource(tuple(shape), dtype, _slice(parts, offset, numel, total), "fp32 master")
+            offset += numel + (paddings[i] if paddings else 0)
+        # DeepSpeed pads each group to a multiple of 2 x world size, so only compare after rounding up.
+        align = 2 * len(ranks)
+        if math.ceil(offset / align) * align != math.ceil(total / align) * align:
+            raise ZerotrainError(f"{optims[ranks[0]].path}: group {g} holds {total} fp32 elements but its "
+                                 f"parameters take {offset} (checkpoint layout not understood)")
+    return sources
+
+
+def _slice(parts: list[tuple[_File, torch.Tensor]], start: int, numel: int, total: int) -> tuple[Piece, ...]:
+    """Elements [start, start + numel) of the concatenation of `parts`."""
+    if start + numel > total:
+        raise ZerotrainError(f"{parts[0][0].path}: a parameter runs past the end of its flat group "
+                             f"({start + numel} > {total} elements; checkpoint layout not understood)")
+    pieces, base = [], 0
+    for f, t in parts:
+        lo, hi = max(start, base), min(start + numel, base + t.numel())
+        if lo < hi:
+            pieces.append(f.piece(t, lo - base, hi - lo))
+        base += t.numel()
+    return tuple(pieces)
+
+
+def _stage0_master_sources(model: _File, tensors: dict[str, TensorSource], notes: list[str]) -> dict[str, TensorSource]:
+    """Stage 0, bf16/fp16: FP16_Optimizer keeps unnamed fp32 masters in the parameter-group order.
+
+    Parameters are matched to masters in module order: the next unmatched parameter of the same
+    shape whose low-precision weight equals the master cast down (DeepSpeed copies it so after
+    every step). When that fails for a group, the module weights stay and a note says so.
+    """
+    opt = model.state.get("optimizer")
+    if not isinstance(opt, dict):
+        return {}
+    groups = opt.get("fp32_groups") or opt.get("fp32_groups_flat")
+    if not groups:
+        return {}
+    candidates = [n for n, s in tensors.items() if s.origin == "module" and s.dtype != torch.float32
+                  and s.dtype.is_floating_point]
+    if not candidates:
+        return {}
+    sources: dict[str, TensorSource] = {}
+    taken: set[str] = set()
+    for g, group in enumerate(groups):
+        flat = isinstance(group, torch.Tensor)
+        items = [group] if flat else list(group)
+        matched: dict[str, TensorSource] = {}
+        ok = True
+        for t in items:
+            pos = 0
+            while pos < t.numel():
+                name = _match_master(model, t, pos, candidates, taken | set(matched), tensors, flat)
+                if name is None:
+                    ok = False
+                    break
+                numel = tensors[name].numel
+                matched[name] = TensorSource(tensors[name].shape, t.dtype, (model.piece(t, pos, numel),), "fp32 master")
+                pos += numel
+            if not ok:
+                break
+        if ok:
+            sources.update(matched)
+            taken |= set(matched)
+        else:
+            notes.append(f"the fp32 masters of parameter group {g} could not be matched to parameter names; "
+                         f"the module's {DTYPE_NAMES.get(tensors[candidates[0]].dtype)} weights are used for them")
+    return sources
+
+
+def _match_master(model: _File, t: torch.Tensor, pos: int, candidates: list[str], taken: set[str],
+                  tensors: dict[str, TensorSource], flat: bool) -> str | None:
+    remaining = t.numel() - pos
+    for name in candidates:
+        src = tensors[name]
+        if name in taken or src.numel > remaining or (not flat and src.numel != remaining):
+            continue
+        master = TensorSource((src.numel,), t.dtype, (model.piece(t, pos, src.numel),)).read()
+        if torch.equal(master.to(src.dtype), src.read().reshape(-1)):
+            return name
+    return None
+
+
+def _zero3_sources(models: dict[int, _File], optims: dict[int, _File], world: int
+                   ) -> tuple[dict[str, TensorSource], dict[str, str]]:
+    """Stage 3: each parameter is cut in `world` equal slices (the last padded), one per rank."""
+    first = models[0].state
+    module = first.get("module") or {}
+    buffers = set(first.get("buffer_names") or [])
+    aliases = dict(first.get("shared_params") or {})
+    shapes = {k: tuple(v) for d in first.get("param_shapes") or [] for k, v in d.items()}
+    frozen = {k: tuple(v) for k, v in (first.get("frozen_param_shapes") or {}).items()}
+    tensors: dict[str, TensorSource] = {}
+
+    key = "fp32_flat_groups"
+    osds = {r: f.state.get("optimizer_state_dict") or {} for r, f in optims.items()}
+    if shapes and any(key not in osd for osd in osds.values()):
+        raise ZerotrainError(f"{optims[0].path} has no '{key}' (an optimizer layout zerotrain does not know)")
+    flat = {r: osds[r][key] if isinstance(osds[r][key], (list, tuple)) else [osds[r][key]] for r in osds}
+    per_rank = {r: sum(t.numel() for t in flat[r]) for r in flat}
+    if len(set(per_rank.values())) > 1:
+        raise ZerotrainError(f"the ranks' fp32 partitions differ in size ({per_rank}): checkpoint files from "
+                             f"different runs?")
+    total = next(iter(per_rank.values()), 0)
+    offset = 0
+    masters: dict[str, TensorSource] = {}
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        part = math.ceil(numel / world)
+        pieces: list[Piece] = []
+        for r in range(world):
+            take = min(part, numel - r * part)
+            if take > 0:
+                pieces += _slice([(optims[r], t) for t in flat[r]], offset, take, total)
+        masters[name] = TensorSource(shape, flat[0][0].dtype, tuple(pieces), "fp32 master")
+        offset += part
+    if offset != total:
+        raise ZerotrainError(f"{optims[0].path}: the fp32 partition holds {total} elements per rank but the "
+                             f"parameters take {offset} (checkpoint layout not understood)")
+
+    frozen_sources: dict[str, TensorSource] = {}
+    for name, shape in frozen.items():
+        numel = math.prod(shape)
+        part = math.ceil(numel / world)
+        pieces = []
+        dtype = None
+        for r in range(world):
+            frags = models[r].state.get("frozen_param_fragments") or {}
+            if name not in frags:
+                raise ZerotrainError(f"{models[r].path} lacks its slice of frozen parameter {name}")
+            take = min(part, numel - r * part)
+            dtype = frags[name].dtype
+            if take > 0:
+                pieces.append(models[r].piece(frags[name], 0, take))
+        frozen_sources[name] = TensorSource(shape, dtype or torch.float32, tuple(pieces), "frozen")
+
+    for name, t in module.items():
+        if name in masters:
+            tensors[name] = masters.pop(name)
+        elif name in frozen_sources:
+            tensors[name] = frozen_sources.pop(name)
+        elif name in aliases:
+            continue
+        elif isinstance(t, torch.Tensor) and (name in buffers or t.numel() > 0):
+            tensors[name] = models[0].source(t, "buffer" if name in buffers else "module")
+        else:
+            raise ZerotrainError(f"{models[0].path}: no data for {name} (not in param_shapes, "
+                                 f"frozen_param_shapes or the buffers)")
+    tensors.update(masters)
+    tensors.update(frozen_sources)
+    return tensors, aliases

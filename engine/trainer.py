@@ -1,0 +1,515 @@
+"""The training loop: setup -> fit (train, evaluate, log, save) -> export, on DeepSpeed.
+
+Pretraining and SFT share everything here and differ only in their data. One optimizer step:
+fetch grad_accum micro-batches -> forward -> engine.backward -> engine.step, per micro-batch;
+DeepSpeed steps the optimizer on the accumulation boundary.
+
+The loss of a step is the mean over every trained token of every micro-batch on every rank
+(not a mean of per-micro-batch means): each micro-batch's summed token loss is divided by the
+step's global token count, times grad_accum x world size to undo DeepSpeed's own averaging.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import checkpoint
+from engine.config import Config, parse_config
+from engine.data import (IGNORE_INDEX, BatchLoader, PretrainDataset, SFTDataset, ShardedSampler, collate_pad,
+                         collate_packed, collate_stack, eval_batches, prepare_cached, read_meta)
+from engine.ds_config import fill_ds_config, load_ds_config, resolve_precision, zero_stage
+from engine.errors import ZerotrainError
+
+KINDS = ("pretrain", "sft")
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+def world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment (1 rank under plain python)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def comm_device() -> torch.device:
+    """Where tensors for collectives live: the current GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_distributed(local_rank: int) -> None:
+    """Start the process group (DeepSpeed picks nccl or gloo)."""
+    import logging
+
+    import deepspeed
+
+    # DeepSpeed logs every engine detail at INFO; ZEROTRAIN_DS_LOG=info brings that back.
+    deepspeed.utils.logger.setLevel(getattr(logging, os.environ.get("ZEROTRAIN_DS_LOG", "warning").upper()))
+
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "0"),
+                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)  # plain `python launcher/...`: a world of one
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed()
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup to lr, then cosine decay to lr x min_lr_ratio at max_steps (a multiplier of lr)."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: never on norms, biases or embeddings (tied lm_head included)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_data(cfg: Config, kind: str, tokenizer, local_rank: int):
+    """(train dataset, val dataset, collate): raw files are prepared once (local rank 0 of each
+    node, the others wait) into a cache keyed by their contents and the tokenizer."""
+    import torch.distributed as dist
+    from model.tokenizer import tokenizer_fingerprint
+
+    inputs = cfg.data.data
+    if not inputs:
+        raise ZerotrainError("no training data: pass --data FILE... (raw files or a `zerotrain prepare` directory)")
+    prepared = [p for p in inputs if Path(p).is_dir()]
+    if prepared and len(inputs) > 1:
+        raise ZerotrainError(f"--data takes one prepared directory or any number of raw files, got {inputs}")
+    if prepared:
+        directory = Path(prepared[0])
+    else:
+        kwargs = dict(seq_len=cfg.data.seq_len, val_fraction=cfg.data.val_fraction,
+                      skip_bad_lines=cfg.data.skip_bad_lines)
+        error = None
+        if local_rank == 0:
+            try:
+                directory = prepare_cached(kind, inputs, tokenizer, cfg.data.cache_dir, show_progress=True, **kwargs)
+            except ZerotrainError as e:
+                error = e
+        # Doubles as the barrier: every rank learns whether preparation failed anywhere.
+        failed = torch.tensor([float(error is not None)], device=comm_device())
+        dist.all_reduce(failed)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise ZerotrainError("data preparation failed on another node; its log has the error")
+        if local_rank != 0:
+            directory = prepare_cached(kind, inputs, tokenizer, cfg.data.cache_dir, show_progress=False, **kwargs)
+    meta = read_meta(directory)
+    if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise ZerotrainError(f"{directory} was prepared with another tokenizer than {cfg.model.tokenizer}; "
+                             "prepare it again with this tokenizer")
+    if meta["kind"] != kind:
+        raise ZerotrainError(f"{directory} holds {meta['kind']} data; this launcher trains on {kind} data")
+    if kind == "pretrain":
+        return (PretrainDataset(directory, "train", cfg.data.seq_len), PretrainDataset(directory, "val", cfg.data.seq_len),
+                collate_stack)
+    pad_id = tokenizer.pad_token_id
+    collate = ((lambda ex: collate_packed(ex, cfg.data.seq_len, pad_id)) if cfg.data.pack
+               else (lambda ex: collate_pad(ex, pad_id)))
+    return SFTDataset(directory, "train", cfg.data.seq_len), SFTDataset(directory, "val", cfg.data.seq_len), collate
+
+
+def _save_tokenizer(tokenizer, run_dir: Path) -> None:
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=run_dir))
+    tokenizer.save_pretrained(str(tmp))
+    if (run_dir / "tokenizer").exists():
+        shutil.rmtree(run_dir / "tokenizer")
+    os.replace(tmp, run_dir / "tokenizer")
+
+
+def check_output_dir(cfg: Config, run_dir: Path) -> None:
+    """Refuse a run directory that holds another run's checkpoints (or any, with --resume never)."""
+    import yaml
+
+    ckpts = checkpoint.zerotrain_tags(run_dir / "checkpoints")
+    if not ckpts:
+        return
+    if cfg.checkpoint.resume == "never":
+        raise ZerotrainError(f"{run_dir} already holds checkpoints ({ckpts[-1]}); pass --resume auto to continue "
+                             "that run, or choose an empty --output-dir")
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        old = Config.from_dict(yaml.safe_load(saved.read_text()), source=str(saved))
+        for section, key in (("model", "preset"), ("model", "tokenizer"), ("data", "seq_len")):
+            a, b = getattr(getattr(old, section), key), getattr(getattr(cfg, section), key)
+            if a != b:
+                raise ZerotrainError(f"{run_dir} holds checkpoints of another run ({section}.{key} = {a!r}, this run "
+                                     f"has {b!r}); choose another --output-dir")
+
+
+# --------------------------------------------------------------------------- the trainer
+
+@dataclass
+class TrainState:
+    """The trainer's own counters; saved in every checkpoint's client state."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    nonfinite_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.__dict__.update({k: int(v) for k, v in state.items() if k in self.__dict__})
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    kind: str
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    state: TrainState = field(default_factory=TrainState)
+    stop_signal: int | None = None
+    # Fault injection for tests: steps (1-based) whose loss is made NaN.
+    fault_nan_steps: set[int] = field(default_factory=lambda: {
+        int(s) for s in os.environ.get("ZEROTRAIN_FAULT_NAN_STEPS", "").split(",") if s.strip()})
+
+    def setup(self) -> None:
+        """Check everything that can be checked, then build tokenizer, data, model and engine."""
+        import deepspeed
+        from model.build import build_model
+        from model.presets import preset_config
+        from model.tokenizer import load_tokenizer
+
+        cfg = self.cfg
+        if self.kind not in KINDS:
+            raise ZerotrainError(f"unknown run kind {self.kind!r}")
+        if not cfg.train.output_dir:
+            raise ZerotrainError("--output-dir is required (the run directory)")
+        if not cfg.model.tokenizer:
+            raise ZerotrainError("--tokenizer is required: an HF tokenizer directory or sentencepiece .model "
+                                 "(train one with `zerotrain train-tokenizer`)")
+        self.run_dir = Path(cfg.train.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.precision = resolve_precision(cfg.train.precision, device_type)
+        raw_ds, ds_source = load_ds_config(cfg)
+        self.ds_config = fill_ds_config(raw_ds, cfg, world_size=self.world_size, precision=self.precision,
+                                        device_type=device_type, source=ds_source)
+        check_output_dir(cfg, self.run_dir)
+        self.resume_tag = checkpoint.find_resume_tag(self.ckpt_dir, cfg.checkpoint.resume)
+
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer)
+        context = preset_config(cfg.model.preset).max_position_embeddings  # also checks the preset name
+
+        init_distributed(self.local_rank)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+            _save_tokenizer(self.tokenizer, self.run_dir)
+        self.train_data, self.val_data, self.collate = load_data(cfg, self.kind, self.tokenizer, self.local_rank)
+        self.loader = BatchLoader(self.train_data, ShardedSampler(len(self.train_data), self.rank, self.world_size,
+                                                                  cfg.train.seed), cfg.train.micro_batch_size, self.collate)
+
+        torch.manual_seed(cfg.train.seed)
+        # The preset's context length stands unless the run asks for more.
+        model = build_model(cfg.model.preset, vocab_size=len(self.tokenizer), max_seq_len=max(context, cfg.data.seq_len),
+                            attn_implementation=cfg.model.attn_implementation)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(model.config, name, getattr(self.tokenizer, name))
+            setattr(model.generation_config, name, getattr(self.tokenizer, name))
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model_config = model.config
+        from model.flops import device_peak_flops, flops_per_token
+
+        self.flops_per_token = flops_per_token(model.config, cfg.data.seq_len)
+        self.peak_flops = device_peak_flops()
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        self._guard_plain_optimizer()
+        if self.resume_tag is not None:
+            client = checkpoint.load(self.engine, self.resume_tag)
+            self.state.load_state_dict(client["state"])
+            self.loader.load_state_dict(client["loader"])
+            self.log(f"resumed from {self.resume_tag} at step {self.state.step}")
+
+    def _guard_plain_optimizer(self) -> None:
+        """ZeRO-0 in fp32 hands the bare torch optimizer to DeepSpeed, which then has no check for
+        non-finite gradients; give it the same `overflow` skip DeepSpeed's own optimizers have."""
+        opt = self.engine.optimizer
+        if zero_stage(self.ds_config) != 0 or self.precision != "fp32" or hasattr(opt, "overflow"):
+            return
+        step = opt.step
+
+        def guarded_step(*args, **kwargs):
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            opt.overflow = not all(torch.isfinite(g).all() for g in grads)
+            if opt.overflow:
+                opt.zero_grad(set_to_none=True)
+                return None
+            return step(*args, **kwargs)
+
+        opt.overflow = False
+        opt.step = guarded_step
+
+    # ----------------------------------------------------------------------- logging
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[zerotrain] {message}", flush=True)
+
+    def write_metrics(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is not None and getattr(monitor, "enabled", False):
+            monitor.write_events([(f"zerotrain/{k}", v, record["step"]) for k, v in record.items()
+                                  if k != "step" and isinstance(v, (int, float))])
+
+    # ----------------------------------------------------------------------- one step
+
+    def _micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], float]:
+        """This step's micro-batches and the token count that normalises their summed losses."""
+        batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
+        if self.kind == "pretrain":  # fixed windows: every position but the last is a target
+            count = sum(b["labels"][:, 1:].numel() for b in batches) * self.world_size
+        else:
+            import torch.distributed as dist
+
+            local = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)],
+                                 dtype=torch.float64, device=self.engine.device)
+            dist.all_reduce(local)
+            count = max(1.0, float(local.item()))
+        return batches, count
+
+    def train_step(self) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        engine, cfg = self.engine, self.cfg
+        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
+        batches, count = self._micro_batches()
+        # DeepSpeed divides by grad_accum and averages over ranks; this undoes both, so the
+        # step's loss is (sum of every token loss) / (every token counted).
+        items = torch.tensor(count / (cfg.train.grad_accum * self.world_size), device=engine.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+        nonfinite = 0
+        tokens = 0
+        for batch in batches:
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            loss = engine(**batch, use_cache=False, num_items_in_batch=items).loss
+            if self.state.step + 1 in self.fault_nan_steps:
+                loss = loss * float("nan")
+            # A non-finite loss is backpropagated all the same: its gradients are non-finite on
+            # every rank after the reduction, and the optimizer skips the whole step.
+            nonfinite += int(not torch.isfinite(loss.detach()))
+            engine.backward(loss)
+            engine.step()
+            if torch.isfinite(loss.detach()):
+                loss_sum += loss.detach().double()
+        signalled = self.stop_signal is not None
+        flags = torch.tensor([float(loss_sum), float(nonfinite), float(tokens), float(signalled),
+                              float(self.stop_signal or 0)], dtype=torch.float64, device=engine.device)
+        dist.all_reduce(flags)
+        self.state.step += 1
+        self.state.tokens_seen += int(flags[2])
+        step_nonfinite = flags[1] > 0
+        self.state.nonfinite_steps += int(step_nonfinite)
+        self.state.consecutive_nonfinite = self.state.consecutive_nonfinite + 1 if step_nonfinite else 0
+        if flags[3] > 0 and self.stop_signal is None:  # another rank was signalled: stop with it
+            self.stop_signal = round(float(flags[4] / flags[3]))
+        return {"loss": None if step_nonfinite else float(flags[0]) / (cfg.train.grad_accum * self.world_size),
+                "tokens": int(flags[2]), "lr": lr}
+
+    # ----------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        import torch.distributed as dist
+
+        batches = list(eval_batches(self.val_data, self.rank, self.world_size, self.cfg.train.micro_batch_size,
+                                    self.cfg.train.eval_batches, self.collate))
+        if not batches:
+            return None
+        self.engine.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.engine.device)
+        for batch in batches:
+            batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss = self.engine(**batch, use_cache=False).loss
+            if n:
+                totals += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=totals.device)
+        self.engine.train()
+        dist.all_reduce(totals)
+        if totals[1] == 0:
+            return None
+        val_loss = float(totals[0] / totals[1])
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    # ----------------------------------------------------------------------- saving
+
+    def save(self) -> Path:
+        client = {"zerotrain": {"state": self.state.state_dict(), "loader": self.loader.state_dict(),
+                                "config": self.cfg.to_dict()}}
+        sidecar = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "kind": self.kind,
+                   "zero_stage": zero_stage(self.ds_config), "world_size": self.world_size,
+                   "precision": self.precision, "config": self.cfg.to_dict(),
+                   "model_config": self.model_config.to_dict(), "lora": None}
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, sidecar, self.cfg.checkpoint.keep_last)
+        self.log(f"checkpoint {tag}")
+        return tag
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model on rank 0 (fp32 master weights where mixed precision keeps them);
+        a collective under ZeRO-3."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        params = dict(module.named_parameters())
+        out = {}
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None,
+                                               enabled=zero_stage(self.ds_config) == 3):
+            for name, p in params.items():
+                full = safe_get_full_fp32_param(p) if self.precision != "fp32" else None
+                out[name] = (full if full is not None else p.data).detach().float().cpu().clone()
+            for name, b in module.named_buffers():
+                out[name] = b.detach().cpu().clone()
+        return out if self.rank == 0 else None
+
+    def export_final(self) -> None:
+        """final/: the model in HF format (safetensors, config, generation config) and the tokenizer."""
+        import shutil
+        import tempfile
+
+        state = self.full_state_dict()
+        if self.rank == 0:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(self.model_config)
+            skeleton.load_state_dict(state, strict=False, assign=True)
+            skeleton.tie_weights()
+            tmp = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=self.run_dir))
+            skeleton.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+            final = self.run_dir / "final"
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self.log(f"final model in {final}")
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    # ----------------------------------------------------------------------- the loop
+
+    def fit(self) -> int:
+        cfg = self.cfg
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=self.rank != 0, desc=self.kind,
+                   unit="step", dynamic_ncols=True)
+        window_start, window_tokens = time.perf_counter(), 0
+        last_saved = self.state.step if self.resume_tag is not None else -1
+        while self.state.step < cfg.train.max_steps:
+            out = self.train_step()
+            window_tokens += out["tokens"]
+            step = self.state.step
+            if self.state.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
+                raise ZerotrainError(
+                    f"{self.state.consecutive_nonfinite} steps in a row had a NaN/inf loss (up to step {step}); "
+                    f"stopping. The last checkpoint in {self.ckpt_dir} is usable: lower --lr, check the data, "
+                    "or use bf16/fp32")
+            bar.update(1)
+            if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                record = self._metrics(out, window_tokens / max(elapsed, 1e-9))
+                bar.set_postfix(loss="nan" if record["loss"] is None else f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_sec']:.0f}")
+                self.write_metrics(record)
+                window_start, window_tokens = time.perf_counter(), 0
+            if (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or step == cfg.train.max_steps:
+                result = self.evaluate()
+                if result is not None:
+                    self.write_metrics({"step": step, **result})
+            if step % cfg.checkpoint.save_interval == 0 or step == cfg.train.max_steps:
+                self.save()
+                last_saved = step
+            if self.stop_signal is not None:
+                if last_saved != step:
+                    self.save()
+                bar.close()
+                self.log(f"stopped by signal {signal.Signals(self.stop_signal).name} at step {step}; "
+                         f"resume with --resume auto")
+                return 0
+        bar.close()
+        self.export_final()
+        return 0
+
+    def _metrics(self, out: dict[str, Any], tokens_per_sec: float) -> dict[str, Any]:
+        from model.flops import mfu
+
+        engine = self.engine
+        record: dict[str, Any] = {
+            "step": self.state.step, "loss": out["loss"], "lr": out["lr"],
+            "grad_norm": _number(engine.get_global_grad_norm()), "tokens_per_sec": tokens_per_sec,
+            "tokens_seen": self.state.tokens_seen, "epoch": self.loader.sampler.epoch,
+            "skipped_steps": int(engine.skipped_steps), "nonfinite_steps": self.state.nonfinite_steps,
+        }
+        value = mfu(tokens_per_sec, self.flops_per_token, self.world_size, self.peak_flops)
+        if value is not None:
+            record["mfu"] = value
+        if self.precision == "fp16":
+            scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
+            record["loss_scale"] = _number(scale)
+        return record
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value.item() if isinstance(value, torch.Tensor) else value)
+    return value if math.isfinite(value) else None
+
+
+def main(argv: list[str] | None = None, kind: str = "pretrain") -> int:
+    """Entry point of launcher/pretrain.py and launcher/sft.py."""
+    rank, local_rank, world_size = world()
+    try:
+        cfg = parse_config(argv, description=f"zerotrain {kind}")
+        trainer = Trainer(cfg, kind, rank=rank, local_rank=local_rank, world_size=world_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            trainer.setup()
+            return trainer.fit()
+    except ZerotrainError as e:
+        print(f"zerotrain {kind}: error{f' (rank {rank})' if world_size > 1 else ''}: {e}", file=sys.stderr, flush=True)
+        return 2

@@ -1,0 +1,12 @@
+"""Run pretrain: `deepspeed [--num_gpus N | --hostfile H] launcher/pretrain.py --config X.yaml [--flag value ...]`
+(also under `torchrun` or plain `python`). All flags: `python launcher/pretrain.py --help`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a clone without install
+
+from engine.trainer import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], kind="pretrain"))

@@ -1,0 +1,172 @@
+"""The engine on 2 CPU ranks (gloo), debug preset: every ZeRO stage and precision trains; resume
+and gradient accumulation are invariants; final/ loads and generates; NaN steps are skipped."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import launcher_env, metrics, run_launcher, train_losses
+
+pytestmark = pytest.mark.distributed
+
+
+def base_args(tokenizer_dir, data, out, **overrides) -> list[str]:
+    args = {"tokenizer": tokenizer_dir, "data": data, "output-dir": out, "preset": "debug", "seq-len": 32,
+            "micro-batch-size": 4, "grad-accum": 1, "max-steps": 8, "warmup-steps": 2, "lr": 3e-3,
+            "log-interval": 1, "eval-interval": 4, "eval-batches": 2, "save-interval": 4, "seed": 1}
+    args.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def final_weights(run_dir):
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_stage_and_precision_trains(tokenizer_dir, pretrain_data, tmp_path, stage, precision):
+    out = tmp_path / "run"
+    # one combination goes through the real deepspeed launcher instead of torchrun
+    launcher = "deepspeed" if (stage, precision) == (1, "bf16") else "torchrun"
+    extra = {"report_to": "csv"} if (stage, precision) == (0, "fp32") else {}
+    run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=stage, precision=precision,
+                                          max_steps=16, save_interval=16, eval_interval=16, **extra), launcher=launcher)
+    if extra:  # DeepSpeed's CSV monitor got zerotrain's metrics too
+        assert {p.name for p in (out / "monitor").rglob("*.csv")} >= {"zerotrain_loss.csv", "zerotrain_lr.csv"}
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, 17))
+    assert sum(losses[s] for s in (14, 15, 16)) / 3 < losses[1] - 0.3, losses
+    assert (out / "checkpoints" / "latest").read_text() == "global_step16"
+    assert any("val_loss" in r for r in metrics(out))
+    assert final_weights(out)["model.embed_tokens.weight"].dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tokenizer_dir, pretrain_data, tmp_path_factory):
+    """8 steps straight, ZeRO-2 and ZeRO-3 (fp32), checkpointing at step 4."""
+    runs = {}
+    for stage in (2, 3):
+        out = tmp_path_factory.mktemp(f"straight{stage}") / "run"
+        run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=stage, precision="fp32"))
+        runs[stage] = out
+    return runs
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_is_bit_identical(tokenizer_dir, pretrain_data, tmp_path, straight_runs, stage):
+    straight = straight_runs[stage]
+    resumed = tmp_path / "run"
+    # the state after step 4 of the same run: drop everything later, then resume
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "global_step8")
+    shutil.rmtree(resumed / "final")
+    (resumed / "checkpoints" / "latest").write_text("global_step4")
+    lines = (resumed / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (resumed / "metrics.jsonl").write_text("".join(l for l in lines if '"step": 4,' in l or '"step": 3,' in l))
+    proc = run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, resumed, zero_stage=stage,
+                                                 precision="fp32"))
+    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
+    expected, got = train_losses(straight), train_losses(resumed)
+    assert [got[s] for s in range(5, 9)] == [expected[s] for s in range(5, 9)]
+    a, b = final_weights(straight), final_weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_grad_accumulation_matches_a_bigger_micro_batch(tokenizer_dir, pretrain_data, tmp_path):
+    runs = {}
+    for micro, accum in ((1, 4), (4, 1)):
+        out = tmp_path / f"m{micro}a{accum}"
+        run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=2, precision="fp32",
+                                              micro_batch_size=micro, grad_accum=accum, max_steps=4, save_interval=4))
+        runs[(micro, accum)] = out
+    la, lb = train_losses(runs[(1, 4)]), train_losses(runs[(4, 1)])
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5)
+    a, b = final_weights(runs[(1, 4)]), final_weights(runs[(4, 1)])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_final_dir_loads_with_transformers_and_generates(straight_runs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = straight_runs[2] / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    ids = tok("To be, or not", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == ids.shape[1] + 5
+    assert model.config.eos_token_id == tok.eos_token_id
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nonfinite_loss_skips_the_step_and_is_counted(tokenizer_dir, pretrain_data, tmp_path, stage):
+    out = tmp_path / "run"
+    env = launcher_env(ZEROTRAIN_FAULT_NAN_STEPS="3")
+    run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=stage, precision="fp32",
+                                          max_steps=4, save_interval=1, keep_last=0), env=env)
+    records = {r["step"]: r for r in metrics(out) if "loss" in r}
+    assert records[3]["loss"] is None  # a skipped step has no loss
+    assert records[4]["nonfinite_steps"] == 1 and records[4]["skipped_steps"] == 1
+    import math
+
+    assert math.isfinite(records[4]["loss"])
+    # the skipped step changed no weight
+    from engine.ds_checkpoint import safe_load
+
+    def module(step):
+        return safe_load(out / "checkpoints" / f"global_step{step}" / "mp_rank_00_model_states.pt")["module"]
+
+    before, after, later = module(2), module(3), module(4)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(after[k], later[k]) for k in after)
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tokenizer_dir, pretrain_data, tmp_path):
+    out = tmp_path / "run"
+    env = launcher_env(ZEROTRAIN_FAULT_NAN_STEPS="2,3,4")
+    proc = run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=2,
+                                                 max_consecutive_nonfinite=3), env=env, check=False)
+    assert proc.returncode != 0
+    assert "3 steps in a row had a NaN/inf loss (up to step 4)" in proc.stderr
+
+
+def test_sigusr1_on_one_rank_saves_on_all_and_exits_cleanly(tokenizer_dir, pretrain_data, tmp_path):
+    import subprocess
+    import time
+
+    import psutil
+
+    from tests.helpers import ROOT, launcher_command
+
+    out = tmp_path / "run"
+    cmd = launcher_command("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=2, max_steps=2000,
+                                                    save_interval=1000, eval_interval=1000))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3):
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "pretrain.py" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        workers[1].send_signal(signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped by signal SIGUSR1" in stdout
+    tag = (out / "checkpoints" / "latest").read_text()
+    step = int(tag.removeprefix("global_step"))
+    assert 3 <= step < 2000 and (out / "checkpoints" / tag / "zerotrain.json").is_file()
+    assert not (out / "final").exists()
+    # and the run picks up from there by itself
+    proc = run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=2, max_steps=step + 2,
+                                                 warmup_steps=0))
+    assert f"at step {step}" in proc.stdout and max(train_losses(out)) == step + 2
