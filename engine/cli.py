@@ -2,6 +2,13 @@
 
     zerotrain train-tokenizer --input FILE... --vocab-size 6400 --output DIR
     zerotrain prepare --kind pretrain|sft --input FILE... --tokenizer DIR --output DIR
+    zerotrain consolidate CKPT_DIR OUTPUT [--tag global_stepN] [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
+    zerotrain extract-adapter CKPT_DIR OUT_DIR [--tag global_stepN] [--lora-alpha A | --adapter-config FILE]
+    zerotrain merge-adapter BASE ADAPTER OUTPUT
+    zerotrain inspect CKPT_DIR
+    zerotrain generate --model DIR [--adapter DIR] --prompt TEXT... [--no-chat] [--temperature T]
+    zerotrain chat --model DIR [--adapter DIR] [--system TEXT]
+    zerotrain eval --model DIR [--adapter DIR] --data FILE... [--kind auto|pretrain|sft] [--json]
 """
 
 from __future__ import annotations
@@ -37,6 +44,134 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"{args.kind} data in {args.output} ({meta['dtype']}) {splits}" + (f"; skipped {skipped}" if skipped else ""))
 
 
+def _report(written, what: str) -> None:
+    from engine.consolidate import _human
+
+    print(f"{what} {written.output}: {written.tensors} tensors, {_human(written.params, 1000, '')} parameters, "
+          f"{_human(written.bytes, 1000, 'B')}")
+    for note in written.notes:
+        print(f"  note: {note}")
+
+
+def cmd_consolidate(args: argparse.Namespace) -> None:
+    from engine.consolidate import consolidate
+
+    written = consolidate(args.ckpt_dir, args.output, tag=args.tag, dtype=args.dtype,
+                          max_shard_size=args.max_shard_size, keep_lora_keys=args.keep_lora_keys,
+                          lora_alpha=args.lora_alpha, adapter_config=args.adapter_config, config=args.model_config,
+                          preset=args.preset, trust_pickle=args.trust_pickle, overwrite=args.overwrite)
+    _report(written, "wrote")
+
+
+def cmd_extract_adapter(args: argparse.Namespace) -> None:
+    from engine.consolidate import extract_adapter
+
+    written = extract_adapter(args.ckpt_dir, args.out_dir, tag=args.tag, lora_alpha=args.lora_alpha,
+                              adapter_config=args.adapter_config, dtype=args.dtype, trust_pickle=args.trust_pickle,
+                              overwrite=args.overwrite)
+    _report(written, "adapter")
+
+
+def cmd_merge_adapter(args: argparse.Namespace) -> None:
+    from engine.consolidate import merge_adapter
+
+    written = merge_adapter(args.base, args.adapter, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                            trust_pickle=args.trust_pickle, overwrite=args.overwrite)
+    _report(written, "merged model")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from engine.consolidate import format_inspect, inspect
+
+    latest, infos = inspect(args.ckpt_dir, trust_pickle=args.trust_pickle)
+    if args.json:
+        records = [{**dataclasses.asdict(i), "path": str(i.path)} for i in infos]
+        print(json.dumps({"latest": latest, "tags": records}, indent=2))
+    else:
+        print(format_inspect(args.ckpt_dir, latest, infos))
+
+
+def _load_for_inference(args: argparse.Namespace):
+    from transformers.utils import logging
+
+    from engine.generate import load_for_inference
+
+    logging.disable_progress_bar()  # "Loading weights" bars would interleave with the output
+    return load_for_inference(args.model, args.adapter, args.tokenizer)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, repetition_penalty=args.repetition_penalty)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from engine.generate import generate
+
+    model, tokenizer = _load_for_inference(args)
+    completions = generate(model, tokenizer, args.prompt, chat=args.chat, **_sampling(args))
+    for i, (prompt, completion) in enumerate(zip(args.prompt, completions), 1):
+        print(f"### prompt {i}\n{prompt}\n### completion {i}\n{completion}\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from engine.generate import chat
+
+    model, tokenizer = _load_for_inference(args)
+    chat(model, tokenizer, system=args.system, **_sampling(args))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from engine.generate import evaluate
+
+    model, tokenizer = _load_for_inference(args)
+    result = evaluate(model, tokenizer, args.data, kind=args.kind, seq_len=args.seq_len, batch_size=args.batch_size,
+                      max_batches=args.max_batches, show_progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{'model':<10} {args.model}" + (f" + adapter {args.adapter}" if args.adapter else ""))
+    print(f"{'data':<10} {' '.join(args.data)} ({result['kind']}, {result['sequences']} sequences)")
+    print(f"{'tokens':<10} {result['tokens']}")
+    print(f"{'loss':<10} {result['loss']:.4f}")
+    print(f"{'perplexity':<10} {result['perplexity']:.2f}")
+    if result["skipped"]:
+        print(f"{'skipped':<10} {result['skipped']}")
+
+
+def _inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="HF model directory, or a zerotrain run directory (its final/ is used)")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory to put on top of the model")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the model directory's)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
+    p.add_argument("--top-p", type=float, default=0.9, help="sampling: nucleus probability mass (default 0.9)")
+    p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k likeliest tokens (default 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeats (default 1.0)")
+
+
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR",
+                   help="DeepSpeed checkpoint directory (holding 'latest' and global_stepN/), or one tag folder")
+    p.add_argument("--tag", help="checkpoint tag to read, e.g. global_step1000 (default: the one 'latest' names)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle classes outside the DeepSpeed allowlist (can run code: trusted files only)")
+
+
+def _lora_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--lora-alpha", type=float, metavar="A",
+                       help="LoRA alpha of a checkpoint whose run config is not beside it")
+    group.add_argument("--adapter-config", metavar="FILE", help="PEFT adapter_config.json giving alpha and the rest")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zerotrain", description="DeepSpeed ZeRO training for GPT-style models",
                                      allow_abbrev=False)
@@ -61,6 +196,95 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines and report the count")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("consolidate", allow_abbrev=False,
+                       help="DeepSpeed checkpoint (any ZeRO stage) -> one .pth / .safetensors or an HF model dir",
+                       description="Gather the sharded weights of a DeepSpeed checkpoint (fp32 masters where they "
+                                   "exist) into OUTPUT: NAME.pth (torch state dict), NAME.safetensors, or any other "
+                                   "name for an HF model directory. Streams one tensor at a time.")
+    _checkpoint_args(p)
+    p.add_argument("output", metavar="OUTPUT", help="NAME.pth, NAME.safetensors or an HF directory")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the floating-point weights written (default fp32)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="HF directory shard size (default 5GB)")
+    p.add_argument("--keep-lora-keys", action="store_true",
+                   help="keep PEFT's LoRA keys instead of folding the adapter into the base weights")
+    _lora_args(p)
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--config", dest="model_config", metavar="CONFIG_JSON",
+                       help="model config.json for an HF directory output, when the run's is not beside the checkpoint")
+    model.add_argument("--preset", help="model preset for an HF directory output, instead of --config")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=cmd_consolidate)
+
+    p = sub.add_parser("extract-adapter", allow_abbrev=False,
+                       help="LoRA adapter of a DeepSpeed checkpoint -> PEFT adapter dir",
+                       description="Write adapter_model.safetensors and adapter_config.json (PEFT format) straight "
+                                   "from the checkpoint shards; rank and target modules come from the shards, "
+                                   "alpha and the rest from the run's saved config or the flags.")
+    _checkpoint_args(p)
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    _lora_args(p)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the adapter weights (default fp32, the masters)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=cmd_extract_adapter)
+
+    p = sub.add_parser("merge-adapter", allow_abbrev=False,
+                       help="fold a PEFT LoRA adapter into its base model, tensor by tensor",
+                       description="BASE: an HF model dir or a .pth/.safetensors file; ADAPTER: a PEFT adapter dir; "
+                                   "OUTPUT: NAME.pth, NAME.safetensors or an HF directory.")
+    p.add_argument("base", metavar="BASE")
+    p.add_argument("adapter", metavar="ADAPTER")
+    p.add_argument("output", metavar="OUTPUT")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="dtype of the weights written (default auto: the base model's)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="HF directory shard size (default 5GB)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle classes outside the allowlist in .pth/.bin inputs (trusted files only)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=cmd_merge_adapter)
+
+    p = sub.add_parser("inspect", allow_abbrev=False,
+                       help="stage, world size, dtype, size and completeness of each checkpoint tag")
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle classes outside the DeepSpeed allowlist (trusted files only)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", allow_abbrev=False, help="complete prompts with a model (and a LoRA adapter)",
+                       description="Each prompt is completed on its own; with --chat (the default) it is sent as a "
+                                   "user message through the chat template and the reply stops at <|im_end|>.")
+    _inference_args(p)
+    p.add_argument("--prompt", nargs="+", action="extend", required=True, metavar="TEXT")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap each prompt as a chat user message (default); --no-chat for raw text completion "
+                        "with a pretrained-only model")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", allow_abbrev=False, help="interactive multi-turn chat, replies streamed",
+                       description="Reads one message a line from stdin (a terminal or a pipe); /reset clears the "
+                                   "history, /exit or end of input quits.")
+    _inference_args(p)
+    p.add_argument("--system", metavar="TEXT", help="system message at the start of every conversation")
+    _sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", allow_abbrev=False, help="loss and perplexity of a model on data files",
+                       description="Pretraining text in fixed --seq-len windows (every next token counted), or SFT "
+                                   "conversations with training's masking (assistant tokens only). Loss = total "
+                                   "NLL / counted tokens; perplexity = exp(loss).")
+    _inference_args(p)
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help=".txt/.jsonl/.parquet text or SFT .json/.jsonl")
+    p.add_argument("--kind", choices=("auto", "pretrain", "sft"), default="auto",
+                   help="auto: sft for .json and for .jsonl/.parquet of conversations, else pretrain")
+    p.add_argument("--seq-len", type=int, default=512, help="window length (pretrain), truncation length (SFT)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, metavar="N", help="stop after N batches (default: all the data)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

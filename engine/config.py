@@ -38,8 +38,12 @@ class ModelConfig:
 
     preset: str = "debug"
     """Model preset name (see `model.presets`): debug, tiny, minimind-26m, minimind-104m, gpt2-124m, llama-1b."""
+    init_from: str = ""
+    """Start from these weights instead of a random init: an HF model directory, a .pth/.safetensors state
+    dict (shaped like --preset), a run directory (its final/), or a DeepSpeed checkpoint directory."""
     tokenizer: str = ""
-    """HF tokenizer directory or sentencepiece `.model` file (train one with `zerotrain train-tokenizer`)."""
+    """HF tokenizer directory or sentencepiece `.model` file (train one with `zerotrain train-tokenizer`);
+    default: the tokenizer that comes with init_from."""
     attn_implementation: str = "sdpa"
     """transformers attention backend: sdpa, eager or flash_attention_2."""
     gradient_checkpointing: bool = False
@@ -51,11 +55,42 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA through peft (off while lora_r is 0: then every weight is trained)."""
+
+    lora_r: int = 0
+    """LoRA rank; 0 trains the full model."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Module names to adapt; default: every linear projection of the architecture (not lm_head)."""
+    lora_modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter, e.g. embed_tokens,lm_head."""
+    merge_lora_at_end: bool = False
+    """Also write the merged full model to final/ (the adapter is always in final/adapter/)."""
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 0:
+            _bad("lora_r", self.lora_r, "0 (off) or a positive rank")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            _bad("lora_dropout", self.lora_dropout, "a number in [0, 1)")
+        if self.lora_r == 0 and (self.lora_target_modules or self.lora_modules_to_save or self.merge_lora_at_end):
+            raise ZerotrainError("LoRA options were given but --lora-r is 0 (LoRA off): set --lora-r, e.g. 8")
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_r > 0
+
+
+@dataclass
 class DataConfig:
     """Where the tokens come from."""
 
     data: list[str] = field(default_factory=list)
-    """Training inputs: raw .txt/.jsonl/.json/.parquet files or directories made by `zerotrain prepare`."""
+    """Training inputs: raw .txt/.jsonl/.json/.parquet files or directories made by `zerotrain prepare`;
+    KIND:PATH:WEIGHT entries (KIND pretrain or sft) mix sources by weight in one run."""
     seq_len: int = 512
     """Tokens per training sequence (context length)."""
     val_fraction: float = 0.01
@@ -193,6 +228,7 @@ class DistributedConfig:
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
+    "lora": LoraConfig,
     "data": DataConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
@@ -206,6 +242,7 @@ class Config:
     """The whole run configuration."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -291,12 +328,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         annotation = next(a for a in args if a is not type(None))
         origin = typing.get_origin(annotation)
     try:
-        if origin is list:
+        if origin is list:  # "a,b" and ["a", "b"] alike
             if isinstance(value, str):
-                return [value]
+                value = [value]
             if not isinstance(value, (list, tuple)):
                 raise ValueError
-            return [str(v) for v in value]
+            return [part.strip() for v in value for part in str(v).split(",") if part.strip()]
         if annotation is bool:
             if isinstance(value, bool):
                 return value
@@ -352,8 +389,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         for name, annotation in _field_types(section_cls).items():
             flag = "--" + name.replace("_", "-")
             help_text = docs.get(name, "")
-            if annotation is bool:
-                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+            if annotation is bool:  # --flag, --flag true|false, --no-flag
+                group.add_argument(flag, dest=name, nargs="?", const="true", metavar="BOOL", help=help_text)
+                group.add_argument("--no-" + flag[2:], dest=name, action="store_const", const="false",
+                                   help=argparse.SUPPRESS)
             elif typing.get_origin(annotation) is list:
                 group.add_argument(flag, dest=name, nargs="+", action="extend", metavar="VALUE", help=help_text)
             else:

@@ -572,6 +572,81 @@ class SFTDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": torch.where(keep, ids, IGNORE_INDEX)}
 
 
+class MixedDataset(torch.utils.data.Dataset):
+    """Several datasets mixed by weight (MiniMind-style pretrain/SFT iteration).
+
+    Position i draws its source from a seeded categorical over `weights`, and takes that
+    source's next sample (wrapping around), so any stretch of the sampler's stream mixes the
+    sources in proportion. Each sample keeps its own labels (its own loss mask).
+    """
+
+    def __init__(self, datasets: list[torch.utils.data.Dataset], weights: list[float], seed: int,
+                 length: int | None = None):
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError("one weight per dataset")
+        if any(w <= 0 for w in weights):
+            raise ZerotrainError(f"mixture weights must be positive, got {weights}")
+        if any(len(d) == 0 for d in datasets):
+            raise ZerotrainError("a mixed data source has no samples: use more data or a shorter --seq-len")
+        self.datasets = datasets
+        self.weights = [w / sum(weights) for w in weights]
+        self.length = length or sum(len(d) for d in datasets)
+        rng = np.random.default_rng([seed, 0x6D6978])
+        self.source = rng.choice(len(datasets), size=self.length, p=self.weights)
+        self.index = np.empty(self.length, dtype=np.int64)
+        for k, d in enumerate(datasets):
+            where = np.nonzero(self.source == k)[0]
+            self.index[where] = np.arange(len(where)) % len(d)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.datasets[self.source[i]][int(self.index[i])]
+
+
+@dataclass
+class DataSource:
+    """One entry of --data: a kind, its files (or one prepared directory), and a mixing weight."""
+
+    kind: str
+    paths: list[str]
+    weight: float | None = None
+
+
+def parse_data_sources(entries: list[str], default_kind: str) -> list[DataSource]:
+    """`FILE...` or `KIND:PATH[:WEIGHT]...` -> sources. Plain files form one source of the
+    launcher's kind; every KIND:PATH entry is a source of its own, and mixing needs weights."""
+    sources: list[DataSource] = []
+    plain: list[str] = []
+    for entry in entries:
+        parts = entry.split(":")
+        if parts[0] in ("pretrain", "sft") and len(parts) in (2, 3):
+            try:
+                weight = float(parts[2]) if len(parts) == 3 else None
+            except ValueError:
+                raise ZerotrainError(f"--data {entry}: the weight '{parts[2]}' is not a number (KIND:PATH:WEIGHT)") from None
+            sources.append(DataSource(parts[0], [parts[1]], weight))
+        else:
+            plain.append(entry)
+    if plain:
+        sources.insert(0, DataSource(default_kind, plain))
+    if not sources:
+        raise ZerotrainError("no training data: pass --data FILE... (raw files or a `zerotrain prepare` directory)")
+    if len(sources) > 1 and any(s.weight is None for s in sources):
+        raise ZerotrainError("mixing data sources needs a weight on each: --data pretrain:FILE:0.7 --data sft:FILE:0.3"
+                             f" (got {entries})")
+    for source in sources:
+        dirs = [p for p in source.paths if Path(p).is_dir()]
+        if dirs and len(source.paths) > 1:
+            raise ZerotrainError(f"--data takes one prepared directory or raw files per source, got {source.paths}")
+        if not dirs:
+            suffixes = PRETRAIN_SUFFIXES if source.kind == "pretrain" else SFT_SUFFIXES
+            for p in source.paths:
+                _check_input(p, suffixes, "pretraining" if source.kind == "pretrain" else "SFT")
+    return sources
+
+
 # --------------------------------------------------------------------------- batching
 
 def collate_stack(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -24,12 +24,17 @@ holds one tensor, not the checkpoint.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
+import io
 import json
+import logging
 import math
 import os
 import pickle
 import re
 import struct
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,19 +55,27 @@ _UNSUPPORTED = {
 }
 
 
+@functools.cache
 def _safe_globals() -> list:
     """The classes DeepSpeed pickles into its checkpoints, and nothing else."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
+    first_import = "deepspeed" not in sys.modules
+    captured = io.StringIO()
+    # Importing deepspeed prints its accelerator detection to stdout, which would corrupt
+    # `zerotrain inspect --json`; its logger is pointed back at stdout afterwards.
+    with contextlib.redirect_stdout(captured) if first_import else contextlib.nullcontext():
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    for handler in logging.getLogger("DeepSpeed").handlers:
+        if getattr(handler, "stream", None) is captured:
+            handler.setStream(sys.stdout)
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def __getattr__(name: str) -> Any:
     # SAFE_GLOBALS is computed on first use: importing deepspeed costs a second and ~25 MB.
     if name == "SAFE_GLOBALS":
-        return _safe_globals()
+        return list(_safe_globals())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -199,9 +212,9 @@ class _File:
 
     def piece(self, t: torch.Tensor, start: int = 0, numel: int | None = None) -> Piece:
         """Elements [start, start + numel) of the contiguous meta tensor `t` from this file."""
-        numel = t.numel() - start if numel is None else numel
         if not isinstance(t, torch.Tensor) or t.device.type != "meta":
             raise ZerotrainError(f"{self.path}: expected a tensor, found {type(t).__name__}")
+        numel = t.numel() - start if numel is None else numel
         if not t.is_contiguous():
             raise ZerotrainError(f"{self.path}: a non-contiguous tensor of shape {tuple(t.shape)} is not supported")
         if start < 0 or start + numel > t.numel():
@@ -356,8 +369,8 @@ def describe(tag_dir: str | os.PathLike, *, trust_pickle: bool = False) -> Check
     broken = {p for p in [*layout.model_files.values(), *layout.optim_files.values()] if not _zip_ok(p)}
     first_model = next((p for r, p in sorted(layout.model_files.items()) if p not in broken), None)
     first_optim = next((p for r, p in sorted(layout.optim_files.items()) if p not in broken), None)
-    model_state = _File(first_model, trust_pickle).state if first_model else None
-    optim_state = _File(first_optim, trust_pickle).state if first_optim else None
+    model_state = _state_or_problem(first_model, trust_pickle, problems)
+    optim_state = _state_or_problem(first_optim, trust_pickle, problems)
     info.zero_stage, info.world_size = _stage_and_world(layout, model_state, optim_state)
     if model_state is not None:
         info.step = model_state.get("global_steps")
@@ -389,6 +402,20 @@ def describe(tag_dir: str | os.PathLike, *, trust_pickle: bool = False) -> Check
                                 f"ranks (a leftover of another run?)")
     info.complete = not problems
     return info
+
+
+def _state_or_problem(path: Path | None, trust_pickle: bool, problems: list[str]) -> dict | None:
+    if path is None:
+        return None
+    try:
+        state = _File(path, trust_pickle).state
+    except ZerotrainError as e:
+        problems.append(str(e))
+        return None
+    if not isinstance(state, dict):
+        problems.append(f"{path} holds a {type(state).__name__}, not a DeepSpeed checkpoint dict")
+        return None
+    return state
 
 
 def _zip_ok(path: Path) -> bool:
@@ -645,7 +672,7 @@ def _match_master(model: _File, t: torch.Tensor, pos: int, candidates: list[str]
     remaining = t.numel() - pos
     for name in candidates:
         src = tensors[name]
-        if name in taken or src.numel > remaining or (not flat and src.numel != remaining):
+        if name in taken or src.numel > remaining or (not flat and src.shape != tuple(t.shape)):
             continue
         master = TensorSource((src.numel,), t.dtype, (model.piece(t, pos, src.numel),)).read()
         if torch.equal(master.to(src.dtype), src.read().reshape(-1)):
@@ -668,7 +695,8 @@ def _zero3_sources(models: dict[int, _File], optims: dict[int, _File], world: in
     osds = {r: f.state.get("optimizer_state_dict") or {} for r, f in optims.items()}
     if shapes and any(key not in osd for osd in osds.values()):
         raise ZerotrainError(f"{optims[0].path} has no '{key}' (an optimizer layout zerotrain does not know)")
-    flat = {r: osds[r][key] if isinstance(osds[r][key], (list, tuple)) else [osds[r][key]] for r in osds}
+    flat = {r: list(osd[key]) if isinstance(osd.get(key), (list, tuple)) else
+            [osd[key]] if key in osd else [] for r, osd in osds.items()}
     per_rank = {r: sum(t.numel() for t in flat[r]) for r in flat}
     if len(set(per_rank.values())) > 1:
         raise ZerotrainError(f"the ranks' fp32 partitions differ in size ({per_rank}): checkpoint files from "
@@ -684,7 +712,8 @@ def _zero3_sources(models: dict[int, _File], optims: dict[int, _File], world: in
             take = min(part, numel - r * part)
             if take > 0:
                 pieces += _slice([(optims[r], t) for t in flat[r]], offset, take, total)
-        masters[name] = TensorSource(shape, flat[0][0].dtype, tuple(pieces), "fp32 master")
+        masters[name] = TensorSource(shape, flat[0][0].dtype if flat[0] else torch.float32, tuple(pieces),
+                                     "fp32 master")
         offset += part
     if offset != total:
         raise ZerotrainError(f"{optims[0].path}: the fp32 partition holds {total} elements per rank but the "
@@ -721,3 +750,58 @@ def _zero3_sources(models: dict[int, _File], optims: dict[int, _File], world: in
     tensors.update(masters)
     tensors.update(frozen_sources)
     return tensors, aliases
+
+
+# --------------------------------------------------------------------------------------------
+# Plain state-dict files (for merge-adapter's base model and adapter)
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def state_dict_sources(path: str | os.PathLike, *, trust_pickle: bool = False
+                       ) -> tuple[dict[str, TensorSource], dict[str, str]]:
+    """The tensors of a `.safetensors` or `torch.save` state-dict file, to read one at a time, and
+    its tied names (a `torch.save` file's entries sharing one storage)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZerotrainError(f"{path} does not exist")
+    if path.suffix == ".safetensors":
+        return _safetensors_sources(path), {}
+    f = _File(path, trust_pickle)
+    state = f.state
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ZerotrainError(f"{path} is not a flat state dict {{name: tensor}}")
+    aliases = _module_aliases({"module": state})
+    tensors = {strip_wrappers(k): f.source(t, "module") for k, t in state.items() if k not in aliases}
+    return tensors, {strip_wrappers(k): strip_wrappers(v) for k, v in aliases.items()}
+
+
+def _safetensors_sources(path: Path) -> dict[str, TensorSource]:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError) as e:
+        raise ZerotrainError(f"{path} is not a valid safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise ZerotrainError(f"{path}: tensor {name} has dtype {meta['dtype']}, which zerotrain does not read")
+        start, end = meta["data_offsets"]
+        shape = tuple(meta["shape"])
+        if end - start != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
+            raise ZerotrainError(f"{path}: tensor {name} lies outside the file (truncated?)")
+        pieces = (Piece(str(path), 8 + n + start, math.prod(shape)),) if end > start else ()
+        tensors[strip_wrappers(name)] = TensorSource(shape, dtype, pieces, "module")
+    return tensors

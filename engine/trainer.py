@@ -26,10 +26,13 @@ import torch
 
 from engine import checkpoint
 from engine.config import Config, parse_config
-from engine.data import (IGNORE_INDEX, BatchLoader, PretrainDataset, SFTDataset, ShardedSampler, collate_pad,
-                         collate_packed, collate_stack, eval_batches, prepare_cached, read_meta)
+from engine.data import (IGNORE_INDEX, BatchLoader, DataSource, MixedDataset, PretrainDataset, SFTDataset,
+                         ShardedSampler, collate_pad, collate_packed, collate_stack, eval_batches, parse_data_sources,
+                         prepare_cached, read_meta)
 from engine.ds_config import fill_ds_config, load_ds_config, resolve_precision, zero_stage
 from engine.errors import ZerotrainError
+from engine.modeling import (build_base_model, lora_record, merged_model, resolve_init_from, save_adapter,
+                             tokenizer_path, wrap_lora)
 
 KINDS = ("pretrain", "sft")
 
@@ -86,51 +89,64 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def load_data(cfg: Config, kind: str, tokenizer, local_rank: int):
-    """(train dataset, val dataset, collate): raw files are prepared once (local rank 0 of each
-    node, the others wait) into a cache keyed by their contents and the tokenizer."""
+def prepare_sources(cfg: Config, sources: list[DataSource], tokenizer, local_rank: int) -> list[Path]:
+    """A prepared directory per source: raw files are prepared once (local rank 0 of each node,
+    the others wait) into a cache keyed by their contents and the tokenizer."""
     import torch.distributed as dist
+
+    def prepared(source: DataSource, show_progress: bool) -> Path:
+        if Path(source.paths[0]).is_dir():
+            return Path(source.paths[0])
+        return prepare_cached(source.kind, source.paths, tokenizer, cfg.data.cache_dir, seq_len=cfg.data.seq_len,
+                              val_fraction=cfg.data.val_fraction, skip_bad_lines=cfg.data.skip_bad_lines,
+                              show_progress=show_progress)
+
+    error = None
+    if local_rank == 0:
+        try:
+            directories = [prepared(s, show_progress=True) for s in sources]
+        except ZerotrainError as e:
+            error = e
+    # Doubles as the barrier: every rank learns whether preparation failed anywhere.
+    failed = torch.tensor([float(error is not None)], device=comm_device())
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise ZerotrainError("data preparation failed on another node; its log has the error")
+    if local_rank != 0:
+        directories = [prepared(s, show_progress=False) for s in sources]
+    return directories
+
+
+def load_data(cfg: Config, sources: list[DataSource], tokenizer, local_rank: int):
+    """(train dataset, val dataset or None, collate) for the run's data sources."""
     from model.tokenizer import tokenizer_fingerprint
 
-    inputs = cfg.data.data
-    if not inputs:
-        raise ZerotrainError("no training data: pass --data FILE... (raw files or a `zerotrain prepare` directory)")
-    prepared = [p for p in inputs if Path(p).is_dir()]
-    if prepared and len(inputs) > 1:
-        raise ZerotrainError(f"--data takes one prepared directory or any number of raw files, got {inputs}")
-    if prepared:
-        directory = Path(prepared[0])
+    trains, vals = [], []
+    for source, directory in zip(sources, prepare_sources(cfg, sources, tokenizer, local_rank)):
+        meta = read_meta(directory)
+        if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+            raise ZerotrainError(f"{directory} was prepared with another tokenizer than this run's; "
+                                 "prepare it again with this tokenizer")
+        if meta["kind"] != source.kind:
+            raise ZerotrainError(f"{directory} holds {meta['kind']} data, used here as {source.kind} data")
+        dataset = PretrainDataset if source.kind == "pretrain" else SFTDataset
+        trains.append(dataset(directory, "train", cfg.data.seq_len))
+        vals.append(dataset(directory, "val", cfg.data.seq_len))
+    if len(sources) == 1:
+        train, val = trains[0], vals[0]
     else:
-        kwargs = dict(seq_len=cfg.data.seq_len, val_fraction=cfg.data.val_fraction,
-                      skip_bad_lines=cfg.data.skip_bad_lines)
-        error = None
-        if local_rank == 0:
-            try:
-                directory = prepare_cached(kind, inputs, tokenizer, cfg.data.cache_dir, show_progress=True, **kwargs)
-            except ZerotrainError as e:
-                error = e
-        # Doubles as the barrier: every rank learns whether preparation failed anywhere.
-        failed = torch.tensor([float(error is not None)], device=comm_device())
-        dist.all_reduce(failed)
-        if error is not None:
-            raise error
-        if failed.item():
-            raise ZerotrainError("data preparation failed on another node; its log has the error")
-        if local_rank != 0:
-            directory = prepare_cached(kind, inputs, tokenizer, cfg.data.cache_dir, show_progress=False, **kwargs)
-    meta = read_meta(directory)
-    if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
-        raise ZerotrainError(f"{directory} was prepared with another tokenizer than {cfg.model.tokenizer}; "
-                             "prepare it again with this tokenizer")
-    if meta["kind"] != kind:
-        raise ZerotrainError(f"{directory} holds {meta['kind']} data; this launcher trains on {kind} data")
-    if kind == "pretrain":
-        return (PretrainDataset(directory, "train", cfg.data.seq_len), PretrainDataset(directory, "val", cfg.data.seq_len),
-                collate_stack)
+        weights = [s.weight for s in sources]
+        train = MixedDataset(trains, weights, cfg.train.seed)
+        kept = [(v, w) for v, w in zip(vals, weights) if len(v)]
+        val = MixedDataset(*map(list, zip(*kept)), cfg.train.seed) if kept else None
+    if all(s.kind == "pretrain" for s in sources):
+        return train, val, collate_stack
     pad_id = tokenizer.pad_token_id
     collate = ((lambda ex: collate_packed(ex, cfg.data.seq_len, pad_id)) if cfg.data.pack
                else (lambda ex: collate_pad(ex, pad_id)))
-    return SFTDataset(directory, "train", cfg.data.seq_len), SFTDataset(directory, "val", cfg.data.seq_len), collate
+    return train, val, collate
 
 
 def _save_tokenizer(tokenizer, run_dir: Path) -> None:
@@ -198,7 +214,6 @@ class Trainer:
     def setup(self) -> None:
         """Check everything that can be checked, then build tokenizer, data, model and engine."""
         import deepspeed
-        from model.build import build_model
         from model.presets import preset_config
         from model.tokenizer import load_tokenizer
 
@@ -207,9 +222,6 @@ class Trainer:
             raise ZerotrainError(f"unknown run kind {self.kind!r}")
         if not cfg.train.output_dir:
             raise ZerotrainError("--output-dir is required (the run directory)")
-        if not cfg.model.tokenizer:
-            raise ZerotrainError("--tokenizer is required: an HF tokenizer directory or sentencepiece .model "
-                                 "(train one with `zerotrain train-tokenizer`)")
         self.run_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,10 +229,11 @@ class Trainer:
         raw_ds, ds_source = load_ds_config(cfg)
         self.ds_config = fill_ds_config(raw_ds, cfg, world_size=self.world_size, precision=self.precision,
                                         device_type=device_type, source=ds_source)
+        self.sources = parse_data_sources(cfg.data.data, self.kind)
         check_output_dir(cfg, self.run_dir)
         self.resume_tag = checkpoint.find_resume_tag(self.ckpt_dir, cfg.checkpoint.resume)
-
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer)
+        init_source = resolve_init_from(cfg.model.init_from)
+        self.tokenizer = load_tokenizer(tokenizer_path(cfg, init_source))
         context = preset_config(cfg.model.preset).max_position_embeddings  # also checks the preset name
 
         init_distributed(self.local_rank)
@@ -228,24 +241,29 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
             _save_tokenizer(self.tokenizer, self.run_dir)
-        self.train_data, self.val_data, self.collate = load_data(cfg, self.kind, self.tokenizer, self.local_rank)
+        self.train_data, self.val_data, self.collate = load_data(cfg, self.sources, self.tokenizer, self.local_rank)
         self.loader = BatchLoader(self.train_data, ShardedSampler(len(self.train_data), self.rank, self.world_size,
                                                                   cfg.train.seed), cfg.train.micro_batch_size, self.collate)
 
         torch.manual_seed(cfg.train.seed)
         # The preset's context length stands unless the run asks for more.
-        model = build_model(cfg.model.preset, vocab_size=len(self.tokenizer), max_seq_len=max(context, cfg.data.seq_len),
-                            attn_implementation=cfg.model.attn_implementation)
+        model = build_base_model(cfg, init_source, len(self.tokenizer), max(context, cfg.data.seq_len))
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(model.config, name, getattr(self.tokenizer, name))
             setattr(model.generation_config, name, getattr(self.tokenizer, name))
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if cfg.lora.enabled:
+                model.enable_input_require_grads()
         self.model_config = model.config
         from model.flops import device_peak_flops, flops_per_token
 
         self.flops_per_token = flops_per_token(model.config, cfg.data.seq_len)
         self.peak_flops = device_peak_flops()
+        if cfg.lora.enabled:
+            base_path = str(init_source.path.resolve()) if init_source.kind == "hf" else None
+            model = wrap_lora(cfg, model, base_path)
+        self.lora = lora_record(model)
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
@@ -301,7 +319,7 @@ class Trainer:
     def _micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], float]:
         """This step's micro-batches and the token count that normalises their summed losses."""
         batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
-        if self.kind == "pretrain":  # fixed windows: every position but the last is a target
+        if self.collate is collate_stack:  # pretraining windows: every position but the last is a target
             count = sum(b["labels"][:, 1:].numel() for b in batches) * self.world_size
         else:
             import torch.distributed as dist
@@ -384,53 +402,73 @@ class Trainer:
         sidecar = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "kind": self.kind,
                    "zero_stage": zero_stage(self.ds_config), "world_size": self.world_size,
                    "precision": self.precision, "config": self.cfg.to_dict(),
-                   "model_config": self.model_config.to_dict(), "lora": None}
+                   "model_config": self.model_config.to_dict(), "lora": self.lora}
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, sidecar, self.cfg.checkpoint.keep_last)
+        if self.lora:
+            self.save_adapter(tag / "adapter" if self.rank == 0 else None)
         self.log(f"checkpoint {tag}")
         return tag
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model on rank 0 (fp32 master weights where mixed precision keeps them);
-        a collective under ZeRO-3."""
+    def full_state_dict(self, only_trainable: bool = False) -> dict[str, torch.Tensor] | None:
+        """The model's weights on rank 0 (fp32 master weights where mixed precision keeps them);
+        a collective, which gathers ZeRO-3's partitions. `only_trainable` takes just what the
+        optimizer updates (LoRA matrices and modules_to_save) and no buffers."""
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
         module = self.engine.module
-        params = dict(module.named_parameters())
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad or not only_trainable}
         out = {}
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None,
                                                enabled=zero_stage(self.ds_config) == 3):
             for name, p in params.items():
-                full = safe_get_full_fp32_param(p) if self.precision != "fp32" else None
+                full = safe_get_full_fp32_param(p) if self.precision != "fp32" and p.requires_grad else None
                 out[name] = (full if full is not None else p.data).detach().float().cpu().clone()
-            for name, b in module.named_buffers():
-                out[name] = b.detach().cpu().clone()
+            if not only_trainable:
+                for name, b in module.named_buffers():
+                    out[name] = b.detach().cpu().clone()
         return out if self.rank == 0 else None
 
+    def save_adapter(self, out_dir: Path | None) -> None:
+        """The PEFT adapter (gathered, complete under every ZeRO stage) into `out_dir` on rank 0
+        (None elsewhere); a collective."""
+        state = self.full_state_dict(only_trainable=True)
+        if self.rank == 0:
+            save_adapter(self.engine.module, state, out_dir)
+
     def export_final(self) -> None:
-        """final/: the model in HF format (safetensors, config, generation config) and the tokenizer."""
+        """final/: the model in HF format with the tokenizer; LoRA runs write final/adapter/ and,
+        with --merge-lora-at-end, the merged model. A collective; rank 0 writes."""
         import shutil
         import tempfile
 
-        state = self.full_state_dict()
-        if self.rank == 0:
-            from transformers import AutoModelForCausalLM
+        import torch.distributed as dist
 
-            with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(self.model_config)
-            skeleton.load_state_dict(state, strict=False, assign=True)
-            skeleton.tie_weights()
-            tmp = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=self.run_dir))
-            skeleton.save_pretrained(str(tmp))
+        write_model = not self.lora or self.cfg.lora.merge_lora_at_end
+        state = self.full_state_dict() if write_model else None
+        tmp = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=self.run_dir)) if self.rank == 0 else None
+        if self.lora:
+            self.save_adapter(tmp / "adapter" if tmp else None)
+        if self.rank == 0:
+            if write_model:
+                model = merged_model(self.engine.module, state) if self.lora else self._plain_model(state)
+                model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
             final = self.run_dir / "final"
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self.log(f"final model in {final}")
-        import torch.distributed as dist
-
         dist.barrier()
+
+    def _plain_model(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.model_config)
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        return model
 
     # ----------------------------------------------------------------------- the loop
 
@@ -511,10 +549,10 @@ def main(argv: list[str] | None = None, kind: str = "pretrain") -> int:
     try:
         cfg = parse_config(argv, description=f"zerotrain {kind}")
         trainer = Trainer(cfg, kind, rank=rank, local_rank=local_rank, world_size=world_size)
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            trainer.setup()
-            return trainer.fit()
+        # DeepSpeed still calls collectives torch has renamed: one FutureWarning a call, every step.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
+        trainer.setup()
+        return trainer.fit()
     except ZerotrainError as e:
         print(f"zerotrain {kind}: error{f' (rank {rank})' if world_size > 1 else ''}: {e}", file=sys.stderr, flush=True)
         return 2

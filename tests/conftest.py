@@ -47,3 +47,20 @@ def pretrain_data(tokenizer, tmp_path_factory) -> Path:
     src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in sample_texts(2000, 600)))
     prepare("pretrain", [str(src)], tokenizer, tmp / "prepared", val_fraction=0.05, show_progress=False)
     return tmp / "prepared"
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """A debug-preset model with a little structure in it, saved in HF format with the tokenizer."""
+    import torch
+
+    from model.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model("debug", vocab_size=len(tokenizer))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, name, getattr(tokenizer, name))
+    out = tmp_path_factory.mktemp("base") / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

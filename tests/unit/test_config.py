@@ -83,3 +83,12 @@ def test_no_flag_is_taken_by_torchrun_or_the_deepspeed_launcher():
     ours = {o for a in build_parser("x")._actions for o in a.option_strings if o not in ("-h", "--help")}
     clashes = {(o, t) for o in ours for t in theirs if t.startswith(o) and o not in ("--local_rank", "--local-rank")}
     assert not clashes
+
+
+def test_boolean_flags_take_an_optional_value():
+    assert parse_config(["--pack"]).data.pack is True
+    assert parse_config(["--pack", "false"]).data.pack is False
+    assert parse_config(["--no-pack"]).data.pack is False
+    assert parse_config(["--lora-r", "4", "--merge-lora-at-end", "yes"]).lora.merge_lora_at_end is True
+    with pytest.raises(ZerotrainError, match=r"data.pack: expected bool, got 'maybe'"):
+        parse_config(["--pack", "maybe"])

@@ -1,0 +1,275 @@
+"""Using a trained model: load it (plus a LoRA adapter), generate, chat, and measure loss/perplexity.
+
+Generation is transformers' own `model.generate`; evaluation reads the data through the same
+`engine.data.prepare` path as training, so its windows and SFT label masks are the ones the
+model was trained on, and its loss is comparable to the run's `val_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import ZerotrainError
+
+Messages = list[dict[str, str]]
+
+
+# --------------------------------------------------------------------------- loading
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """An HF model directory: `path` itself, or `path/final` for a zerotrain run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise ZerotrainError(f"model directory {path} does not exist; pass an HF model directory "
+                             "(save_pretrained) or a zerotrain run directory (its final/ is used)")
+    if (path / "config.json").is_file():
+        return path
+    if (path / "final" / "config.json").is_file():
+        return path / "final"
+    if (path / "checkpoints").is_dir():
+        raise ZerotrainError(f"run directory {path} has no final/ model yet; finish the run, or turn a "
+                             f"checkpoint into one with `zerotrain consolidate {path / 'checkpoints'} OUT_DIR`")
+    raise ZerotrainError(f"{path} is not a model directory (no config.json, no final/config.json); "
+                         "pass an HF model directory or a zerotrain run directory")
+
+
+def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
+                       tokenizer: str | Path | None = None) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode on the GPU if there is one, else the CPU; tokenizer).
+
+    `model_dir` is an HF model directory or a run directory (RUN/final). The tokenizer comes from
+    `tokenizer`, else from the model directory. `adapter` is a PEFT adapter directory put on top.
+    """
+    from model.build import build_model
+    from model.tokenizer import load_tokenizer
+
+    model_dir = resolve_model_dir(model_dir)
+    tok = load_tokenizer(str(tokenizer or model_dir))
+    model = build_model(str(model_dir))
+    if len(tok) > model.config.vocab_size:
+        raise ZerotrainError(f"the tokenizer has {len(tok)} tokens but model {model_dir} only "
+                             f"{model.config.vocab_size}; pass the tokenizer it was trained with (--tokenizer)")
+    if adapter is not None:
+        model = _load_adapter(model, Path(adapter), model_dir)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model, tok
+
+
+def _load_adapter(model: torch.nn.Module, adapter: Path, model_dir: Path) -> torch.nn.Module:
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise ZerotrainError(f"adapter directory {adapter} has no adapter_config.json; pass a PEFT adapter "
+                             "(save_pretrained, or `zerotrain extract-adapter` of a LoRA checkpoint)")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ZerotrainError(f"cannot put adapter {adapter} on model {model_dir}: {first_line}; "
+                             "is the adapter for this base model?") from e
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The most positions the model was built for (None when its config does not say)."""
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+# --------------------------------------------------------------------------- generation
+
+def generation_config(tokenizer, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 0.9,
+                      top_k: int = 0, repetition_penalty: float = 1.0):
+    """Greedy decoding at temperature 0, else sampling; stops at the tokenizer's eos (<|im_end|>)."""
+    from transformers import GenerationConfig
+
+    for flag, value, ok in [("--max-new-tokens", max_new_tokens, max_new_tokens >= 1),
+                            ("--temperature", temperature, temperature >= 0),
+                            ("--top-p", top_p, 0 < top_p <= 1),
+                            ("--top-k", top_k, top_k >= 0),
+                            ("--repetition-penalty", repetition_penalty, repetition_penalty > 0)]:
+        if not ok:
+            raise ZerotrainError(f"{flag} {value} is out of range (max-new-tokens >= 1, temperature >= 0, "
+                                 "0 < top-p <= 1, top-k >= 0 (0: off), repetition-penalty > 0)")
+    # When sampling, every knob is set: unset ones would be filled from the model's
+    # generation_config.json and then transformers' defaults (top_k=50), so the flags would not
+    # mean what they say. Greedy decoding reads none of them.
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else {}
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=bool(sampling), **sampling,
+                            repetition_penalty=repetition_penalty, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+
+
+def encode_prompt(tokenizer, prompt: str | Messages, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Token ids (1, n) of a raw text prompt, or of messages rendered with the chat template and
+    the assistant's generation prompt (no extra special tokens: the template has its own)."""
+    if not isinstance(prompt, str):
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+
+
+def _check_fits(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    limit = context_length(model)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ZerotrainError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} exceeds "
+                             f"the model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer, prompts: list[str], *, chat: bool = True, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 0.9, top_k: int = 0, seed: int = 0,
+             repetition_penalty: float = 1.0) -> list[str]:
+    """One completion per prompt (special tokens removed). With `chat`, each prompt is a user message.
+
+    Prompts run one at a time, each after seeding with `seed`: no padding to get wrong, and a
+    prompt's completion does not depend on the prompts beside it.
+    """
+    from transformers import set_seed
+
+    config = generation_config(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               top_k=top_k, repetition_penalty=repetition_penalty)
+    completions = []
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, [{"role": "user", "content": prompt}] if chat else prompt, model.device)
+        _check_fits(model, ids.shape[1], max_new_tokens)
+        set_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        completions.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return completions
+
+
+@torch.no_grad()
+def chat(model: torch.nn.Module, tokenizer, *, system: str | None = None, stdin: IO[str] | None = None,
+         max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 0.9, top_k: int = 0, seed: int = 0,
+         repetition_penalty: float = 1.0) -> int:
+    """A multi-turn chat over `stdin` (default sys.stdin) lines, each reply streamed to stdout;
+    returns the number of replies.
+
+    `/reset` clears the history, `/exit` or end of input quits. When the history no longer fits
+    the model's context, the oldest turns are dropped (the system message is kept).
+    """
+    from transformers import TextStreamer, set_seed
+
+    config = generation_config(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               top_k=top_k, repetition_penalty=repetition_penalty)
+    start: Messages = [{"role": "system", "content": system}] if system else []
+    history, replies = list(start), 0
+    stdin = stdin or sys.stdin
+    interactive = stdin.isatty()
+    set_seed(seed)
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = stdin.readline()
+        text = line.strip()
+        if not interactive and text:
+            print(f"you> {text}")  # echo piped input, so the transcript reads as a conversation
+        if not line or text == "/exit":
+            break
+        if text == "/reset":
+            history = list(start)
+            print("(history cleared)", flush=True)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            ids = _fit_history(model, tokenizer, history, len(start), max_new_tokens)
+        except ZerotrainError as e:  # one message too long: say so and let the user go on
+            history.pop()
+            print(f"zerotrain chat: {e}", file=sys.stderr, flush=True)
+            continue
+        print("assistant> ", end="", flush=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                             streamer=streamer)
+        history.append({"role": "assistant",
+                        "content": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+        replies += 1
+    return replies
+
+
+def _fit_history(model: torch.nn.Module, tokenizer, history: Messages, keep: int, max_new_tokens: int) -> torch.Tensor:
+    """The prompt ids of `history`, dropping the oldest turns after the first `keep` until it fits."""
+    limit = context_length(model)
+    ids = encode_prompt(tokenizer, history, model.device)
+    while limit is not None and ids.shape[1] + max_new_tokens > limit and len(history) > keep + 1:
+        del history[keep]
+        ids = encode_prompt(tokenizer, history, model.device)
+    _check_fits(model, ids.shape[1], max_new_tokens)
+    return ids
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def detect_kind(paths: list[str]) -> str:
+    """sft for .json files and .jsonl/.parquet whose first record is a conversation, else pretrain."""
+    from engine.data import ReadStats, _detect_sft_format, _json_records
+
+    kinds = set()
+    for path in map(Path, paths):
+        if path.suffix == ".json":
+            kinds.add("sft")
+        elif path.suffix in (".jsonl", ".parquet") and path.is_file():
+            first = next(_json_records(path, True, ReadStats()), (None, None))[1]
+            kinds.add("sft" if _detect_sft_format(first) else "pretrain")
+        else:
+            kinds.add("pretrain")  # .txt, or a missing/unsupported file that prepare() will name
+    if len(kinds) > 1:
+        raise ZerotrainError(f"{', '.join(paths)} mix pretraining text and SFT conversations; "
+                             "evaluate them separately or pass --kind")
+    return kinds.pop()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokenizer, data: list[str], *, kind: str = "auto", seq_len: int = 512,
+             batch_size: int = 8, max_batches: int | None = None, show_progress: bool = False) -> dict[str, Any]:
+    """Loss (total token NLL / trained tokens) and perplexity of `model` on raw data files.
+
+    Pretraining text: fixed windows of `seq_len` tokens (the tail that fills no window is left
+    out), every next token counted. SFT: each conversation (truncated to `seq_len`), only the
+    assistant's tokens counted. The same reading, encoding and masking as training.
+    """
+    from tqdm import tqdm
+
+    from engine.data import IGNORE_INDEX, PretrainDataset, SFTDataset, collate_pad, collate_stack, prepare
+
+    kind = detect_kind(data) if kind == "auto" else kind
+    limit = context_length(model)
+    if limit is not None and seq_len > limit:
+        raise ZerotrainError(f"--seq-len {seq_len} is longer than the model's context of {limit} tokens")
+    if seq_len < 2 or batch_size < 1 or (max_batches is not None and max_batches < 1):
+        raise ZerotrainError("--seq-len must be at least 2, --batch-size and --max-batches at least 1")
+    with tempfile.TemporaryDirectory(prefix="zerotrain-eval-") as tmp:
+        meta = prepare(kind, data, tokenizer, Path(tmp) / "data", seq_len=seq_len, val_fraction=0.0,
+                       show_progress=False)
+        if kind == "pretrain":
+            dataset, collate = PretrainDataset(Path(tmp) / "data", "train", seq_len), collate_stack
+        else:
+            dataset = SFTDataset(Path(tmp) / "data", "train", seq_len)
+            collate = lambda examples: collate_pad(examples, tokenizer.pad_token_id)
+        if len(dataset) == 0:
+            raise ZerotrainError(f"{', '.join(data)}: {meta['splits']['train']['tokens']} tokens do not fill one "
+                                 f"window of --seq-len {seq_len}; use a smaller --seq-len")
+        starts = range(0, len(dataset), batch_size)[:max_batches]
+        nll, tokens = 0.0, 0
+        for start in tqdm(starts, desc=f"eval {kind}", disable=not show_progress):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                           use_cache=False).logits
+            # Token i predicts token i + 1, as transformers shifts the labels in training.
+            labels = batch["labels"][:, 1:]
+            nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                         ignore_index=IGNORE_INDEX, reduction="sum"))
+            tokens += int((labels != IGNORE_INDEX).sum())
+        sequences = min(len(dataset), len(starts) * batch_size)
+    loss = nll / tokens
+    return {"kind": kind, "loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "tokens": tokens, "sequences": sequences, "skipped": {k: v for k, v in meta["stats"].items() if v}}

@@ -1,0 +1,183 @@
+"""The model a run trains: from a preset or any earlier output (--init-from), optionally LoRA-wrapped.
+
+--init-from takes an HF model directory, a .pth/.safetensors state dict (shaped like --preset),
+a run directory (its final/, else its checkpoints/), or a DeepSpeed checkpoint directory
+(consolidated on the fly, any ZeRO stage). The tokenizer comes with the source unless
+--tokenizer names one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import Config
+from engine.errors import ZerotrainError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass
+class InitSource:
+    """Where initial weights come from: kind is preset, hf, state_dict or deepspeed."""
+
+    kind: str
+    path: Path | None = None
+    tokenizer: Path | None = None
+    tag: str | None = None
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _is_ds_checkpoint(directory: Path) -> bool:
+    return (directory / "latest").is_file() or any(p.name.startswith("global_step") for p in directory.iterdir())
+
+
+def resolve_init_from(init_from: str) -> InitSource:
+    """Classify --init-from, failing early with a clear message."""
+    if not init_from:
+        return InitSource("preset")
+    path = Path(init_from)
+    if not path.exists():
+        raise ZerotrainError(f"--init-from {path} does not exist")
+    if path.is_file():
+        if path.suffix not in (".pth", ".pt", ".safetensors"):
+            raise ZerotrainError(f"--init-from {path}: a file must be a .pth, .pt or .safetensors state dict")
+        return InitSource("state_dict", path, path.parent if _has_tokenizer(path.parent) else None)
+    if (path / "config.json").is_file():
+        return InitSource("hf", path, path if _has_tokenizer(path) else None)
+    if (path / "final" / "config.json").is_file():  # a run directory
+        return InitSource("hf", path / "final", path / "final" if _has_tokenizer(path / "final") else None)
+    if path.name.startswith("global_step") and _is_ds_checkpoint(path.parent):
+        return _ds_source(path.parent, path.name)
+    if _is_ds_checkpoint(path):
+        return _ds_source(path, None)
+    if (path / "checkpoints").is_dir() and _is_ds_checkpoint(path / "checkpoints"):
+        return _ds_source(path / "checkpoints", None)
+    raise ZerotrainError(f"--init-from {path}: not an HF model directory (config.json), a run directory (final/ or "
+                         "checkpoints/), or a DeepSpeed checkpoint directory (latest, global_stepN/)")
+
+
+def _ds_source(ckpt_dir: Path, tag: str | None) -> InitSource:
+    run_tokenizer = ckpt_dir.parent / "tokenizer"
+    tokenizer = ckpt_dir if _has_tokenizer(ckpt_dir) else run_tokenizer if _has_tokenizer(run_tokenizer) else None
+    return InitSource("deepspeed", ckpt_dir, tokenizer, tag)
+
+
+def tokenizer_path(cfg: Config, source: InitSource) -> str:
+    if cfg.model.tokenizer:
+        return cfg.model.tokenizer
+    if source.tokenizer is not None:
+        return str(source.tokenizer)
+    where = f" ({source.path} has none)" if source.path else ""
+    raise ZerotrainError(f"--tokenizer is required{where}: an HF tokenizer directory or sentencepiece .model "
+                         "(train one with `zerotrain train-tokenizer`)")
+
+
+def lora_target_modules(model: torch.nn.Module) -> list[str]:
+    """Every linear projection of the architecture (Linear, or GPT-2's Conv1D), lm_head excepted."""
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output}
+    return sorted(names)
+
+
+def build_base_model(cfg: Config, source: InitSource, vocab_size: int, context: int) -> torch.nn.Module:
+    """The (not yet LoRA-wrapped) model: random from the preset, or loaded from the source."""
+    from model.build import build_model
+
+    attn = cfg.model.attn_implementation
+    if source.kind == "preset":
+        return build_model(cfg.model.preset, vocab_size=vocab_size, max_seq_len=context, attn_implementation=attn)
+    if source.kind == "state_dict":
+        return build_model(str(source.path), preset=cfg.model.preset, vocab_size=vocab_size, max_seq_len=context,
+                           attn_implementation=attn)
+    if source.kind == "hf":
+        model = build_model(str(source.path), attn_implementation=attn)
+    else:
+        from engine.consolidate import consolidate
+
+        tmp = Path(tempfile.mkdtemp(prefix="zerotrain-init-"))
+        try:
+            consolidate(str(source.path), str(tmp / "model"), tag=source.tag, dtype="fp32")
+            model = build_model(str(tmp / "model"), attn_implementation=attn)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise ZerotrainError(f"--init-from {source.path} has {rows} token embeddings but the tokenizer has {vocab_size} "
+                             "tokens: use the tokenizer that model was trained with")
+    return model
+
+
+def wrap_lora(cfg: Config, model: torch.nn.Module, base_path: str | None) -> torch.nn.Module:
+    """get_peft_model with the run's LoRA settings (base weights frozen)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    lora = cfg.lora
+    targets = lora.lora_target_modules or lora_target_modules(model)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for name in list(lora.lora_target_modules) + list(lora.lora_modules_to_save):
+        if name not in present:
+            raise ZerotrainError(f"LoRA module '{name}' is not in this model; its modules include "
+                                 + ", ".join(sorted(n for n in present if n)[:20]))
+    peft_config = PeftLoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                                 target_modules=targets, modules_to_save=lora.lora_modules_to_save or None,
+                                 task_type="CAUSAL_LM", base_model_name_or_path=base_path)
+    return get_peft_model(model, peft_config)
+
+
+def lora_record(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The LoRA settings as recorded in checkpoints (zerotrain.json) and read back by the tools."""
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    if peft_config is None:
+        return None
+    return {"r": peft_config.r, "lora_alpha": peft_config.lora_alpha, "lora_dropout": peft_config.lora_dropout,
+            "target_modules": sorted(peft_config.target_modules),
+            "modules_to_save": sorted(peft_config.modules_to_save or []),
+            "base_model_name_or_path": peft_config.base_model_name_or_path}
+
+
+def save_adapter(peft_model, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """A complete PEFT adapter (adapter_model.safetensors + adapter_config.json) from gathered
+    weights, so ZeRO-3's partitioned parameters never give an empty file; temporary name, then rename."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    adapter = get_peft_model_state_dict(peft_model, state_dict=state_dict, save_embedding_layers=False)
+    if not adapter:
+        raise ZerotrainError("the LoRA adapter came out empty; this is a bug, please report it")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    peft_model.peft_config["default"].save_pretrained(str(tmp))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def merged_model(peft_model, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain transformers model with the LoRA update folded in, built on the CPU from gathered weights."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_config = peft_model.get_base_model().config
+    with torch.device("meta"):
+        skeleton = get_peft_model(AutoModelForCausalLM.from_config(base_config), peft_model.peft_config["default"])
+    skeleton.load_state_dict(state_dict, strict=False, assign=True)
+    model = skeleton.merge_and_unload()
+    # modules_to_save trains embed_tokens and lm_head as separate copies: keep them untied.
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if model.config.tie_word_embeddings and embed is not head:
+        model.config.tie_word_embeddings = False
+    return model
