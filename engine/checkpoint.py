@@ -85,6 +85,7 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
         return
     for tag in zerotrain_tags(ckpt_dir)[:-keep_last]:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        shutil.rmtree(universal_dir(ckpt_dir / tag), ignore_errors=True)
 
 
 def zerotrain_tags(ckpt_dir: Path) -> list[str]:
@@ -156,14 +157,48 @@ def check_loadable(tag_dir: Path) -> None:
         safe_load(path)
 
 
+def saved_world_size(tag_dir: Path) -> int:
+    return int(json.loads((tag_dir / SIDECAR).read_text())["world_size"])
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    return tag_dir.with_name(tag_dir.name + "_universal")
+
+
+def make_universal(tag_dir: Path) -> Path:
+    """Convert a tag to DeepSpeed's universal format (any world size can load it), once: rank 0
+    runs ds_to_universal into a temporary folder and renames it; the folder is reused after."""
+    import subprocess
+    import sys
+
+    target = universal_dir(tag_dir)
+    if (target / SIDECAR).is_file():
+        return target
+    tmp = tag_dir.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+                           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+                           "--num_merge_workers", "1"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ZerotrainError(f"converting {tag_dir} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
+    for path in tag_dir.glob("rng_state_*.pt"):
+        shutil.copy2(path, tmp / path.name)
+    shutil.copy2(tag_dir / SIDECAR, tmp / SIDECAR)  # last: marks the conversion complete
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
 def load(engine, tag_dir: Path) -> dict[str, Any]:
-    """Load model, optimizer, scheduler and this rank's RNG state; return zerotrain's client state."""
+    """Load model, optimizer, scheduler and this rank's RNG state; return zerotrain's client state.
+
+    `tag_dir` may be a universal conversion (saved on another number of ranks): the data
+    position is a global sample cursor, so it carries over to any world size as it is.
+    """
     import torch.distributed as dist
 
-    saved_world = json.loads((tag_dir / SIDECAR).read_text()).get("world_size")
-    if saved_world != dist.get_world_size():
-        raise ZerotrainError(f"{tag_dir} was saved by {saved_world} ranks and this run has {dist.get_world_size()}; "
-                             f"resume on {saved_world} ranks")
     check_loadable(tag_dir)
     _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
@@ -173,6 +208,6 @@ def load(engine, tag_dir: Path) -> dict[str, Any]:
     from engine.ds_checkpoint import safe_load
 
     rank_file = tag_dir / f"rng_state_{dist.get_rank()}.pt"
-    if rank_file.is_file():  # absent when resuming on more ranks than saved
+    if rank_file.is_file() and saved_world_size(tag_dir) == dist.get_world_size():
         set_rng_state(safe_load(rank_file, mmap=False))
     return client_state["zerotrain"]

@@ -89,10 +89,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def on_rank0(work, rank: int, what: str):
+    """Run `work` on (local) rank 0 while the others wait; its result on rank 0, None elsewhere.
+
+    An error on rank 0 reaches every rank (instead of leaving them blocked in a barrier).
+    """
+    import torch.distributed as dist
+
+    error, result = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except ZerotrainError as e:
+            error = e
+    failed = torch.tensor([float(error is not None)], device=comm_device())
+    dist.all_reduce(failed)  # doubles as the barrier
+    if error is not None:
+        raise error
+    if failed.item():
+        raise ZerotrainError(f"{what} failed on another rank; its log has the error")
+    return result
+
+
 def prepare_sources(cfg: Config, sources: list[DataSource], tokenizer, local_rank: int) -> list[Path]:
     """A prepared directory per source: raw files are prepared once (local rank 0 of each node,
     the others wait) into a cache keyed by their contents and the tokenizer."""
-    import torch.distributed as dist
 
     def prepared(source: DataSource, show_progress: bool) -> Path:
         if Path(source.paths[0]).is_dir():
@@ -101,19 +122,7 @@ def prepare_sources(cfg: Config, sources: list[DataSource], tokenizer, local_ran
                               val_fraction=cfg.data.val_fraction, skip_bad_lines=cfg.data.skip_bad_lines,
                               show_progress=show_progress)
 
-    error = None
-    if local_rank == 0:
-        try:
-            directories = [prepared(s, show_progress=True) for s in sources]
-        except ZerotrainError as e:
-            error = e
-    # Doubles as the barrier: every rank learns whether preparation failed anywhere.
-    failed = torch.tensor([float(error is not None)], device=comm_device())
-    dist.all_reduce(failed)
-    if error is not None:
-        raise error
-    if failed.item():
-        raise ZerotrainError("data preparation failed on another node; its log has the error")
+    directories = on_rank0(lambda: [prepared(s, show_progress=True) for s in sources], local_rank, "data preparation")
     if local_rank != 0:
         directories = [prepared(s, show_progress=False) for s in sources]
     return directories
@@ -232,6 +241,10 @@ class Trainer:
         self.sources = parse_data_sources(cfg.data.data, self.kind)
         check_output_dir(cfg, self.run_dir)
         self.resume_tag = checkpoint.find_resume_tag(self.ckpt_dir, cfg.checkpoint.resume)
+        self.reshape = (self.resume_tag is not None
+                        and checkpoint.saved_world_size(self.resume_tag) != self.world_size)
+        if self.reshape:  # saved on another number of ranks: load DeepSpeed's universal format
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         init_source = resolve_init_from(cfg.model.init_from)
         self.tokenizer = load_tokenizer(tokenizer_path(cfg, init_source))
         context = preset_config(cfg.model.preset).max_position_embeddings  # also checks the preset name
@@ -241,6 +254,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
             _save_tokenizer(self.tokenizer, self.run_dir)
+        if self.reshape:
+            on_rank0(lambda: checkpoint.make_universal(self.resume_tag), self.rank,
+                     "converting the checkpoint to universal format")
+            self.resume_tag = checkpoint.universal_dir(self.resume_tag)
         self.train_data, self.val_data, self.collate = load_data(cfg, self.sources, self.tokenizer, self.local_rank)
         self.loader = BatchLoader(self.train_data, ShardedSampler(len(self.train_data), self.rank, self.world_size,
                                                                   cfg.train.seed), cfg.train.micro_batch_size, self.collate)
@@ -275,7 +292,9 @@ class Trainer:
             client = checkpoint.load(self.engine, self.resume_tag)
             self.state.load_state_dict(client["state"])
             self.loader.load_state_dict(client["loader"])
-            self.log(f"resumed from {self.resume_tag} at step {self.state.step}")
+            self.log(f"resumed from {self.resume_tag} at step {self.state.step}"
+                     + (f" (saved on {checkpoint.saved_world_size(self.resume_tag)} ranks, now {self.world_size})"
+                        if self.reshape else ""))
 
     def _guard_plain_optimizer(self) -> None:
         """ZeRO-0 in fp32 hands the bare torch optimizer to DeepSpeed, which then has no check for

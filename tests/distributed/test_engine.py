@@ -170,3 +170,31 @@ def test_sigusr1_on_one_rank_saves_on_all_and_exits_cleanly(tokenizer_dir, pretr
     proc = run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=2, max_steps=step + 2,
                                                  warmup_steps=0))
     assert f"at step {step}" in proc.stdout and max(train_losses(out)) == step + 2
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(tokenizer_dir, pretrain_data, tmp_path, before, after):
+    """Saved on `before` ranks, resumed on `after` (DeepSpeed's universal format), keeping the
+    data position: the samples seen after the resume are the ones an unbroken run would see."""
+    out = tmp_path / "run"
+    args = dict(zero_stage=2, precision="fp32", micro_batch_size=4 // before, grad_accum=1, max_steps=6,
+                save_interval=3, eval_interval=100)
+    first = base_args(tokenizer_dir, pretrain_data, out, **args)
+    run_launcher("pretrain.py", first, nproc=before, launcher="torchrun" if before > 1 else "python")
+    straight = train_losses(out)
+    shutil.rmtree(out / "checkpoints" / "global_step6")
+    shutil.rmtree(out / "final")
+    (out / "checkpoints" / "latest").write_text("global_step3")
+    args["micro_batch_size"] = 4 // after  # the same global batch on the new world size
+    proc = run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, **args), nproc=after,
+                        launcher="torchrun" if after > 1 else "python")
+    assert f"saved on {before} ranks, now {after}" in proc.stdout
+    assert (out / "checkpoints" / "global_step3_universal").is_dir()
+    records = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in records][-3:] == [4, 5, 6]
+    # same global batch, same samples, same weights: the losses are the unbroken run's (up to
+    # the order of float sums over another number of ranks)
+    resumed = train_losses(out)
+    assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-4)
+    assert {r["step"]: r["tokens_seen"] for r in records}[6] == 6 * 4 * 32
+    assert (out / "final" / "model.safetensors").is_file()
