@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Pretrain -> LoRA SFT -> more (mixed) pretraining -> full SFT, each phase starting from the
+# previous one's output. Needs runs/tok (zerotrain train-tokenizer ... --output runs/tok).
+#   bash recipes/chain_tiny.sh [NUM_RANKS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-2}
+run() { deepspeed --num_gpus "$N" "$@"; }
+run launcher/pretrain.py --config recipes/pretrain_tiny.yaml
+run launcher/sft.py --config recipes/sft_lora_tiny.yaml
+run launcher/pretrain.py --config recipes/pretrain_more_tiny.yaml
+run launcher/sft.py --config recipes/sft_full_tiny.yaml
+zerotrain eval --model runs/sft-full-tiny --data data/samples/sharegpt_identity_500.json --seq-len 256
