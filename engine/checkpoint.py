@@ -9,11 +9,13 @@ rank has finished. Only then is `latest` replaced (temporary name, then rename).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.distributed import comm_device
 from engine.errors import ZerotrainError
 
 SIDECAR = "zerotrain.json"
@@ -56,23 +59,70 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def file_fingerprint(path: Path) -> str:
+    """Size plus a hash of the last MiB: a torch zip file ends with its central directory, which
+    holds the CRC-32 of every record, so this changes with any tensor's contents."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+    return f"{size}:{hashlib.sha256(tail).hexdigest()[:32]}"
+
+
+def manifest(tag_dir: Path) -> dict[str, str]:
+    """Fingerprints of every file of a tag (the sidecar aside), relative to it."""
+    return {str(p.relative_to(tag_dir)): file_fingerprint(p) for p in sorted(tag_dir.rglob("*"))
+            if p.is_file() and p.name != SIDECAR}
+
+
+def tag_bytes(tag_dir: Path) -> int:
+    return sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
+
+
+def check_free_space(ckpt_dir: Path, needed: int) -> None:
+    """Fail before writing (on every rank alike) when the disk cannot hold another checkpoint."""
+    import torch.distributed as dist
+
+    free = shutil.disk_usage(ckpt_dir).free
+    short = torch.tensor([float(free < needed)], device=comm_device())
+    dist.all_reduce(short)
+    if short.item():
+        raise ZerotrainError(f"not enough disk space for a checkpoint in {ckpt_dir}: about {needed / 1e6:,.1f} MB "
+                             f"needed, {free / 1e6:,.1f} MB free on {'this' if free < needed else 'another'} rank; "
+                             "free some space or lower --keep-last (earlier checkpoints are intact)")
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], sidecar: dict[str, Any],
-         keep_last: int) -> Path:
-    """Save a checkpoint on every rank (collective); returns the tag folder."""
+         keep_last: int, estimated_bytes: int) -> Path:
+    """Save a checkpoint on every rank (collective); returns the tag folder.
+
+    `estimated_bytes` sizes the first checkpoint; later ones are assumed as big as the last.
+    """
     import torch.distributed as dist
 
     tag = tag_name(step)
     tag_dir = ckpt_dir / tag
     rank = dist.get_rank()
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    previous = zerotrain_tags(ckpt_dir)
+    last = ckpt_dir / previous[-1] if previous and previous[-1] != tag else None
+    check_free_space(ckpt_dir, tag_bytes(last) if last else estimated_bytes)
     if rank == 0 and tag_dir.exists():
         shutil.rmtree(tag_dir)  # a leftover of a crashed save at this step
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    tmp = tag_dir / f".rng_state_{rank}.pt.tmp"
-    torch.save(rng_state(), tmp)
-    os.replace(tmp, tag_dir / f"rng_state_{rank}.pt")
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        if os.environ.get("ZEROTRAIN_FAULT_KILL_IN_SAVE") == str(step) and rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: die with the shards half done
+        tmp = tag_dir / f".rng_state_{rank}.pt.tmp"
+        torch.save(rng_state(), tmp)
+        os.replace(tmp, tag_dir / f"rng_state_{rank}.pt")
+    except OSError as e:
+        raise ZerotrainError(f"writing checkpoint {tag_dir} failed on rank {rank}: {e.strerror or e} "
+                             f"({e.filename or tag_dir}); the earlier checkpoints are intact") from e
     dist.barrier()
     if rank == 0:
+        sidecar = dict(sidecar, files=manifest(tag_dir))
         _atomic_write(tag_dir / SIDECAR, json.dumps(sidecar, indent=2, default=str))
         _atomic_write(ckpt_dir / "latest", tag)
         _prune(ckpt_dir, keep_last)
@@ -107,9 +157,15 @@ def tag_problems(tag_dir: Path) -> list[str]:
     except ZerotrainError as e:
         return [str(e)]
     problems = list(info.problems)
-    world = json.loads((tag_dir / SIDECAR).read_text()).get("world_size", info.world_size)
-    problems += [f"{tag_dir}/rng_state_{r}.pt is missing" for r in range(world)
-                 if not (tag_dir / f"rng_state_{r}.pt").is_file()]
+    recorded = json.loads((tag_dir / SIDECAR).read_text()).get("files", {})
+    for name, fingerprint in recorded.items():
+        path = tag_dir / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif file_fingerprint(path) != fingerprint:
+            size = int(fingerprint.split(":")[0])
+            what = "truncated" if path.stat().st_size < size else "not the file this checkpoint wrote (another run's?)"
+            problems.append(f"{path} is {what}")
     return problems
 
 

@@ -30,6 +30,7 @@ from engine.data import (IGNORE_INDEX, BatchLoader, DataSource, MixedDataset, Pr
                          ShardedSampler, collate_pad, collate_packed, collate_stack, eval_batches, parse_data_sources,
                          prepare_cached, read_meta)
 from engine.ds_config import fill_ds_config, load_ds_config, resolve_precision, zero_stage
+from engine.distributed import init_distributed, on_rank0, world
 from engine.errors import ZerotrainError
 from engine.modeling import (build_base_model, lora_record, merged_model, resolve_init_from, save_adapter,
                              tokenizer_path, wrap_lora)
@@ -38,33 +39,6 @@ KINDS = ("pretrain", "sft")
 
 
 # --------------------------------------------------------------------------- setup helpers
-
-def world() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from the launcher's environment (1 rank under plain python)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def comm_device() -> torch.device:
-    """Where tensors for collectives live: the current GPU under nccl, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def init_distributed(local_rank: int) -> None:
-    """Start the process group (DeepSpeed picks nccl or gloo)."""
-    import logging
-
-    import deepspeed
-
-    # DeepSpeed logs every engine detail at INFO; ZEROTRAIN_DS_LOG=info brings that back.
-    deepspeed.utils.logger.setLevel(getattr(logging, os.environ.get("ZEROTRAIN_DS_LOG", "warning").upper()))
-
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "0"),
-                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)  # plain `python launcher/...`: a world of one
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed()
-
 
 def lr_lambda(cfg: Config):
     """Linear warmup to lr, then cosine decay to lr x min_lr_ratio at max_steps (a multiplier of lr)."""
@@ -87,28 +61,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         if p.requires_grad:
             (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def on_rank0(work, rank: int, what: str):
-    """Run `work` on (local) rank 0 while the others wait; its result on rank 0, None elsewhere.
-
-    An error on rank 0 reaches every rank (instead of leaving them blocked in a barrier).
-    """
-    import torch.distributed as dist
-
-    error, result = None, None
-    if rank == 0:
-        try:
-            result = work()
-        except ZerotrainError as e:
-            error = e
-    failed = torch.tensor([float(error is not None)], device=comm_device())
-    dist.all_reduce(failed)  # doubles as the barrier
-    if error is not None:
-        raise error
-    if failed.item():
-        raise ZerotrainError(f"{what} failed on another rank; its log has the error")
-    return result
 
 
 def prepare_sources(cfg: Config, sources: list[DataSource], tokenizer, local_rank: int) -> list[Path]:
@@ -281,6 +233,10 @@ class Trainer:
             base_path = str(init_source.path.resolve()) if init_source.kind == "hf" else None
             model = wrap_lora(cfg, model, base_path)
         self.lora = lora_record(model)
+        # First checkpoint's size: module weights, plus fp32 masters and two Adam moments of what trains.
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.checkpoint_estimate = 4 * total + 12 * trainable
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
@@ -422,7 +378,8 @@ class Trainer:
                    "zero_stage": zero_stage(self.ds_config), "world_size": self.world_size,
                    "precision": self.precision, "config": self.cfg.to_dict(),
                    "model_config": self.model_config.to_dict(), "lora": self.lora}
-        tag = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, sidecar, self.cfg.checkpoint.keep_last)
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, sidecar, self.cfg.checkpoint.keep_last,
+                              estimated_bytes=self.checkpoint_estimate)
         if self.lora:
             self.save_adapter(tag / "adapter" if self.rank == 0 else None)
         self.log(f"checkpoint {tag}")

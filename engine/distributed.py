@@ -1,0 +1,59 @@
+"""Process-group plumbing shared by the loop and checkpointing: who am I, where do collective
+tensors live, and how rank 0 does one-off work while the others wait."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from engine.errors import ZerotrainError
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment (1 rank under plain python)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def comm_device() -> torch.device:
+    """Where tensors for collectives live: the current GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_distributed(local_rank: int) -> None:
+    """Start the process group (DeepSpeed picks nccl or gloo)."""
+    import logging
+
+    import deepspeed
+
+    # DeepSpeed logs every engine detail at INFO; ZEROTRAIN_DS_LOG=info brings that back.
+    deepspeed.utils.logger.setLevel(getattr(logging, os.environ.get("ZEROTRAIN_DS_LOG", "warning").upper()))
+
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "0"),
+                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)  # plain `python launcher/...`: a world of one
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed()
+
+
+def on_rank0(work, rank: int, what: str):
+    """Run `work` on (local) rank 0 while the others wait; its result on rank 0, None elsewhere.
+
+    An error on rank 0 reaches every rank (instead of leaving them blocked in a barrier).
+    """
+    import torch.distributed as dist
+
+    error, result = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except ZerotrainError as e:
+            error = e
+    failed = torch.tensor([float(error is not None)], device=comm_device())
+    dist.all_reduce(failed)  # doubles as the barrier
+    if error is not None:
+        raise error
+    if failed.item():
+        raise ZerotrainError(f"{what} failed on another rank; its log has the error")
+    return result

@@ -1,0 +1,167 @@
+"""Faults with nothing lost: SIGKILL at random steps (and mid-save), broken checkpoints, a full
+disk, NaN streaks. 2 CPU ranks, ZeRO-2, fp32, debug preset; one unbroken run is the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import ROOT, launcher_command, launcher_env, metrics, run_launcher
+
+pytestmark = pytest.mark.distributed
+STEPS = 12
+
+
+def args(tokenizer_dir, data, out, **overrides) -> list[str]:
+    values = {"tokenizer": tokenizer_dir, "data": data, "output-dir": out, "seq-len": 32, "micro-batch-size": 4,
+              "max-steps": STEPS, "warmup-steps": 2, "lr": 3e-3, "log-interval": 1, "eval-interval": 100,
+              "save-interval": 2, "keep-last": 0, "zero-stage": 2, "precision": "fp32", "seed": 11}
+    values.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
+
+
+@pytest.fixture(scope="module")
+def unbroken(tokenizer_dir, pretrain_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("unbroken") / "run"
+    run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, out))
+    return out
+
+
+def assert_same_weights(a, b):
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def kill_at_step(cmd, out, step, timeout=120):
+    """Start the run in its own process group and SIGKILL all of it once `step` is logged."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").is_file() and any(r.get("step", 0) >= step for r in metrics(out)):
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_at_random_steps_then_resume_is_bit_identical(tokenizer_dir, pretrain_data, tmp_path, unbroken, seed):
+    out = tmp_path / "run"
+    cmd = launcher_command("pretrain.py", args(tokenizer_dir, pretrain_data, out))
+    kills = sorted(np.random.default_rng(seed).choice(np.arange(2, STEPS), size=2, replace=False).tolist())
+    for step in kills:
+        kill_at_step(cmd, out, step)
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert not (out / "final").exists() and (out / "checkpoints" / latest / "zerotrain.json").is_file()
+    run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, out))
+    assert_same_weights(unbroken, out)
+
+
+def test_crash_in_the_middle_of_a_save_is_skipped(tokenizer_dir, pretrain_data, tmp_path, unbroken):
+    out = tmp_path / "run"
+    env = launcher_env(ZEROTRAIN_FAULT_KILL_IN_SAVE="6")
+    proc = run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, out), env=env, check=False)
+    assert proc.returncode != 0
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "global_step4"  # never the half-written one
+    assert (ckpts / "global_step6").is_dir() and not (ckpts / "global_step6" / "zerotrain.json").exists()
+    proc = run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, out))
+    assert "skipped incomplete checkpoint(s) global_step6" in proc.stderr
+    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
+    assert_same_weights(unbroken, out)
+
+
+@pytest.fixture
+def broken(unbroken, tmp_path):
+    """A copy of the unbroken run without its final/, to break."""
+    out = tmp_path / "run"
+    shutil.copytree(unbroken, out, ignore=shutil.ignore_patterns("final"))
+    return out
+
+
+def truncate(path, _other_run=None):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def foreign(path, other_run):
+    shutil.copy2(other_run / "checkpoints" / "global_step10" / path.name, path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (truncate, "is truncated"),
+    (lambda p, _: p.unlink(), "is missing"),
+    (foreign, "not the file this checkpoint wrote"),
+], ids=["truncated", "missing-rank-file", "other-run"])
+def test_a_broken_checkpoint_is_refused_or_skipped(tokenizer_dir, pretrain_data, broken, unbroken, damage, message):
+    newest = broken / "checkpoints" / f"global_step{STEPS}"
+    damage(newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt", unbroken)
+    before = {p: p.stat().st_mtime_ns for p in (broken / "checkpoints").rglob("*") if p.is_file()}
+    # an explicit --resume of the broken tag: a clear error, nothing written
+    proc = run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, broken, resume=newest), check=False)
+    assert proc.returncode != 0 and message in proc.stderr and f"cannot resume from {newest}" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in (broken / "checkpoints").rglob("*") if p.is_file()} == before
+    # --resume auto falls back to the newest complete checkpoint, with a warning
+    proc = run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, broken, max_steps=STEPS + 1))
+    assert f"skipped incomplete checkpoint(s) global_step{STEPS}" in proc.stderr and message in proc.stderr
+    assert f"at step {STEPS - 2}" in proc.stdout
+
+
+def test_checkpoint_tools_refuse_a_broken_shard(broken, unbroken, tmp_path):
+    newest = broken / "checkpoints" / f"global_step{STEPS}"
+    foreign(newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt", unbroken)
+    out = tmp_path / "out.safetensors"
+    proc = subprocess.run(["zerotrain", "consolidate", str(broken / "checkpoints"), str(out)], env=launcher_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "not the file this checkpoint wrote" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3500k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_during_save_is_a_clear_error(tokenizer_dir, pretrain_data, small_disk):
+    out = small_disk / "run"
+    proc = run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, out), check=False)
+    assert proc.returncode != 0
+    assert "not enough disk space for a checkpoint" in proc.stderr
+    tags = sorted((out / "checkpoints").glob("global_step*"))
+    assert tags, "the first checkpoint fits"
+    from engine.checkpoint import tag_problems
+
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text()
+    assert tag_problems(latest) == []
+
+
+def test_nan_streak_stops_with_a_usable_checkpoint(tokenizer_dir, pretrain_data, tmp_path):
+    out = tmp_path / "run"
+    env = launcher_env(ZEROTRAIN_FAULT_NAN_STEPS="5,6,7")
+    proc = run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, out, max_consecutive_nonfinite=3), env=env,
+                        check=False)
+    assert proc.returncode != 0 and "3 steps in a row had a NaN/inf loss (up to step 7)" in proc.stderr
+    assert "The last checkpoint" in proc.stderr
+    # the run goes on from its last checkpoint once the cause is gone
+    proc = run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, out, max_steps=8))
+    assert "at step 6" in proc.stdout and json.loads((out / "checkpoints" / "global_step8" / "zerotrain.json")
+                                                    .read_text())["step"] == 8
