@@ -80,7 +80,7 @@ def prepare_sources(cfg: Config, sources: list[DataSource], tokenizer, local_ran
     return directories
 
 
-def load_data(cfg: Config, sources: list[DataSource], tokenizer, local_rank: int):
+def load_data(cfg: Config, sources: list[DataSource], tokenizer, local_rank: int, log=print):
     """(train dataset, val dataset or None, collate) for the run's data sources."""
     from model.tokenizer import tokenizer_fingerprint
 
@@ -95,6 +95,10 @@ def load_data(cfg: Config, sources: list[DataSource], tokenizer, local_rank: int
         dataset = PretrainDataset if source.kind == "pretrain" else SFTDataset
         trains.append(dataset(directory, "train", cfg.data.seq_len))
         vals.append(dataset(directory, "val", cfg.data.seq_len))
+        skipped = {k: v for k, v in meta["stats"].items() if v}
+        log(f"{source.kind} data {directory}: {len(trains[-1])} training and {len(vals[-1])} validation samples, "
+            f"{meta['splits']['train']['tokens']:,} tokens" + (f"; while preparing: {skipped}" if skipped else "")
+            + (f"; weight {source.weight}" if len(sources) > 1 else ""))
     if len(sources) == 1:
         train, val = trains[0], vals[0]
     else:
@@ -210,7 +214,8 @@ class Trainer:
             on_rank0(lambda: checkpoint.make_universal(self.resume_tag), self.rank,
                      "converting the checkpoint to universal format")
             self.resume_tag = checkpoint.universal_dir(self.resume_tag)
-        self.train_data, self.val_data, self.collate = load_data(cfg, self.sources, self.tokenizer, self.local_rank)
+        self.train_data, self.val_data, self.collate = load_data(cfg, self.sources, self.tokenizer, self.local_rank,
+                                                                 log=self.log)
         self.loader = BatchLoader(self.train_data, ShardedSampler(len(self.train_data), self.rank, self.world_size,
                                                                   cfg.train.seed), cfg.train.micro_batch_size, self.collate)
 
