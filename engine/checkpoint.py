@@ -9,7 +9,6 @@ rank has finished. Only then is `latest` replaced (temporary name, then rename).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -24,9 +23,9 @@ import numpy as np
 import torch
 
 from engine.distributed import comm_device
+from engine.ds_checkpoint import SIDECAR
 from engine.errors import ZerotrainError
 
-SIDECAR = "zerotrain.json"
 TAG_RE = re.compile(r"^global_step(\d+)$")
 
 
@@ -59,18 +58,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def file_fingerprint(path: Path) -> str:
-    """Size plus a hash of the last MiB: a torch zip file ends with its central directory, which
-    holds the CRC-32 of every record, so this changes with any tensor's contents."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        f.seek(max(0, size - (1 << 20)))
-        tail = f.read()
-    return f"{size}:{hashlib.sha256(tail).hexdigest()[:32]}"
-
-
 def manifest(tag_dir: Path) -> dict[str, str]:
-    """Fingerprints of every file of a tag (the sidecar aside), relative to it."""
+    """Fingerprints of every file of a tag (the sidecar aside), relative to it; `describe` checks them."""
+    from engine.ds_checkpoint import file_fingerprint
+
     return {str(p.relative_to(tag_dir)): file_fingerprint(p) for p in sorted(tag_dir.rglob("*"))
             if p.is_file() and p.name != SIDECAR}
 
@@ -156,17 +147,7 @@ def tag_problems(tag_dir: Path) -> list[str]:
         info = describe(tag_dir)
     except ZerotrainError as e:
         return [str(e)]
-    problems = list(info.problems)
-    recorded = json.loads((tag_dir / SIDECAR).read_text()).get("files", {})
-    for name, fingerprint in recorded.items():
-        path = tag_dir / name
-        if not path.is_file():
-            problems.append(f"{path} is missing")
-        elif file_fingerprint(path) != fingerprint:
-            size = int(fingerprint.split(":")[0])
-            what = "truncated" if path.stat().st_size < size else "not the file this checkpoint wrote (another run's?)"
-            problems.append(f"{path} is {what}")
-    return problems
+    return info.problems
 
 
 def find_resume_tag(ckpt_dir: Path, resume: str) -> Path | None:

@@ -6,9 +6,11 @@
     zerotrain extract-adapter CKPT_DIR OUT_DIR [--tag global_stepN] [--lora-alpha A | --adapter-config FILE]
     zerotrain merge-adapter BASE ADAPTER OUTPUT
     zerotrain inspect CKPT_DIR
+    zerotrain preflight --hostfile H [--output-dir DIR] [--master-addr A] [--master-port P] [--ssh-port N]
     zerotrain generate --model DIR [--adapter DIR] --prompt TEXT... [--no-chat] [--temperature T]
     zerotrain chat --model DIR [--adapter DIR] [--system TEXT]
     zerotrain eval --model DIR [--adapter DIR] --data FILE... [--kind auto|pretrain|sft] [--json]
+    zerotrain plot RUN_DIR... [--out FILE.png]
 """
 
 from __future__ import annotations
@@ -93,6 +95,18 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(format_inspect(args.ckpt_dir, latest, infos))
 
 
+def cmd_preflight(args: argparse.Namespace) -> None:
+    from engine.preflight import format_report, preflight
+
+    report = preflight(args.hostfile, output_dir=args.output_dir, master_addr=args.master_addr,
+                       master_port=args.master_port, ssh_port=args.ssh_port, timeout=args.timeout,
+                       python=args.python)
+    print(format_report(report, args.hostfile), flush=True)
+    if report.failed:
+        raise ZerotrainError(f"{len(report.failed)} check{'s' * (len(report.failed) != 1)} failed on "
+                             f"{args.hostfile}; fix them before launching")
+
+
 def _load_for_inference(args: argparse.Namespace):
     from transformers.utils import logging
 
@@ -139,6 +153,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{'perplexity':<10} {result['perplexity']:.2f}")
     if result["skipped"]:
         print(f"{'skipped':<10} {result['skipped']}")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from engine.plot import plot_runs
+
+    out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else Path("curves.png"))
+    runs = plot_runs(args.run_dirs, out, title=args.title)
+    print(f"wrote {out}: " + ", ".join(f"{r.label} ({r.steps} steps)" for r in runs))
 
 
 def _inference_args(p: argparse.ArgumentParser) -> None:
@@ -253,6 +277,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unpickle classes outside the DeepSpeed allowlist (trusted files only)")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("preflight", allow_abbrev=False,
+                       help="check the hosts of a hostfile before a multi-node launch",
+                       description="For every host of a DeepSpeed hostfile: ssh without a password (BatchMode), "
+                                   "the same Python path and python/torch/deepspeed/zerotrain versions, this "
+                                   "working directory present, the output directory shared, the master port free "
+                                   "and the master address resolvable, accelerators against slots. Prints a table; "
+                                   "exits non-zero if any check fails.")
+    p.add_argument("--hostfile", required=True, metavar="FILE", help="DeepSpeed hostfile ('HOSTNAME slots=N' a line)")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="run directory every host must share (checked with a marker file; created if missing)")
+    p.add_argument("--master-addr", metavar="ADDR", help="rendezvous address (default: the first host)")
+    p.add_argument("--master-port", type=int, default=29500, metavar="PORT",
+                   help="rendezvous port, checked free on the first host (default 29500)")
+    p.add_argument("--ssh-port", type=int, metavar="N", help="ssh port, as deepspeed's --ssh_port")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="ssh connect timeout (default 10)")
+    p.add_argument("--python", metavar="PATH",
+                   help="interpreter on every host (default: this one, as deepspeed's launch command uses)")
+    p.set_defaults(func=cmd_preflight)
+
     p = sub.add_parser("generate", allow_abbrev=False, help="complete prompts with a model (and a LoRA adapter)",
                        description="Each prompt is completed on its own; with --chat (the default) it is sent as a "
                                    "user message through the chat template and the reply stops at <|im_end|>.")
@@ -285,6 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, metavar="N", help="stop after N batches (default: all the data)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", allow_abbrev=False, help="loss, val loss, lr and tokens/s of runs in one PNG",
+                       description="Four panels against the step (training loss, validation loss, learning "
+                                   "rate, tokens/s) from each run's metrics.jsonl, one line per run labelled "
+                                   "by its directory name.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each holds metrics.jsonl)")
+    p.add_argument("--out", metavar="FILE.png",
+                   help="image to write (default: RUN_DIR/curves.png for one run, ./curves.png for several)")
+    p.add_argument("--title", help="figure title (default: the run names)")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

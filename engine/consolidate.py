@@ -46,12 +46,16 @@ PEFT_PREFIX = "base_model.model."
 
 @dataclass
 class Entry:
-    """One output tensor: its name, shape, the dtype `produce()` returns, and how to make it."""
+    """One output tensor: its name, shape, the dtype it comes in, and how to make it.
+
+    `produce(into)` returns the tensor; `into`, when not None, is a buffer of that shape and dtype
+    it may fill and return instead of allocating.
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[torch.Tensor | None], torch.Tensor]
 
     @property
     def numel(self) -> int:
@@ -60,6 +64,20 @@ class Entry:
 
 def _entries(tensors: dict[str, TensorSource]) -> list[Entry]:
     return [Entry(name, src.shape, src.dtype, src.read) for name, src in tensors.items()]
+
+
+class _Scratch:
+    """Two buffers sized for the largest tensor, one to read into and one to convert into, reused
+    for every tensor. (A fresh allocation per tensor fragments the heap, and RSS creeps up.)"""
+
+    def __init__(self, entries: list[Entry], target: torch.dtype | None) -> None:
+        casts = [e for e in entries if _out_dtype(e.dtype, target) != e.dtype]
+        self.read = torch.empty(max((e.numel * e.dtype.itemsize for e in entries), default=0), dtype=torch.uint8)
+        self.cast = torch.empty(max((e.numel * target.itemsize for e in casts), default=0), dtype=torch.uint8)
+
+    @staticmethod
+    def view(buf: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return buf[:math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
 
 
 @dataclass
@@ -96,11 +114,18 @@ def _out_dtype(dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
     return target if target is not None and dtype.is_floating_point else dtype
 
 
-def _materialize(entry: Entry, target: torch.dtype | None) -> torch.Tensor:
-    t = entry.produce()
+def _materialize(entry: Entry, target: torch.dtype | None, scratch: _Scratch) -> torch.Tensor:
+    """The entry's tensor in its output dtype, in the scratch buffers where it can be; valid until
+    the next call."""
+    t = entry.produce(scratch.view(scratch.read, entry.dtype, entry.shape))
     if tuple(t.shape) != entry.shape:
         raise ZerotrainError(f"internal error: {entry.name} came out {tuple(t.shape)}, expected {entry.shape}")
-    return t.to(_out_dtype(t.dtype, target)).contiguous()
+    dtype = _out_dtype(t.dtype, target)
+    if dtype != t.dtype:
+        out = scratch.view(scratch.cast, dtype, entry.shape) if dtype == target and entry.dtype == t.dtype \
+            else torch.empty(entry.shape, dtype=dtype)
+        t = out.copy_(t)
+    return t.contiguous()
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
@@ -122,11 +147,12 @@ def write_safetensors(entries: list[Entry], path: Path, target: torch.dtype | No
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    scratch = _Scratch(entries, target)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for e in entries:
-            f.write(_as_bytes(_materialize(e, target)))
+            f.write(_as_bytes(_materialize(e, target, scratch)))
     return offset
 
 
@@ -169,17 +195,22 @@ def write_pth(entries: list[Entry], aliases: dict[str, str], path: Path, target:
     _Pickler(data, protocol=2).dump(state)
     alignment = serialization_config.save.storage_alignment
     total = 0
-    if True:
-        writer = torch._C.PyTorchFileWriter(str(path), torch.serialization.get_crc32_options(), alignment)
-        writer.write_record("data.pkl", data.getvalue(), len(data.getvalue()))
-        writer.write_record(".format_version", "1", 1)
-        writer.write_record(".storage_alignment", str(alignment), len(str(alignment)))
-        writer.write_record("byteorder", "little", len("little"))
-        for i, e in enumerate(entries):
-            t = _materialize(e, target)
-            writer.write_record(f"data/{i}", t.untyped_storage(), t.untyped_storage().nbytes())
-            total += t.untyped_storage().nbytes()
-        writer.write_end_of_file()
+    scratch = _Scratch(entries, target)
+    with open(path, "wb") as f:
+        writer = torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), alignment)
+        try:
+            writer.write_record("data.pkl", data.getvalue(), len(data.getvalue()))
+            writer.write_record(".format_version", "1", 1)
+            writer.write_record(".storage_alignment", str(alignment), len(str(alignment)))
+            writer.write_record("byteorder", "little", len("little"))
+            for i, e in enumerate(entries):
+                t = _materialize(e, target, scratch)
+                nbytes = t.numel() * t.element_size()
+                writer.write_record(f"data/{i}", t.data_ptr(), nbytes)
+                total += nbytes
+            writer.write_end_of_file()
+        finally:
+            del writer  # its destructor writes to f, so it must go before f closes (else: abort)
     return total
 
 
@@ -268,6 +299,9 @@ def _write(entries: list[Entry], aliases: dict[str, str], output: Path, kind: st
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B|lora_A|lora_B)"
                        r"\.(?P<adapter>[^.]+)(?P<suffix>\.weight)?$")
+# The same in a PEFT adapter file, where the adapter name is left out.
+_ADAPTER_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B|lora_A|lora_B)"
+                               r"(?P<suffix>\.weight)?$")
 _SAVED = re.compile(r"^(?P<module>.+)\.modules_to_save\.(?P<adapter>[^.]+)\.(?P<rest>.+)$")
 _ORIGINAL = re.compile(r"^(?P<module>.+)\.original_module\.(?P<rest>.+)$")
 
@@ -445,11 +479,11 @@ def _folded(name: str, base: Entry, mod: _LoraModule, alpha: float, rslora: bool
     if base.shape != delta_shape:
         raise ZerotrainError(f"LoRA of {name}: B @ A has shape {delta_shape} but the base weight {base.shape}")
 
-    def produce() -> torch.Tensor:
-        delta = mod.b.produce().float() @ mod.a.produce().float()
+    def produce(into: torch.Tensor | None = None) -> torch.Tensor:
+        delta = mod.b.produce(None).float() @ mod.a.produce(None).float()
         if transpose:
             delta = delta.T
-        return base.produce().float() + delta * scale
+        return base.produce(None).float() + delta * scale
 
     return Entry(name, base.shape, torch.float32 if base.dtype.is_floating_point else base.dtype, produce)
 
@@ -474,10 +508,19 @@ def _load_config_json(path: Path):
         raise ZerotrainError(f"{path} is not a transformers config: {e}") from None
 
 
+def _preset_config(preset: str, entries: list[Entry]):
+    from model.presets import preset_config
+
+    vocab = _embedding_rows(entries, ("embed_tokens.weight", "wte.weight"))
+    positions = _embedding_rows(entries, ("wpe.weight",))
+    return preset_config(preset, vocab_size=vocab, max_seq_len=positions), f"preset {preset!r}"
+
+
 def find_model_config(ckpt_root: Path, ckpt: Checkpoint | None, entries: list[Entry], *,
-                      config: str | None = None, preset: str | None = None):
+                      config: str | None = None, preset: str | None = None, default_preset: str | None = None):
     """The transformers config for an HF directory, and where it came from: --config, --preset, the
-    checkpoint dir's config.json (HF Trainer), the tag's zerotrain.json, the run dir's config.json."""
+    checkpoint dir's config.json (HF Trainer), the tag's zerotrain.json, the run dir's config.json,
+    and last `default_preset` (a training run's --preset, for a checkpoint that carries no config)."""
     if config:
         path = Path(config)
         path = path / "config.json" if path.is_dir() else path
@@ -485,11 +528,7 @@ def find_model_config(ckpt_root: Path, ckpt: Checkpoint | None, entries: list[En
             raise ZerotrainError(f"--config {config}: no such file")
         return _load_config_json(path), str(path)
     if preset:
-        from model.presets import preset_config
-
-        vocab = _embedding_rows(entries, ("embed_tokens.weight", "wte.weight"))
-        positions = _embedding_rows(entries, ("wpe.weight",))
-        return preset_config(preset, vocab_size=vocab, max_seq_len=positions), f"preset {preset!r}"
+        return _preset_config(preset, entries)
     if (ckpt_root / "config.json").is_file():
         return _load_config_json(ckpt_root / "config.json"), str(ckpt_root / "config.json")
     model_config = (ckpt.zerotrain or {}).get("model_config") if ckpt else None
@@ -499,6 +538,8 @@ def find_model_config(ckpt_root: Path, ckpt: Checkpoint | None, entries: list[En
         return AutoConfig.for_model(**model_config), str(ckpt.info.path / "zerotrain.json")
     if (ckpt_root.parent / "config.json").is_file():
         return _load_config_json(ckpt_root.parent / "config.json"), str(ckpt_root.parent / "config.json")
+    if default_preset:
+        return _preset_config(default_preset, entries)
     return None, ""
 
 
@@ -516,7 +557,8 @@ def _check_against_config(entries: list[Entry], model_config, where: str) -> Non
     uses = collections.Counter(id(p) for _, p in params)
     tied = {k for k, p in params if uses[id(p)] > 1}
     have = {e.name: e.shape for e in entries}
-    problems = [f"{k}: checkpoint {s} vs config {expected[k]}" for k, s in have.items() if k in expected and s != expected[k]]
+    problems = [f"{k}: checkpoint {s} vs config {expected[k]}" for k, s in have.items()
+                if k in expected and s != expected[k]]
     problems += [f"{k}: in the checkpoint, not in the model" for k in have if k not in expected]
     problems += [f"{k}: missing from the checkpoint" for k in expected if k not in have and k not in tied]
     if problems:
@@ -531,11 +573,14 @@ def _tokenizer_source(ckpt_root: Path, ckpt: Checkpoint | None) -> Path | None:
     if path:
         candidates.append(Path(path))
     for c in candidates:
-        if c.is_file() and c.suffix == ".model":
-            return c
-        if c.is_dir() and any((c / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if (c.is_file() and c.suffix == ".model") or _is_tokenizer_dir(c):
             return c
     return None
+
+
+def _is_tokenizer_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                              "tokenizer.model"))
 
 
 def _write_extras(out: Path, model_config, target: torch.dtype | None, entries: list[Entry],
@@ -570,6 +615,7 @@ def _write_extras(out: Path, model_config, target: torch.dtype | None, entries: 
 def consolidate(ckpt_dir: str, output: str, *, tag: str | None = None, dtype: str = "fp32",
                 max_shard_size: str | int = "5GB", keep_lora_keys: bool = False, lora_alpha: float | None = None,
                 adapter_config: str | None = None, config: str | None = None, preset: str | None = None,
+                default_preset: str | None = None,
                 trust_pickle: bool = False, overwrite: bool = False) -> Written:
     """Write the weights of one checkpoint tag as OUTPUT (.pth, .safetensors or an HF directory)."""
     out = Path(output)
@@ -596,7 +642,8 @@ def consolidate(ckpt_dir: str, output: str, *, tag: str | None = None, dtype: st
         if keep_lora_keys and ckpt.info.is_lora:
             raise ZerotrainError("--keep-lora-keys keeps PEFT's key names, which an HF model directory cannot hold; "
                                  "write a .pth or .safetensors file instead")
-        model_config, where = find_model_config(ckpt_root, ckpt, entries, config=config, preset=preset)
+        model_config, where = find_model_config(ckpt_root, ckpt, entries, config=config, preset=preset,
+                                                default_preset=default_preset)
         if model_config is None:
             raise ZerotrainError(f"no model config for {tag_dir} (no config.json beside the checkpoint, no "
                                  f"zerotrain.json): pass --config CONFIG_JSON or --preset NAME to write an HF "
@@ -721,8 +768,7 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
     replaced = 0
     for e in _entries(adapter_tensors):
         name = _strip_peft(e.name)
-        m = re.match(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B|lora_A|lora_B)(?P<suffix>\.weight)?$",
-                     name)
+        m = _ADAPTER_LORA_KEY.match(name)
         if m:
             name = f"{m.group('module')}.{m.group('kind')}.default{m.group('suffix') or ''}"
             lora.append(Entry(name, e.shape, e.dtype, e.produce))
@@ -734,11 +780,11 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
         replaced += 1
     if not lora and not replaced:
         raise ZerotrainError(f"{weights} holds no LoRA weights")
-    entries, aliases = fold_lora(list(merged.values()) + lora, base_aliases, settings)
     missing = [e.name for e in lora if _LORA_KEY.match(e.name).group("module") + ".weight" not in merged]
     if missing:
-        raise ZerotrainError(f"the adapter targets {missing[0].rsplit('.', 3)[0]}, which the base model "
-                             f"{base_path} does not have; is it the adapter's base model?")
+        raise ZerotrainError(f"the adapter targets {_LORA_KEY.match(missing[0]).group('module')}, which the base "
+                             f"model {base_path} does not have; is it the adapter's base model?")
+    entries, aliases = fold_lora(list(merged.values()) + lora, base_aliases, settings)
     if target is None:  # keep each base tensor's dtype: folded weights go back to their base's
         base_dtypes = {name: src.dtype for name, src in base_tensors.items()}
         entries = [_cast_to(e, base_dtypes.get(e.name)) for e in entries]
@@ -750,8 +796,7 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
                                  f"write a .pth or .safetensors file instead")
         model_config = _load_config_json(config_dir / "config.json")
         _check_against_config(entries, model_config, str(config_dir / "config.json"))
-        tokenizer = adapter_path if _tokenizer_source(adapter_path, None) == adapter_path else \
-            _tokenizer_source(config_dir, None)
+        tokenizer = adapter_path if _is_tokenizer_dir(adapter_path) else _tokenizer_source(config_dir, None)
         extras = lambda d: _write_extras(d, model_config, target, entries, config_dir, tokenizer)  # noqa: E731
     total = _write(entries, aliases, out, kind, target, shard_bytes, overwrite, extras)
     return Written(out, len(entries), sum(e.numel for e in entries), total,
@@ -761,7 +806,7 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
 def _cast_to(e: Entry, dtype: torch.dtype | None) -> Entry:
     if dtype is None or dtype == e.dtype or not e.dtype.is_floating_point:
         return e
-    return Entry(e.name, e.shape, dtype, lambda: e.produce().to(dtype))
+    return Entry(e.name, e.shape, dtype, lambda into=None: e.produce(None).to(dtype))
 
 
 def _model_sources(path: Path, trust_pickle: bool) -> tuple[dict[str, TensorSource], dict[str, str]]:

@@ -27,6 +27,7 @@ import bisect
 import contextlib
 import functools
 import io
+import hashlib
 import json
 import logging
 import math
@@ -149,9 +150,14 @@ class TensorSource:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def read(self) -> torch.Tensor:
-        """Read the tensor from disk (plain reads, no mmap)."""
-        out = torch.empty(self.numel, dtype=self.dtype)
+    def read(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Read the tensor from disk (plain reads, no mmap), into `into` (contiguous, this dtype and
+        shape) when given."""
+        if into is None:
+            into = torch.empty(self.shape, dtype=self.dtype)
+        elif into.dtype != self.dtype or tuple(into.shape) != self.shape or not into.is_contiguous():
+            raise ValueError(f"read into a {into.dtype} {tuple(into.shape)} buffer, need {self.dtype} {self.shape}")
+        out = into.reshape(-1)
         buf = memoryview(out.view(torch.uint8).numpy())
         itemsize = out.element_size()
         pos = 0
@@ -169,7 +175,7 @@ class TensorSource:
             pos += size
         if pos != len(buf):
             raise ZerotrainError(f"internal error: pieces of {pos} bytes for a tensor of {len(buf)} bytes")
-        return out.view(self.shape)
+        return into
 
 
 class _ZipIndex:
@@ -242,8 +248,14 @@ def list_tags(ckpt_dir: str | os.PathLike) -> list[str]:
     root = Path(ckpt_dir)
     if not root.is_dir():
         return []
-    tags = [p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*model_states.pt"))]
+    tags = [p.name for p in root.iterdir()
+            if p.is_dir() and any(p.glob("*model_states.pt")) and not _is_universal(p)]
     return sorted(tags, key=_tag_key)
+
+
+def _is_universal(tag_dir: Path) -> bool:
+    """ds_to_universal's output: model states beside a zero/ folder of per-parameter files."""
+    return (tag_dir / "zero").is_dir()
 
 
 def _tag_key(tag: str) -> tuple:
@@ -358,6 +370,10 @@ def describe(tag_dir: str | os.PathLike, *, trust_pickle: bool = False) -> Check
     info.files = sorted(p.name for p in tag_dir.iterdir() if p.is_file())
     info.bytes = sum((tag_dir / f).stat().st_size for f in info.files)
     problems = info.problems
+    if _is_universal(tag_dir):
+        problems.append(f"{tag_dir} is a DeepSpeed universal checkpoint (ds_to_universal output); read the tag it "
+                        f"was made from")
+        return info
     if layout.other_mp:
         problems.append(f"model/tensor-parallel files ({', '.join(layout.other_mp[:3])}) are not supported")
     if layout.unsupported:
@@ -400,8 +416,39 @@ def describe(tag_dir: str | os.PathLike, *, trust_pickle: bool = False) -> Check
             elif info.world_size and r >= info.world_size:
                 problems.append(f"rank {r}: {p.name} is there but the checkpoint was saved by {info.world_size} "
                                 f"ranks (a leftover of another run?)")
+    problems.extend(manifest_problems(tag_dir))
     info.complete = not problems
     return info
+
+
+SIDECAR = "zerotrain.json"  # what zerotrain writes beside the shards (last, with a file manifest)
+
+
+def file_fingerprint(path: Path) -> str:
+    """Size plus a hash of the last MiB: a torch zip file ends with its central directory, which
+    holds the CRC-32 of every record, so this changes with any tensor's contents."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+    return f"{size}:{hashlib.sha256(tail).hexdigest()[:32]}"
+
+
+def manifest_problems(tag_dir: Path) -> list[str]:
+    """Files that differ from the manifest zerotrain records when it saves (none for foreign checkpoints)."""
+    sidecar = tag_dir / SIDECAR
+    if not sidecar.is_file():
+        return []
+    problems = []
+    for name, fingerprint in json.loads(sidecar.read_text()).get("files", {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif file_fingerprint(path) != fingerprint:
+            size = int(fingerprint.split(":")[0])
+            what = "truncated" if path.stat().st_size < size else "not the file this checkpoint wrote (another run's?)"
+            problems.append(f"{path} is {what}")
+    return problems
 
 
 def _state_or_problem(path: Path | None, trust_pickle: bool, problems: list[str]) -> dict | None:
@@ -427,7 +474,8 @@ def _zip_ok(path: Path) -> bool:
         return False
 
 
-def _stage_and_world(layout: _Layout, model_state: dict | None, optim_state: dict | None) -> tuple[int | None, int | None]:
+def _stage_and_world(layout: _Layout, model_state: dict | None, optim_state: dict | None
+                     ) -> tuple[int | None, int | None]:
     osd = (optim_state or {}).get("optimizer_state_dict") or {}
     ds_config = (model_state or {}).get("ds_config") or (optim_state or {}).get("ds_config") or {}
     config_stage = ((ds_config.get("zero_optimization") or {}) if isinstance(ds_config, dict) else {}).get("stage")
@@ -519,18 +567,21 @@ def load_checkpoint(tag_dir: str | os.PathLike, *, trust_pickle: bool = False) -
         tensors, aliases = _zero3_sources(models, optims, info.world_size or 1)
     else:
         tensors, aliases = _module_sources(models[0])
-        masters = _flat_master_sources(models[0], optims) if optims else _stage0_master_sources(models[0], tensors, notes)
+        if optims:
+            masters = _flat_master_sources(models[0], optims)
+        else:
+            masters = _stage0_master_sources(models[0], tensors, notes)
         for name, src in masters.items():
             if name in tensors and tensors[name].shape != src.shape:
                 raise ZerotrainError(f"{tag_dir}: fp32 master of {name} has shape {src.shape} but the module's "
                                      f"weight has {tensors[name].shape} (checkpoint layout not understood)")
             tensors[name] = src
     zerotrain = None
-    if (tag_dir / "zerotrain.json").is_file():
+    if (tag_dir / SIDECAR).is_file():
         try:
-            zerotrain = json.loads((tag_dir / "zerotrain.json").read_text())
+            zerotrain = json.loads((tag_dir / SIDECAR).read_text())
         except json.JSONDecodeError as e:
-            raise ZerotrainError(f"{tag_dir / 'zerotrain.json'} is not valid JSON: {e}") from None
+            raise ZerotrainError(f"{tag_dir / SIDECAR} is not valid JSON: {e}") from None
     tensors = {strip_wrappers(k): v for k, v in tensors.items()}
     aliases = {strip_wrappers(k): strip_wrappers(v) for k, v in aliases.items()}
     for alias, target in list(aliases.items()):

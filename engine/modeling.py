@@ -108,7 +108,9 @@ def build_base_model(cfg: Config, source: InitSource, vocab_size: int, context: 
 
         tmp = Path(tempfile.mkdtemp(prefix="zerotrain-init-"))
         try:
-            consolidate(str(source.path), str(tmp / "model"), tag=source.tag, dtype="fp32")
+            # --preset gives the shape when a foreign checkpoint carries no config of its own
+            consolidate(str(source.path), str(tmp / "model"), tag=source.tag, dtype="fp32",
+                        default_preset=cfg.model.preset)
             model = build_model(str(tmp / "model"), attn_implementation=attn)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
