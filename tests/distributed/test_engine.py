@@ -198,3 +198,16 @@ def test_resume_on_another_world_size(tokenizer_dir, pretrain_data, tmp_path, be
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-4)
     assert {r["step"]: r["tokens_seen"] for r in records}[6] == 6 * 4 * 32
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_zero2_with_the_optimizer_offloaded_to_cpu_trains(tokenizer_dir, pretrain_data, tmp_path):
+    """ds_configs/zero2_offload.json: DeepSpeedCPUAdam (JIT-built once, then cached) keeps the optimizer."""
+    from tests.helpers import ROOT
+
+    out = tmp_path / "run"
+    run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, ds_config=ROOT / "ds_configs" /
+                                          "zero2_offload.json", precision="bf16", max_steps=12, save_interval=12,
+                                          eval_interval=12), timeout=900)
+    losses = train_losses(out)
+    assert sum(losses[s] for s in (10, 11, 12)) / 3 < losses[1] - 0.3, losses
+    assert (out / "final" / "model.safetensors").is_file()
