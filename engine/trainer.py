@@ -455,8 +455,6 @@ class Trainer:
 
     def fit(self) -> int:
         cfg = self.cfg
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=self.rank != 0, desc=self.kind,
@@ -530,6 +528,9 @@ def main(argv: list[str] | None = None, kind: str = "pretrain") -> int:
     try:
         cfg = parse_config(argv, description=f"zerotrain {kind}")
         trainer = Trainer(cfg, kind, rank=rank, local_rank=local_rank, world_size=world_size)
+        # From here on SIGTERM/SIGUSR1 (SLURM preemption) mean: finish the step, save, exit 0.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: setattr(trainer, "stop_signal", signum))
         # DeepSpeed still calls collectives torch has renamed: one FutureWarning a call, every step.
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
         trainer.setup()
