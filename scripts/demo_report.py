@@ -1,0 +1,298 @@
+"""Write DEMO_DIR/REPORT.md after `scripts/demo.sh`: the machine, the time of every step, the
+configs, final losses and throughput of the pretrain and SFT runs, the curves, the sample
+generations, and every artifact with its size.
+
+    python scripts/demo_report.py runs/demo [--total-seconds S] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+RUNS = (("pretrain", "pretrain"), ("sft", "LoRA SFT"))
+
+
+def human(n: float) -> str:
+    """Bytes in B/KB/MB/GB (powers of 1000, as `ls -h --si`)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def count(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else f"{n:.0f}"
+
+
+def seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{int(s // 60)} min {s % 60:02.0f} s"
+
+
+def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, validation records) of a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def checkpoint_tags(run: Path) -> list[Path]:
+    tags = [p for p in (run / "checkpoints").glob("global_step*") if p.is_dir()]
+    return sorted(tags, key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+
+
+def sidecar(run: Path) -> dict:
+    """The newest checkpoint's zerotrain.json (stage, world size, precision, LoRA), if any."""
+    tags = checkpoint_tags(run)
+    path = tags[-1] / "zerotrain.json" if tags else None
+    return json.loads(path.read_text()) if path and path.is_file() else {}
+
+
+def safetensors_params(path: Path) -> int:
+    """Elements in a .safetensors file, from its header alone."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    total = 0
+    for name, info in header.items():
+        if name != "__metadata__":
+            n = 1
+            for dim in info["shape"]:
+                n *= dim
+            total += n
+    return total
+
+
+def read_generations(path: Path) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs from `zerotrain generate` output."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    pattern = re.compile(r"^### prompt (\d+)\n(.*?)\n### completion \1\n(.*?)(?=\n### prompt \d+\n|\Z)", re.S | re.M)
+    return [(m.group(2), m.group(3).rstrip("\n")) for m in pattern.finditer(text)]
+
+
+def describe_data(entry: str) -> str:
+    """A --data entry; for a `zerotrain prepare` directory, also its source files and train split."""
+    meta_path = Path(entry) / "meta.json"
+    if not meta_path.is_file():
+        return inline(entry)
+    meta = json.loads(meta_path.read_text())
+    sources = ", ".join(Path(s["path"]).name for s in meta.get("sources", []))
+    train = meta.get("splits", {}).get("train", {})
+    amount = ", ".join(f"{count(v)} {k}" for k, v in train.items())
+    return f"{inline(entry)} (from {sources}; train split: {amount})"
+
+
+def fence(text: str, lang: str = "") -> str:
+    ticks = "```"
+    while ticks in text:
+        ticks += "`"
+    return f"{ticks}{lang}\n{text.rstrip()}\n{ticks}"
+
+
+def inline(text: str) -> str:
+    return "`" + text.replace("`", "'") + "`"
+
+
+# --------------------------------------------------------------------------- sections
+
+def environment(total_seconds: float | None, quick: bool) -> list[str]:
+    versions = []
+    for package in ("torch", "deepspeed", "transformers", "peft"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pass
+    lines = [f"Made by `scripts/demo.sh{' --quick' if quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')}"
+             + (f" in **{seconds(total_seconds)}**" if total_seconds is not None else "") + ".",
+             "",
+             f"Machine: {os.cpu_count()} CPU cores, {platform.system()} {platform.machine()}, "
+             f"Python {platform.python_version()}, {', '.join(versions)}."]
+    return lines
+
+
+def timings(run_dir: Path, total_seconds: float | None) -> list[str]:
+    path = run_dir / "timings.tsv"
+    if not path.is_file():
+        return []
+    rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1:] if "\t" in line]
+    lines = ["## Steps", "", "| step | time |", "| --- | ---: |"]
+    lines += [f"| {name} | {seconds(float(s))} |" for name, s in rows]
+    if total_seconds is not None:
+        lines.append(f"| **total** | **{seconds(total_seconds)}** |")
+    return lines + [""]
+
+
+def run_summary(run_dir: Path) -> list[str]:
+    """One column per run: what it trained, on what, how it went."""
+    columns = {}
+    for name, title in RUNS:
+        run = run_dir / name
+        if not (run / "config.yaml").is_file():
+            continue
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        side = sidecar(run)
+        train, val = read_metrics(run) if (run / "metrics.jsonl").is_file() else ([], [])
+        world = side.get("world_size", 1)
+        t = cfg["train"]
+        lora = cfg["lora"]
+        if lora["lora_r"]:
+            what = (f"LoRA r={lora['lora_r']}, alpha={lora['lora_alpha']:g} on every linear projection; "
+                    f"in full: {', '.join(lora['lora_modules_to_save']) or 'nothing'}")
+        else:
+            what = "every weight"
+        init = inline(cfg["model"]["init_from"]) if cfg["model"]["init_from"] else f"random ({cfg['model']['preset']} preset)"
+        speeds = [r["tokens_per_sec"] for r in train if r.get("tokens_per_sec")]
+        losses = [r for r in train if r.get("loss") is not None]
+        rows = {
+            "initialised from": init,
+            "trained": what,
+            "data": "<br>".join(describe_data(d) for d in cfg["data"]["data"]),
+            "ZeRO stage / ranks / precision": f"{side.get('zero_stage', '?')} / {world} / {side.get('precision', '?')}",
+            "steps x (micro batch x accum x ranks) x seq len":
+                f"{t['max_steps']} x ({t['micro_batch_size']} x {t['grad_accum']} x {world}) x {cfg['data']['seq_len']}",
+            "lr (peak, warmup, cosine floor)":
+                f"{cfg['optim']['lr']:g}, {cfg['optim']['warmup_steps']} steps, x{cfg['optim']['min_lr_ratio']:g}",
+            "tokens seen": count(train[-1]["tokens_seen"]) if train else "-",
+            "train loss (first log -> last)":
+                f"{losses[0]['loss']:.3f} (step {losses[0]['step']}) -> **{losses[-1]['loss']:.3f}** "
+                f"(step {losses[-1]['step']})" if losses else "-",
+            "val loss (ppl) at the end":
+                f"**{val[-1]['val_loss']:.3f}** ({val[-1]['val_ppl']:.1f}) at step {val[-1]['step']}" if val else "-",
+            "throughput (median over log windows, all ranks)": f"{statistics.median(speeds):,.0f} tokens/s" if speeds else "-",
+        }
+        columns[title] = rows
+    if not columns:
+        return []
+    titles = list(columns)
+    keys = list(next(iter(columns.values())))
+    lines = ["## Runs", "", "| | " + " | ".join(titles) + " |", "| --- |" + " --- |" * len(titles)]
+    lines += [f"| {key} | " + " | ".join(columns[t][key] for t in titles) + " |" for key in keys]
+    return lines + [""]
+
+
+def curves(run_dir: Path) -> list[str]:
+    plots = sorted((run_dir / "plots").glob("*.png")) if (run_dir / "plots").is_dir() else []
+    if not plots:
+        return []
+    lines = ["## Curves", "", "Loss, validation loss, learning rate and tokens/s against the step "
+             "(`zerotrain plot RUN_DIR... --out FILE.png`).", ""]
+    for plot in plots:
+        lines += [f"### {plot.stem}", "", f"![{plot.stem}](plots/{plot.name})", ""]
+    return lines
+
+
+def generations(run_dir: Path) -> list[str]:
+    base = read_generations(run_dir / "samples" / "base.txt")
+    sft = dict(read_generations(run_dir / "samples" / "sft.txt"))
+    if not base and not sft:
+        return []
+    lines = ["## Sample generations", "",
+             "Greedy decoding, the same prompts to both models: the base model continues the raw text "
+             "(`--no-chat`); the SFT model (base + the extracted adapter) gets each prompt as a user "
+             "message through the chat template.", ""]
+    prompts = [p for p, _ in base] + [p for p in sft if p not in dict(base)]
+    base = dict(base)
+    for prompt in prompts:
+        lines += [f"### {inline(prompt)}", ""]
+        for label, outputs in (("base", base), ("SFT", sft)):
+            if prompt in outputs:
+                completion = outputs[prompt] or "(nothing: the first token generated was end-of-text)"
+                lines += [f"{label}:", "", fence(completion, "text"), ""]
+    return lines
+
+
+def artifacts(run_dir: Path) -> list[str]:
+    """The notable outputs, then every file."""
+    listed: list[tuple[str, Path]] = [("tokenizer (HF format)", run_dir / "tokenizer"),
+                                      ("pretraining tokens (memmap)", run_dir / "data" / "pretrain"),
+                                      ("SFT conversations and label masks", run_dir / "data" / "sft")]
+    for name, title in RUNS:
+        run = run_dir / name
+        listed += [(f"{title}: resolved config", run / "config.yaml"),
+                   (f"{title}: metrics", run / "metrics.jsonl")]
+        listed += [(f"{title}: DeepSpeed checkpoint (ZeRO shards)", tag) for tag in checkpoint_tags(run)]
+        if (run / "final" / "model.safetensors").is_file():
+            listed.append((f"{title}: final model (HF format)", run / "final"))
+        if (run / "final" / "adapter").is_dir():
+            listed.append((f"{title}: final adapter (PEFT, gathered from the live engine)", run / "final" / "adapter"))
+    for path in sorted((run_dir / "consolidated").glob("*")) if (run_dir / "consolidated").is_dir() else []:
+        what = {".safetensors": "safetensors", ".pth": "torch state dict"}.get(path.suffix, "HF directory")
+        extra = f", {count(safetensors_params(path))} parameters" if path.suffix == ".safetensors" else ""
+        listed.append((f"consolidated pretrain weights ({what}{extra})", path))
+    if (run_dir / "adapter" / "adapter_model.safetensors").is_file():
+        n = safetensors_params(run_dir / "adapter" / "adapter_model.safetensors")
+        listed.append((f"adapter extracted from the SFT shards (PEFT, {count(n)} parameters)", run_dir / "adapter"))
+    listed += [(f"generations: {p.stem}", p) for p in sorted((run_dir / "samples").glob("*.txt"))]
+    listed += [(f"curves: {p.stem}", p) for p in sorted((run_dir / "plots").glob("*.png"))]
+    listed += [("the commands run", run_dir / "commands.sh"), ("step times", run_dir / "timings.tsv")]
+
+    lines = ["## Artifacts", "", "| artifact | path | size |", "| --- | --- | ---: |"]
+    lines += [f"| {what} | `{path}` | {human(size(path))} |" for what, path in listed if path.exists()]
+    files = sorted(p for p in run_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    lines += ["", "<details><summary>every file</summary>", "", "| path | size |", "| --- | ---: |"]
+    lines += [f"| `{p}` | {human(p.stat().st_size)} |" for p in files if p.name != "REPORT.md"]
+    return lines + ["", "</details>", ""]
+
+
+def configs(run_dir: Path) -> list[str]:
+    lines = []
+    commands = run_dir / "commands.sh"
+    if commands.is_file():
+        lines += ["## Commands", "", fence(commands.read_text(encoding="utf-8"), "bash"), ""]
+    lines += ["## Configs", "", "Each run's resolved `config.yaml` (the recipe plus the flags above)."]
+    for name, title in RUNS:
+        path = run_dir / name / "config.yaml"
+        if path.is_file():
+            lines += ["", f"### {title} (`{path}`)", "", fence(path.read_text(encoding="utf-8"), "yaml")]
+    return lines + [""]
+
+
+def write_report(run_dir: Path, total_seconds: float | None = None, quick: bool = False) -> Path:
+    lines = ["# zerotrain demo report", ""]
+    lines += environment(total_seconds, quick) + [""]
+    for section in (timings(run_dir, total_seconds), run_summary(run_dir), curves(run_dir), generations(run_dir),
+                    artifacts(run_dir), configs(run_dir)):
+        lines += section
+    out = run_dir / "REPORT.md"
+    fd, tmp = tempfile.mkstemp(prefix=".REPORT.md.tmp-", dir=run_dir)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", metavar="DEMO_DIR")
+    parser.add_argument("--total-seconds", type=float, help="wall time of the whole demo, for the report")
+    parser.add_argument("--quick", action="store_true", help="the demo ran with --quick")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "pretrain" / "metrics.jsonl").is_file():
+        print(f"demo_report.py: {run_dir} holds no demo run (no pretrain/metrics.jsonl); run scripts/demo.sh",
+              file=sys.stderr)
+        return 2
+    out = write_report(run_dir, args.total_seconds, args.quick)
+    print(f"report written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
