@@ -612,18 +612,24 @@ def _write_extras(out: Path, model_config, target: torch.dtype | None, entries: 
 # The commands
 
 
-def consolidate(ckpt_dir: str, output: str, *, tag: str | None = None, dtype: str = "fp32",
-                max_shard_size: str | int = "5GB", keep_lora_keys: bool = False, lora_alpha: float | None = None,
-                adapter_config: str | None = None, config: str | None = None, preset: str | None = None,
-                default_preset: str | None = None,
-                trust_pickle: bool = False, overwrite: bool = False) -> Written:
-    """Write the weights of one checkpoint tag as OUTPUT (.pth, .safetensors or an HF directory)."""
+def _output_plan(output: str, dtype: str, max_shard_size: str | int, overwrite: bool):
+    """(path, kind, target dtype, shard bytes) of an OUTPUT argument, checked before any work."""
     out = Path(output)
     kind = _output_kind(out)
     target = _dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     if out.exists() and not overwrite:
         raise ZerotrainError(f"{out} already exists; remove it, choose another path, or pass --overwrite")
+    return out, kind, target, shard_bytes
+
+
+def consolidate(ckpt_dir: str, output: str, *, tag: str | None = None, dtype: str = "fp32",
+                max_shard_size: str | int = "5GB", keep_lora_keys: bool = False, lora_alpha: float | None = None,
+                adapter_config: str | None = None, config: str | None = None, preset: str | None = None,
+                default_preset: str | None = None,
+                trust_pickle: bool = False, overwrite: bool = False) -> Written:
+    """Write the weights of one checkpoint tag as OUTPUT (.pth, .safetensors or an HF directory)."""
+    out, kind, target, shard_bytes = _output_plan(output, dtype, max_shard_size, overwrite)
     tag_dir = resolve_tag(ckpt_dir, tag)
     ckpt_root = tag_dir.parent
     ckpt = load_checkpoint(tag_dir, trust_pickle=trust_pickle)
@@ -742,12 +748,7 @@ def _adapter_config(modules: dict[str, _LoraModule], entries: list[Entry], setti
 def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", max_shard_size: str | int = "5GB",
                   trust_pickle: bool = False, overwrite: bool = False) -> Written:
     """Fold a PEFT LoRA adapter into a base model (HF dir or .pth/.safetensors), tensor by tensor."""
-    out = Path(output)
-    kind = _output_kind(out)
-    target = _dtype(dtype)
-    shard_bytes = parse_size(max_shard_size)
-    if out.exists() and not overwrite:
-        raise ZerotrainError(f"{out} already exists; remove it, choose another path, or pass --overwrite")
+    out, kind, target, shard_bytes = _output_plan(output, dtype, max_shard_size, overwrite)
     base_path, adapter_path = Path(base), Path(adapter)
     base_tensors, base_aliases = _model_sources(base_path, trust_pickle)
     config_file = adapter_path / "adapter_config.json"
