@@ -215,7 +215,7 @@ def make_universal(tag_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-                           "--num_merge_workers", "1"], capture_output=True, text=True)
+                           "--num_merge_workers", "1"], capture_output=True, text=True, errors="replace")
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ZerotrainError(f"converting {tag_dir} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")

@@ -47,7 +47,7 @@ def run_launcher(script: str, args: list[str], *, nproc: int = 2, launcher: str 
     """Run launcher/<script>; fail the test with its output if it fails and `check`."""
     cmd = launcher_command(script, args, nproc=nproc, launcher=launcher)
     proc = subprocess.run(cmd, cwd=ROOT, env=env or launcher_env(), capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, errors="replace", timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed with {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

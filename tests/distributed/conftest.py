@@ -30,7 +30,7 @@ def ds_checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, dict]:
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(HERE / "make_checkpoints.py"), str(out), str(tokenizer_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, errors="replace", timeout=600)
     if result.returncode != 0:
         pytest.fail(f"make_checkpoints.py failed ({result.returncode}):\n"
                     f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")

@@ -26,7 +26,7 @@ def run_demo(demo_dir: Path, *args: str, timeout: int = 900) -> subprocess.Compl
     env = launcher_env(DEMO_DIR=str(demo_dir))
     env.pop("DEMO_QUICK", None)
     return subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, errors="replace", timeout=timeout)
 
 
 @pytest.fixture(scope="module")

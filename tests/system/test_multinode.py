@@ -32,7 +32,7 @@ def test_two_nodes_train_zero3_over_ssh_and_consolidate(ssh_nodes, tokenizer_dir
            "--master_port", str(free_port()), "launcher/pretrain.py"]
     cmd += [x for k, v in args.items() for x in (f"--{k}", str(v))]
     proc = subprocess.run(cmd, cwd=ROOT, env=ssh_nodes.env(DS_ENV_FILE=str(ds_env)), capture_output=True,
-                          text=True, timeout=600)
+                          text=True, errors="replace", timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
 
@@ -52,7 +52,7 @@ def test_two_nodes_train_zero3_over_ssh_and_consolidate(ssh_nodes, tokenizer_dir
 
     consolidated = tmp_path / "model.safetensors"
     done = subprocess.run([str(VENV_BIN / "zerotrain"), "consolidate", str(out / "checkpoints"), str(consolidated)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, errors="replace", timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     gathered, final = load_file(consolidated), load_file(out / "final" / "model.safetensors")
     assert final.keys() <= gathered.keys()

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.system
 
 def preflight(env, *args) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "zerotrain"), "preflight", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, errors="replace", timeout=300)
 
 
 def lines_of(output: str, check: str) -> str:
