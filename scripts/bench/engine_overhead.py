@@ -90,17 +90,11 @@ def main() -> None:
     if args.bare:
         return bare_loop(args)
 
-    from engine.data import prepare, read_documents
-    from model.tokenizer import load_tokenizer, train_tokenizer
+    from hf_trainer import prepare_data  # scripts/bench/ is sys.path[0] when run as a script
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        samples = ROOT / "data" / "samples"
-        inputs = [str(samples / "tinyshakespeare.txt"), str(samples / "tang_poems_5k.jsonl")]
-        train_tokenizer((d for p in inputs for d in read_documents(p)), 6400, str(tmp / "tok"), show_progress=False)
-        tokenizer = load_tokenizer(str(tmp / "tok"))
-        prepare("pretrain", inputs, tokenizer, tmp / "data", val_fraction=0.01, show_progress=False)
-        args.tokenizer, args.data, args.vocab_size = tmp / "tok", tmp / "data", len(tokenizer)
+        prepare_data(args, tmp)
         results: dict[str, list[float]] = {"bare": [], "zero0": [], "zero2": []}
         for round_ in range(args.rounds):
             bare = subprocess.run([sys.executable, __file__, "--bare", "--data", str(args.data), "--vocab-size",

@@ -47,13 +47,6 @@ CASES: dict[str, dict] = {
 }
 
 
-def load_hf_trainer():
-    spec = importlib.util.spec_from_file_location("hf_trainer", HERE / "hf_trainer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def attention() -> str:
     return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
 
@@ -76,7 +69,8 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("gpu.py needs a CUDA device; scripts/bench/hf_trainer.py is the CPU comparison")
-    bench = load_hf_trainer()
+    import hf_trainer as bench  # scripts/bench/ is sys.path[0] when run as a script
+
     peak = device_peak_flops()
     print(f"device: {torch.cuda.get_device_name()} x {torch.cuda.device_count()}, peak bf16 "
           f"{peak / 1e12 if peak else float('nan'):.0f} TFLOP/s, attention {args.attn_implementation}", flush=True)

@@ -23,7 +23,6 @@ can be; with real sizes the same calls only grow.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import sys
@@ -31,7 +30,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 
 LOOP_FRAME = {"zerotrain": "Trainer.train_step (", "hf": "Trainer._run_epoch ("}
 CATEGORIES = [
@@ -41,13 +39,6 @@ CATEGORIES = [
     ("optimizer step", ("DeepSpeedEngine.step (",)),
     ("data", ("BatchLoader.next_batch (", "DataLoaderShard.__iter__ (", "Trainer.get_batch_samples (")),
 ]
-
-
-def load_hf_trainer():
-    spec = importlib.util.spec_from_file_location("hf_trainer", HERE / "hf_trainer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def breakdown(raw: Path, loop_frame: str) -> Counter:
@@ -65,7 +56,8 @@ def breakdown(raw: Path, loop_frame: str) -> Counter:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench = load_hf_trainer()
+    import hf_trainer as bench  # scripts/bench/ is sys.path[0] when run as a script
+
     bench.add_run_flags(parser)
     parser.set_defaults(seq_len=64, steps=80, log_interval=4)
     parser.add_argument("--world-size", type=int, default=1)
