@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge-adapter", allow_abbrev=False,
                        help="fold a PEFT LoRA adapter into its base model, tensor by tensor",
-                       description="BASE: an HF model dir or a .pth/.safetensors file; ADAPTER: a PEFT adapter dir; "
+                       description="BASE: an HF model dir, a .pth/.safetensors file or a run dir (its final/); "
+                                   "ADAPTER: a PEFT adapter dir or a LoRA run dir (its final/adapter/); "
                                    "OUTPUT: NAME.pth, NAME.safetensors or an HF directory.")
     p.add_argument("base", metavar="BASE")
     p.add_argument("adapter", metavar="ADAPTER")

@@ -749,7 +749,9 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
                   trust_pickle: bool = False, overwrite: bool = False) -> Written:
     """Fold a PEFT LoRA adapter into a base model (HF dir or .pth/.safetensors), tensor by tensor."""
     out, kind, target, shard_bytes = _output_plan(output, dtype, max_shard_size, overwrite)
-    base_path, adapter_path = Path(base), Path(adapter)
+    # run directories stand for what their final/ holds: RUN/final (base), RUN/final/adapter
+    base_path = _in_run_dir(Path(base), "final", marker="config.json")
+    adapter_path = _in_run_dir(Path(adapter), "final/adapter", "adapter", marker="adapter_config.json")
     base_tensors, base_aliases = _model_sources(base_path, trust_pickle)
     config_file = adapter_path / "adapter_config.json"
     if not config_file.is_file():
@@ -808,6 +810,13 @@ def _cast_to(e: Entry, dtype: torch.dtype | None) -> Entry:
     if dtype is None or dtype == e.dtype or not e.dtype.is_floating_point:
         return e
     return Entry(e.name, e.shape, dtype, lambda into=None: e.produce(None).to(dtype))
+
+
+def _in_run_dir(path: Path, *subdirs: str, marker: str) -> Path:
+    """`path`, or the first of its `subdirs` holding `marker` when `path` is a directory without it."""
+    if path.is_dir() and not (path / marker).is_file():
+        return next((path / d for d in subdirs if (path / d / marker).is_file()), path)
+    return path
 
 
 def _model_sources(path: Path, trust_pickle: bool) -> tuple[dict[str, TensorSource], dict[str, str]]:

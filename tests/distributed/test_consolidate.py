@@ -300,6 +300,12 @@ def test_merge_adapter_equals_consolidated_fold(ds_checkpoints, tmp_path, capsys
     folded = load_file(tmp_path / "folded.safetensors")
     assert_equal_weights(dict(merged.state_dict()), folded)
 
+    # run directories: the base's RUN/final and the LoRA run's RUN/final/adapter
+    shutil.copytree(tmp_path / "base", tmp_path / "pt-run" / "final")
+    shutil.copytree(tmp_path / "adapter", tmp_path / "sft-run" / "final" / "adapter")
+    run("merge-adapter", tmp_path / "pt-run", tmp_path / "sft-run", tmp_path / "merged.safetensors", capsys=capsys)
+    assert_equal_weights(load_file(tmp_path / "merged.safetensors"), folded)
+
 
 # --------------------------------------------------------------------------------------------
 # inspect and bad inputs
