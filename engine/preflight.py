@@ -67,7 +67,7 @@ except Exception as e:
 out["workdir"] = os.path.isdir(opts["workdir"])
 if opts.get("detect_master"):  # what deepspeed does without --master_addr: `ssh FIRST_HOST hostname -I`
     try:
-        out["detected_master"] = subprocess.run(["hostname", "-I"], capture_output=True, text=True, errors="replace",
+        out["detected_master"] = subprocess.run(["hostname", "-I"], capture_output=True, text=True,
                                                 timeout=10).stdout.split()[0]
     except (OSError, IndexError, subprocess.SubprocessError) as e:
         out["detect_error"] = f"`hostname -I` gave no address ({type(e).__name__}: {e})"
@@ -192,7 +192,8 @@ def run_probe(host: Host, opts: dict[str, Any], *, python: str, local: bool, ssh
             cmd += ["-p", str(ssh_port)]
         cmd += [host.name, "--", f"{shlex.quote(python)} - {shlex.quote(argument)}"]
     try:
-        proc = subprocess.run(cmd, input=PROBE, capture_output=True, text=True, errors="replace", timeout=timeout + PROBE_SECONDS)
+        proc = subprocess.run(cmd, input=PROBE, capture_output=True, text=True, errors="replace",
+                              timeout=timeout + PROBE_SECONDS)
     except subprocess.TimeoutExpired:
         return Probe(host, error=f"no answer within {timeout + PROBE_SECONDS:.0f} s")
     except OSError as e:  # no ssh client, or (local) no such python

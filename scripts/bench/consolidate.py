@@ -131,13 +131,13 @@ def main() -> None:
                 # In a child: this process stays small, since a child's peak RSS counts its parent's
                 # at the moment it was spawned (Linux keeps the larger across exec).
                 check = subprocess.run([sys.executable, __file__, "--check-equal", str(out)], check=True,
-                                       capture_output=True, text=True, errors="replace", env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
                 params, output_bytes = map(int, check.stdout.split()[-2:])
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     # DeepSpeed's safetensors path, for the record: it refuses tied weights (lm_head = embed_tokens).
     safe = subprocess.run([sys.executable, z2f, str(ckpt), str(out / "z2f"), "--safe_serialization"],
-                          capture_output=True, text=True, errors="replace")
+                          capture_output=True, text=True)
     safe_note = "ok" if safe.returncode == 0 else "fails: " + next(
         (line.strip() for line in safe.stderr.splitlines() if "share memory" in line), safe.stderr.strip()[-200:])
     ckpt_bytes = sum(f.stat().st_size for f in files)

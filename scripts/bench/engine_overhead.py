@@ -68,7 +68,7 @@ def engine_run(args, stage: int, out: Path) -> list[float]:
            "--eval-interval", str(10 ** 6), "--save-interval", str(10 ** 6), "--resume", "never",
            "--seed", "42"]
     env = dict(os.environ, MASTER_PORT=str(29500 + stage))
-    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, errors="replace")
+    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     # the last window also holds the end-of-run checkpoint and export: leave it out like the first
     return [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][:-1]
@@ -100,7 +100,7 @@ def main() -> None:
             bare = subprocess.run([sys.executable, __file__, "--bare", "--data", str(args.data), "--vocab-size",
                                    str(args.vocab_size), "--preset", args.preset, "--steps", str(args.steps),
                                    "--seq-len", str(args.seq_len), "--micro-batch-size", str(args.micro_batch_size),
-                                   "--log-interval", str(args.log_interval)], check=True, capture_output=True, text=True, errors="replace")
+                                   "--log-interval", str(args.log_interval)], check=True, capture_output=True, text=True)
             results["bare"].append(statistics.median(json.loads(bare.stdout.splitlines()[-1])["rates"][1:]))
             for stage in (0, 2):
                 rates = engine_run(args, stage, tmp / f"run{stage}-{round_}")

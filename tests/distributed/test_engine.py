@@ -149,7 +149,8 @@ def test_sigusr1_on_one_rank_saves_on_all_and_exits_cleanly(tokenizer_dir, pretr
     out = tmp_path / "run"
     cmd = launcher_command("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=2, max_steps=2000,
                                                     save_interval=1000, eval_interval=1000))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, errors="replace")
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3):

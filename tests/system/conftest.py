@@ -50,10 +50,10 @@ def ensure_packages(packages: list[str], commands: list[str]) -> None:
         policy.write_text("#!/bin/sh\nexit 101\n")
         policy.chmod(0o755)
     try:
-        proc = subprocess.run(install, env=env, capture_output=True, text=True, errors="replace")
+        proc = subprocess.run(install, env=env, capture_output=True, text=True)
         if proc.returncode != 0:  # a fresh machine has no package lists yet
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True, errors="replace")
-            proc = subprocess.run(install, env=env, capture_output=True, text=True, errors="replace")
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True)
+            proc = subprocess.run(install, env=env, capture_output=True, text=True)
     finally:
         if own_policy:
             policy.unlink()
@@ -165,7 +165,7 @@ PidFile {d}/sshd.pid
         (bin_dir / "ssh").chmod(0o755)
         nodes = SSHNodes(d, port, bin_dir, d / "ssh_config")
         check = subprocess.run(["ssh", "-o", "BatchMode=yes", "node-b", "echo", "ok"], env=nodes.env(),
-                               capture_output=True, text=True, errors="replace", timeout=30)
+                               capture_output=True, text=True, timeout=30)
         assert check.stdout.strip() == "ok", f"ssh node-b failed: {check.stderr}\n{log.read_text()[-2000:]}"
         yield nodes
     finally:
@@ -189,7 +189,7 @@ class SlurmCluster:
         return env
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([which(cmd[0]), *cmd[1:]], env=self.env(), capture_output=True, text=True, errors="replace", timeout=60)
+        proc = subprocess.run([which(cmd[0]), *cmd[1:]], env=self.env(), capture_output=True, text=True, timeout=60)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed: {proc.stdout}{proc.stderr}")
         return proc
@@ -202,7 +202,7 @@ class SlurmCluster:
 
 def _node_hardware() -> str:
     """This machine as slurmd sees it (CPUs, sockets, cores, threads, memory), for NodeName=."""
-    out = subprocess.run([which("slurmd"), "-C"], capture_output=True, text=True, errors="replace", check=True).stdout
+    out = subprocess.run([which("slurmd"), "-C"], capture_output=True, text=True, check=True).stdout
     first = out.splitlines()[0].split()
     return " ".join(f for f in first if not f.startswith("NodeName="))
 

@@ -52,7 +52,7 @@ def test_two_nodes_train_zero3_over_ssh_and_consolidate(ssh_nodes, tokenizer_dir
 
     consolidated = tmp_path / "model.safetensors"
     done = subprocess.run([str(VENV_BIN / "zerotrain"), "consolidate", str(out / "checkpoints"), str(consolidated)],
-                          cwd=ROOT, capture_output=True, text=True, errors="replace", timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     gathered, final = load_file(consolidated), load_file(out / "final" / "model.safetensors")
     assert final.keys() <= gathered.keys()

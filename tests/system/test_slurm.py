@@ -34,7 +34,7 @@ def submit(cluster, log_dir: Path, args: list[str]) -> str:
     """sbatch from the checkout (as users do), one rank per allocated CPU; the job id."""
     proc = subprocess.run(["sbatch", "--parsable", f"--output={log_dir}/%x-%j.out", "--cpus-per-task=2",
                            str(SLURM_DIR / "pretrain.sbatch"), *args],
-                          cwd=ROOT, env=cluster.env(), capture_output=True, text=True, errors="replace", timeout=60)
+                          cwd=ROOT, env=cluster.env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -122,5 +122,5 @@ def test_batch_scripts_share_one_body():
         assert 'scripts/slurm/common.sh"' in text and f'zt_run {launcher} "$@"' in text
     # outside a job the body refuses to run, saying how to submit
     proc = subprocess.run(["bash", "-c", f'source {SLURM_DIR}/common.sh; zt_run launcher/pretrain.py'],
-                          capture_output=True, text=True, errors="replace", env={"PATH": "/usr/bin:/bin"})
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2 and "not inside a SLURM job" in proc.stderr

@@ -180,7 +180,7 @@ def test_chat_over_a_pipe(model_dir):
     lines = "Hello there\nWhat is your name?\n/reset\nAnd again\n/exit\nnever read\n"
     proc = subprocess.run(["zerotrain", "chat", "--model", str(model_dir), "--system", "Be brief.",
                            "--max-new-tokens", "5", "--temperature", "0.7", "--top-k", "20"],
-                          input=lines, capture_output=True, text=True, errors="replace", env=env, timeout=300)
+                          input=lines, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("assistant> ") == 3
     assert "you> What is your name?" in proc.stdout and "(history cleared)" in proc.stdout
