@@ -49,7 +49,9 @@ def seconds(s: float) -> str:
 
 def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
     """(train records, validation records) of a run's metrics.jsonl."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from engine.plot import read_metrics as metrics_records
+
+    records = metrics_records(run)
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
 
 
