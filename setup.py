@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="DeepSpeed ZeRO 0-3 pretraining and SFT (full and LoRA) for GPT-style language models",
     python_requires=">=3.10",
-    packages=["engine", "model"],
+    packages=["common", "engine", "model"],
     # torch is installed first by `make install` (the CPU build here, CUDA on GPU machines);
     # a range it satisfies keeps pip from pulling another build.
     install_requires=[

@@ -9,34 +9,22 @@ rank has finished. Only then is `latest` replaced (temporary name, then rename).
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import shutil
-import signal
 import warnings
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from common.errors import ZerotrainError
+from common.publish import remove, temporary_name, put_in_place, write_text
 from engine.distributed import comm_device
-from engine.ds_checkpoint import SIDECAR
-from engine.errors import ZerotrainError
-
-TAG_RE = re.compile(r"^global_step(\d+)$")
-
-
-def tag_name(step: int) -> str:
-    return f"global_step{step}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from engine.run_dir import LATEST, SIDECAR, TAG_RE, tag_name, universal_dir, zerotrain_tags
+from engine.sidecar import Sidecar
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,15 +71,16 @@ def check_free_space(ckpt_dir: Path, needed: int) -> None:
                              "free some space or lower --keep-last (earlier checkpoints are intact)")
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], sidecar: dict[str, Any],
-         keep_last: int, estimated_bytes: int) -> Path:
-    """Save a checkpoint on every rank (collective); returns the tag folder.
+def save(engine, ckpt_dir: Path, client_state: dict[str, Any], sidecar: Sidecar, keep_last: int,
+         estimated_bytes: int, after_shards: Callable[[Path], None] | None = None) -> Path:
+    """Save a checkpoint of step `sidecar.step` on every rank (collective); returns the tag folder.
 
     `estimated_bytes` sizes the first checkpoint; later ones are assumed as big as the last.
+    `after_shards(tag_dir)` runs on every rank once DeepSpeed's files are written (a test hook).
     """
     import torch.distributed as dist
 
-    tag = tag_name(step)
+    tag = tag_name(sidecar.step)
     tag_dir = ckpt_dir / tag
     rank = dist.get_rank()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -103,19 +92,19 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], sideca
     dist.barrier()
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        if os.environ.get("ZEROTRAIN_FAULT_KILL_IN_SAVE") == str(step) and rank == 0:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: die with the shards half done
-        tmp = tag_dir / f".rng_state_{rank}.pt.tmp"
+        if after_shards is not None:
+            after_shards(tag_dir)
+        target = tag_dir / f"rng_state_{rank}.pt"
+        tmp = temporary_name(target)
         torch.save(rng_state(), tmp)
-        os.replace(tmp, tag_dir / f"rng_state_{rank}.pt")
+        os.replace(tmp, target)
     except OSError as e:
         raise ZerotrainError(f"writing checkpoint {tag_dir} failed on rank {rank}: {e.strerror or e} "
                              f"({e.filename or tag_dir}); the earlier checkpoints are intact") from e
     dist.barrier()
     if rank == 0:
-        sidecar = dict(sidecar, files=manifest(tag_dir))
-        _atomic_write(tag_dir / SIDECAR, json.dumps(sidecar, indent=2, default=str))
-        _atomic_write(ckpt_dir / "latest", tag)
+        replace(sidecar, files=manifest(tag_dir)).write(tag_dir)
+        write_text(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep_last)
     dist.barrier()
     return tag_dir
@@ -127,14 +116,6 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
     for tag in zerotrain_tags(ckpt_dir)[:-keep_last]:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
         shutil.rmtree(universal_dir(ckpt_dir / tag), ignore_errors=True)
-
-
-def zerotrain_tags(ckpt_dir: Path) -> list[str]:
-    """global_stepN folders, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
-    return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
 
 
 def tag_problems(tag_dir: Path) -> list[str]:
@@ -195,11 +176,10 @@ def check_loadable(tag_dir: Path) -> None:
 
 
 def saved_world_size(tag_dir: Path) -> int:
-    return int(json.loads((tag_dir / SIDECAR).read_text())["world_size"])
-
-
-def universal_dir(tag_dir: Path) -> Path:
-    return tag_dir.with_name(tag_dir.name + "_universal")
+    sidecar = Sidecar.read(tag_dir)
+    if sidecar is None:
+        raise ZerotrainError(f"{tag_dir / SIDECAR} is missing: {tag_dir} was not written (completely) by zerotrain")
+    return sidecar.world_size
 
 
 def make_universal(tag_dir: Path) -> Path:
@@ -211,20 +191,17 @@ def make_universal(tag_dir: Path) -> Path:
     target = universal_dir(tag_dir)
     if (target / SIDECAR).is_file():
         return target
-    tmp = tag_dir.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_name(target)
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
                            "--num_merge_workers", "1"], capture_output=True, text=True, errors="replace")
     if proc.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise ZerotrainError(f"converting {tag_dir} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
     for path in tag_dir.glob("rng_state_*.pt"):
         shutil.copy2(path, tmp / path.name)
     shutil.copy2(tag_dir / SIDECAR, tmp / SIDECAR)  # last: marks the conversion complete
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    put_in_place(tmp, target)
     return target
 
 

@@ -20,7 +20,7 @@ import json
 import sys
 from typing import Callable
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:

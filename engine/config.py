@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MONITORS = ("tensorboard", "csv", "wandb")

@@ -16,7 +16,6 @@ import collections
 import io
 import json
 import math
-import os
 import pickle
 import re
 import shutil
@@ -31,7 +30,9 @@ from torch.utils.serialization import config as serialization_config
 
 from engine.ds_checkpoint import (DTYPE_NAMES, Checkpoint, CheckpointInfo, TensorSource, describe, list_tags,
                                   load_checkpoint, resolve_tag, state_dict_sources)
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
+from common.publish import publishing
+from engine.run_dir import SIDECAR, RunDir, is_checkpoint_dir, is_tag_dir, resolve
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAFETENSORS_DTYPES = {
@@ -240,33 +241,11 @@ def write_hf_dir(entries: list[Entry], out_dir: Path, target: torch.dtype | None
 
 @contextmanager
 def _staged(output: Path, overwrite: bool, is_dir: bool) -> Iterator[Path]:
-    """Yield a temporary path beside `output`; rename it to `output` only if the body succeeds."""
+    """A temporary path beside `output`, put in place of `output` only if the body succeeds."""
     if output.exists() and not overwrite:
         raise ZerotrainError(f"{output} already exists; remove it, choose another path, or pass --overwrite")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    _remove(tmp)
-    if is_dir:
-        tmp.mkdir()
-    try:
+    with publishing(output, directory=is_dir) as tmp:
         yield tmp
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.rename(output, old)
-            os.rename(tmp, output)
-            _remove(old)
-        else:
-            os.rename(tmp, output)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def _output_kind(output: Path) -> str:
@@ -337,8 +316,8 @@ def lora_settings(ckpt_root: Path | None, ckpt: Checkpoint | None, *, lora_alpha
         if not path.is_file():
             raise ZerotrainError(f"--adapter-config {adapter_config}: no such file")
         config, source = _read_json(path), str(path)
-    elif ckpt is not None and isinstance((ckpt.zerotrain or {}).get("lora"), dict):
-        config, source = dict(ckpt.zerotrain["lora"]), str(ckpt.info.path / "zerotrain.json")
+    elif ckpt is not None and ckpt.sidecar is not None and ckpt.sidecar.lora:
+        config, source = dict(ckpt.sidecar.lora), str(ckpt.info.path / SIDECAR)
     elif ckpt_root is not None and (ckpt_root / "adapter_config.json").is_file():
         config, source = _read_json(ckpt_root / "adapter_config.json"), str(ckpt_root / "adapter_config.json")
     if lora_alpha is not None:
@@ -531,11 +510,11 @@ def find_model_config(ckpt_root: Path, ckpt: Checkpoint | None, entries: list[En
         return _preset_config(preset, entries)
     if (ckpt_root / "config.json").is_file():
         return _load_config_json(ckpt_root / "config.json"), str(ckpt_root / "config.json")
-    model_config = (ckpt.zerotrain or {}).get("model_config") if ckpt else None
-    if isinstance(model_config, dict) and "model_type" in model_config:
+    model_config = ckpt.sidecar.model_config if ckpt and ckpt.sidecar else None
+    if model_config and "model_type" in model_config:
         from transformers import AutoConfig
 
-        return AutoConfig.for_model(**model_config), str(ckpt.info.path / "zerotrain.json")
+        return AutoConfig.for_model(**model_config), str(ckpt.info.path / SIDECAR)
     if (ckpt_root.parent / "config.json").is_file():
         return _load_config_json(ckpt_root.parent / "config.json"), str(ckpt_root.parent / "config.json")
     if default_preset:
@@ -569,7 +548,7 @@ def _check_against_config(entries: list[Entry], model_config, where: str) -> Non
 
 def _tokenizer_source(ckpt_root: Path, ckpt: Checkpoint | None) -> Path | None:
     candidates = [ckpt_root, ckpt_root.parent / "tokenizer"]
-    path = (((ckpt.zerotrain or {}).get("config") or {}).get("model") or {}).get("tokenizer") if ckpt else None
+    path = ckpt.sidecar.tokenizer if ckpt and ckpt.sidecar else None
     if path:
         candidates.append(Path(path))
     for c in candidates:
@@ -750,12 +729,10 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
     """Fold a PEFT LoRA adapter into a base model (HF dir or .pth/.safetensors), tensor by tensor."""
     out, kind, target, shard_bytes = _output_plan(output, dtype, max_shard_size, overwrite)
     # run directories stand for what their final/ holds: RUN/final (base), RUN/final/adapter
-    base_path = _in_run_dir(Path(base), "final", marker="config.json")
-    adapter_path = _in_run_dir(Path(adapter), "final/adapter", "adapter", marker="adapter_config.json")
+    base_path = resolve(base, ("hf", "weights", "state_dict"), "BASE").path
+    adapter_path = resolve(adapter, ("adapter",), "ADAPTER").path
     base_tensors, base_aliases = _model_sources(base_path, trust_pickle)
     config_file = adapter_path / "adapter_config.json"
-    if not config_file.is_file():
-        raise ZerotrainError(f"{adapter_path} is not a PEFT adapter directory (no adapter_config.json)")
     settings = lora_settings(None, None, adapter_config=str(config_file))
     if settings.config.get("peft_type", "LORA") != "LORA" or settings.config.get("use_dora"):
         raise ZerotrainError(f"{config_file}: only plain LoRA adapters can be merged (peft_type "
@@ -812,13 +789,6 @@ def _cast_to(e: Entry, dtype: torch.dtype | None) -> Entry:
     return Entry(e.name, e.shape, dtype, lambda into=None: e.produce(None).to(dtype))
 
 
-def _in_run_dir(path: Path, *subdirs: str, marker: str) -> Path:
-    """`path`, or the first of its `subdirs` holding `marker` when `path` is a directory without it."""
-    if path.is_dir() and not (path / marker).is_file():
-        return next((path / d for d in subdirs if (path / d / marker).is_file()), path)
-    return path
-
-
 def _model_sources(path: Path, trust_pickle: bool) -> tuple[dict[str, TensorSource], dict[str, str]]:
     """The tensors of a model: an HF directory (safetensors or pytorch_model.bin, sharded or not) or
     one .safetensors / .pth file."""
@@ -849,7 +819,9 @@ def inspect(ckpt_dir: str, *, trust_pickle: bool = False) -> tuple[str | None, l
     root = Path(ckpt_dir)
     if not root.is_dir():
         raise ZerotrainError(f"checkpoint directory {root} does not exist")
-    if any(root.glob("*model_states.pt")):
+    if is_checkpoint_dir(RunDir(root).checkpoints):
+        root = resolve(root, ("deepspeed",), "CKPT_DIR").path
+    if is_tag_dir(root):
         return None, [describe(root, trust_pickle=trust_pickle)]
     tags = list_tags(root)
     if not tags:

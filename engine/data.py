@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -28,7 +25,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
+from common.publish import publishing
 
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
@@ -423,8 +421,8 @@ def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, 
             val_fraction: float = 0.01, skip_bad_lines: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Tokenize `inputs` into `output_dir` (reused as is when nothing changed); return its meta.
 
-    The directory is built under a temporary name and renamed into place, so a crash never
-    leaves a half-written one behind.
+    The directory is built under a temporary name and put in place once complete
+    (common.publish), so a crash never leaves a half-written one behind.
     """
     if kind not in ("pretrain", "sft"):
         raise ZerotrainError(f"unknown data kind '{kind}': use pretrain or sft")
@@ -443,43 +441,25 @@ def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, 
     from model.tokenizer import tokenizer_fingerprint
     from tqdm import tqdm
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     stats = ReadStats()
     bar = tqdm(desc=f"prepare {kind}", unit=" docs" if kind == "pretrain" else " convs", disable=not show_progress)
     try:
-        writer = _write_pretrain if kind == "pretrain" else _write_sft
-        args = (seq_len,) if kind == "sft" else ()
-        splits = writer(list(map(str, inputs)), tokenizer, tmp, *args, val_fraction, skip_bad_lines,
-                        stats, bar.update)
-        meta = {"format_version": FORMAT_VERSION, "key": key, "kind": kind,
-                "dtype": str(_token_dtype(len(tokenizer))), "vocab_size": len(tokenizer),
-                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "seq_len": seq_len if kind == "sft" else None,
-                "val_fraction": val_fraction, "sources": sources, "splits": splits, "stats": stats.to_dict()}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        _swap_into_place(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # Another rank or node preparing the same data at once is harmless: the two results are
+        # identical, and whichever lands last replaces the other in one step.
+        with publishing(output_dir, directory=True) as tmp:
+            writer = _write_pretrain if kind == "pretrain" else _write_sft
+            args = (seq_len,) if kind == "sft" else ()
+            splits = writer(list(map(str, inputs)), tokenizer, tmp, *args, val_fraction, skip_bad_lines,
+                            stats, bar.update)
+            meta = {"format_version": FORMAT_VERSION, "key": key, "kind": kind,
+                    "dtype": str(_token_dtype(len(tokenizer))), "vocab_size": len(tokenizer),
+                    "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                    "seq_len": seq_len if kind == "sft" else None, "val_fraction": val_fraction,
+                    "sources": sources, "splits": splits, "stats": stats.to_dict()}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     finally:
         bar.close()
     return meta
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename `tmp` to `target`; an older `target` is removed only once the new one is complete."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another rank or node finished the same preparation first
-            if not (target / "meta.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare_cached(kind: str, inputs: list[str], tokenizer, cache_dir: str | Path, *, seq_len: int,

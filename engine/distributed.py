@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 
 
 def world() -> tuple[int, int, int]:
@@ -40,7 +40,9 @@ def init_distributed(local_rank: int) -> None:
 def on_rank0(work, rank: int, what: str):
     """Run `work` on (local) rank 0 while the others wait; its result on rank 0, None elsewhere.
 
-    An error on rank 0 reaches every rank (instead of leaving them blocked in a barrier).
+    Any exception on rank 0 reaches every rank at once (instead of leaving them blocked in a
+    collective until the process-group timeout): rank 0 re-raises it, the others raise a
+    ZerotrainError that points at rank 0's log.
     """
     import torch.distributed as dist
 
@@ -48,7 +50,7 @@ def on_rank0(work, rank: int, what: str):
     if rank == 0:
         try:
             result = work()
-        except ZerotrainError as e:
+        except BaseException as e:  # noqa: BLE001 - every failure must be announced, then re-raised
             error = e
     failed = torch.tensor([float(error is not None)], device=comm_device())
     dist.all_reduce(failed)  # doubles as the barrier

@@ -43,7 +43,9 @@ from typing import Any
 
 import torch
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
+from engine.run_dir import RunDir, is_checkpoint_dir, is_tag_dir, resolve
+from engine.sidecar import Sidecar
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -248,8 +250,7 @@ def list_tags(ckpt_dir: str | os.PathLike) -> list[str]:
     root = Path(ckpt_dir)
     if not root.is_dir():
         return []
-    tags = [p.name for p in root.iterdir()
-            if p.is_dir() and any(p.glob("*model_states.pt")) and not _is_universal(p)]
+    tags = [p.name for p in root.iterdir() if is_tag_dir(p) and not _is_universal(p)]
     return sorted(tags, key=_tag_key)
 
 
@@ -266,12 +267,15 @@ def _tag_key(tag: str) -> tuple:
 def resolve_tag(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path:
     """The tag folder to read: `tag` if given, else the one `latest` names.
 
-    CKPT_DIR may also be a tag folder itself (it holds *_model_states.pt) when no tag is given.
+    CKPT_DIR may also be a tag folder itself (it holds *_model_states.pt) when no tag is given, or
+    a zerotrain run directory (its checkpoints/).
     """
     root = Path(ckpt_dir)
     if not root.is_dir():
         raise ZerotrainError(f"checkpoint directory {root} does not exist")
-    if tag is None and any(root.glob("*model_states.pt")):
+    if is_checkpoint_dir(RunDir(root).checkpoints):
+        root = resolve(root, ("deepspeed",), "CKPT_DIR").path
+    if tag is None and is_tag_dir(root):
         return root
     tags = list_tags(root)
     available = f"available tags: {', '.join(tags)}" if tags else "it holds no checkpoint tags"
@@ -421,9 +425,6 @@ def describe(tag_dir: str | os.PathLike, *, trust_pickle: bool = False) -> Check
     return info
 
 
-SIDECAR = "zerotrain.json"  # what zerotrain writes beside the shards (last, with a file manifest)
-
-
 def file_fingerprint(path: Path) -> str:
     """Size plus a hash of the last MiB: a torch zip file ends with its central directory, which
     holds the CRC-32 of every record, so this changes with any tensor's contents."""
@@ -436,11 +437,11 @@ def file_fingerprint(path: Path) -> str:
 
 def manifest_problems(tag_dir: Path) -> list[str]:
     """Files that differ from the manifest zerotrain records when it saves (none for foreign checkpoints)."""
-    sidecar = tag_dir / SIDECAR
-    if not sidecar.is_file():
+    sidecar = Sidecar.read(tag_dir)
+    if sidecar is None:
         return []
     problems = []
-    for name, fingerprint in json.loads(sidecar.read_text()).get("files", {}).items():
+    for name, fingerprint in sidecar.files.items():
         path = tag_dir / name
         if not path.is_file():
             problems.append(f"{path} is missing")
@@ -548,7 +549,7 @@ class Checkpoint:
     aliases: dict[str, str]
     """Tied names -> the name whose data they share (e.g. lm_head.weight -> model.embed_tokens.weight)."""
     notes: list[str] = field(default_factory=list)
-    zerotrain: dict | None = None
+    sidecar: Sidecar | None = None
     """The tag's zerotrain.json, when zerotrain wrote it."""
 
 
@@ -576,19 +577,13 @@ def load_checkpoint(tag_dir: str | os.PathLike, *, trust_pickle: bool = False) -
                 raise ZerotrainError(f"{tag_dir}: fp32 master of {name} has shape {src.shape} but the module's "
                                      f"weight has {tensors[name].shape} (checkpoint layout not understood)")
             tensors[name] = src
-    zerotrain = None
-    if (tag_dir / SIDECAR).is_file():
-        try:
-            zerotrain = json.loads((tag_dir / SIDECAR).read_text())
-        except json.JSONDecodeError as e:
-            raise ZerotrainError(f"{tag_dir / SIDECAR} is not valid JSON: {e}") from None
     tensors = {strip_wrappers(k): v for k, v in tensors.items()}
     aliases = {strip_wrappers(k): strip_wrappers(v) for k, v in aliases.items()}
     for alias, target in list(aliases.items()):
         if target not in tensors:
             del aliases[alias]
         tensors.pop(alias, None)
-    return Checkpoint(info, tensors, aliases, notes, zerotrain)
+    return Checkpoint(info, tensors, aliases, notes, Sidecar.read(tag_dir))
 
 
 def strip_wrappers(name: str) -> str:

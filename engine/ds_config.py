@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from engine.config import Config
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 DEFAULT_STAGE = 2

@@ -16,7 +16,8 @@ from typing import IO, Any
 import torch
 import torch.nn.functional as F
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
+from engine.run_dir import resolve
 
 Messages = list[dict[str, str]]
 
@@ -25,19 +26,7 @@ Messages = list[dict[str, str]]
 
 def resolve_model_dir(path: str | Path) -> Path:
     """An HF model directory: `path` itself, or `path/final` for a zerotrain run directory."""
-    path = Path(path)
-    if not path.exists():
-        raise ZerotrainError(f"model directory {path} does not exist; pass an HF model directory "
-                             "(save_pretrained) or a zerotrain run directory (its final/ is used)")
-    if (path / "config.json").is_file():
-        return path
-    if (path / "final" / "config.json").is_file():
-        return path / "final"
-    if (path / "checkpoints").is_dir():
-        raise ZerotrainError(f"run directory {path} has no final/ model yet; finish the run, or turn a "
-                             f"checkpoint into one with `zerotrain consolidate {path / 'checkpoints'} OUT_DIR`")
-    raise ZerotrainError(f"{path} is not a model directory (no config.json, no final/config.json); "
-                         "pass an HF model directory or a zerotrain run directory")
+    return resolve(path, ("hf",), "model directory").path
 
 
 def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,

@@ -1,8 +1,8 @@
 """The model a run trains: from a preset or any earlier output (--init-from), optionally LoRA-wrapped.
 
 --init-from takes an HF model directory, a .pth/.safetensors state dict (shaped like --preset),
-a run directory (its final/, else its checkpoints/), or a DeepSpeed checkpoint directory
-(consolidated on the fly, any ZeRO stage). The tokenizer comes with the source unless
+a run directory (its final/, else its checkpoints/), or a DeepSpeed checkpoint directory (any
+ZeRO stage); engine.run_dir.resolve says which. The tokenizer comes with the source unless
 --tokenizer names one.
 """
 
@@ -10,73 +10,29 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.errors import ZerotrainError
+from common.publish import publishing
 from engine.config import Config
-from engine.errors import ZerotrainError
+from engine.run_dir import Resolved, resolve
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-@dataclass
-class InitSource:
-    """Where initial weights come from: kind is preset, hf, state_dict or deepspeed."""
-
-    kind: str
-    path: Path | None = None
-    tokenizer: Path | None = None
-    tag: str | None = None
-
-
-def _has_tokenizer(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in TOKENIZER_FILES)
-
-
-def _is_ds_checkpoint(directory: Path) -> bool:
-    return (directory / "latest").is_file() or any(p.name.startswith("global_step") for p in directory.iterdir())
-
-
-def resolve_init_from(init_from: str) -> InitSource:
-    """Classify --init-from, failing early with a clear message."""
+def resolve_init_from(init_from: str) -> Resolved | None:
+    """What --init-from names (None: a fresh model from the preset), failing early with a clear message."""
     if not init_from:
-        return InitSource("preset")
-    path = Path(init_from)
-    if not path.exists():
-        raise ZerotrainError(f"--init-from {path} does not exist")
-    if path.is_file():
-        if path.suffix not in (".pth", ".pt", ".safetensors"):
-            raise ZerotrainError(f"--init-from {path}: a file must be a .pth, .pt or .safetensors state dict")
-        return InitSource("state_dict", path, path.parent if _has_tokenizer(path.parent) else None)
-    if (path / "config.json").is_file():
-        return InitSource("hf", path, path if _has_tokenizer(path) else None)
-    if (path / "final" / "config.json").is_file():  # a run directory
-        return InitSource("hf", path / "final", path / "final" if _has_tokenizer(path / "final") else None)
-    if path.name.startswith("global_step") and _is_ds_checkpoint(path.parent):
-        return _ds_source(path.parent, path.name)
-    if _is_ds_checkpoint(path):
-        return _ds_source(path, None)
-    if (path / "checkpoints").is_dir() and _is_ds_checkpoint(path / "checkpoints"):
-        return _ds_source(path / "checkpoints", None)
-    raise ZerotrainError(f"--init-from {path}: not an HF model directory (config.json), a run directory (final/ or "
-                         "checkpoints/), or a DeepSpeed checkpoint directory (latest, global_stepN/)")
+        return None
+    return resolve(init_from, ("hf", "state_dict", "deepspeed"), "--init-from")
 
 
-def _ds_source(ckpt_dir: Path, tag: str | None) -> InitSource:
-    run_tokenizer = ckpt_dir.parent / "tokenizer"
-    tokenizer = ckpt_dir if _has_tokenizer(ckpt_dir) else run_tokenizer if _has_tokenizer(run_tokenizer) else None
-    return InitSource("deepspeed", ckpt_dir, tokenizer, tag)
-
-
-def tokenizer_path(cfg: Config, source: InitSource) -> str:
+def tokenizer_path(cfg: Config, source: Resolved | None) -> str:
     if cfg.model.tokenizer:
         return cfg.model.tokenizer
-    if source.tokenizer is not None:
+    if source is not None and source.tokenizer is not None:
         return str(source.tokenizer)
-    where = f" ({source.path} has none)" if source.path else ""
+    where = f" ({source.path} has none)" if source is not None else ""
     raise ZerotrainError(f"--tokenizer is required{where}: an HF tokenizer directory or sentencepiece .model "
                          "(train one with `zerotrain train-tokenizer`)")
 
@@ -91,12 +47,12 @@ def lora_target_modules(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def build_base_model(cfg: Config, source: InitSource, vocab_size: int, context: int) -> torch.nn.Module:
+def build_base_model(cfg: Config, source: Resolved | None, vocab_size: int, context: int) -> torch.nn.Module:
     """The (not yet LoRA-wrapped) model: random from the preset, or loaded from the source."""
     from model.build import build_model
 
     attn = cfg.model.attn_implementation
-    if source.kind == "preset":
+    if source is None:
         return build_model(cfg.model.preset, vocab_size=vocab_size, max_seq_len=context, attn_implementation=attn)
     if source.kind == "state_dict":
         return build_model(str(source.path), preset=cfg.model.preset, vocab_size=vocab_size, max_seq_len=context,
@@ -159,13 +115,10 @@ def save_adapter(peft_model, state_dict: dict[str, torch.Tensor], out_dir: Path)
     adapter = get_peft_model_state_dict(peft_model, state_dict=state_dict, save_embedding_layers=False)
     if not adapter:
         raise ZerotrainError("the LoRA adapter came out empty; this is a bug, please report it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-    peft_model.peft_config["default"].save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with publishing(out_dir, directory=True) as tmp:
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        peft_model.peft_config["default"].save_pretrained(str(tmp))
 
 
 def merged_model(peft_model, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:

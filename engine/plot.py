@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
+from common.publish import publishing
 
 # (metrics.jsonl key, panel title, y-axis label)
 PANELS = (("loss", "training loss", "loss"),
@@ -130,14 +130,6 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
         ax.set_xlabel("step")
     fig.suptitle(title or ("training curves: " + ", ".join(r.label for r in runs)))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".png", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with publishing(out) as tmp:
+        fig.savefig(tmp, format="png")
     return runs

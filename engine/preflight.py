@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 
 DEFAULT_MASTER_PORT = 29500  # deepspeed's and torchrun's default
 RESULT_TAG = "ZEROTRAIN_PREFLIGHT"

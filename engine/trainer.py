@@ -31,7 +31,9 @@ from engine.data import (IGNORE_INDEX, BatchLoader, DataSource, MixedDataset, Pr
                          prepare_cached, read_meta)
 from engine.ds_config import fill_ds_config, load_ds_config, resolve_precision, zero_stage
 from engine.distributed import init_distributed, on_rank0, world
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
+from engine.run_dir import zerotrain_tags
+from engine.sidecar import Sidecar
 from engine.modeling import (build_base_model, lora_record, merged_model, resolve_init_from, save_adapter,
                              tokenizer_path, wrap_lora)
 
@@ -129,7 +131,7 @@ def check_output_dir(cfg: Config, run_dir: Path) -> None:
     """Refuse a run directory that holds another run's checkpoints (or any, with --resume never)."""
     import yaml
 
-    ckpts = checkpoint.zerotrain_tags(run_dir / "checkpoints")
+    ckpts = zerotrain_tags(run_dir / "checkpoints")
     if not ckpts:
         return
     if cfg.checkpoint.resume == "never":
@@ -379,11 +381,10 @@ class Trainer:
     def save(self) -> Path:
         client = {"zerotrain": {"state": self.state.state_dict(), "loader": self.loader.state_dict(),
                                 "config": self.cfg.to_dict()}}
-        sidecar = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "kind": self.kind,
-                   "zero_stage": zero_stage(self.ds_config), "world_size": self.world_size,
-                   "precision": self.precision, "config": self.cfg.to_dict(),
-                   "model_config": self.model_config.to_dict(), "lora": self.lora}
-        tag = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, sidecar, self.cfg.checkpoint.keep_last,
+        sidecar = Sidecar(step=self.state.step, tokens_seen=self.state.tokens_seen, kind=self.kind,
+                          zero_stage=zero_stage(self.ds_config), world_size=self.world_size, precision=self.precision,
+                          config=self.cfg.to_dict(), model_config=self.model_config.to_dict(), lora=self.lora)
+        tag = checkpoint.save(self.engine, self.ckpt_dir, client, sidecar, self.cfg.checkpoint.keep_last,
                               estimated_bytes=self.checkpoint_estimate)
         if self.lora:
             self.save_adapter(tag / "adapter" if self.rank == 0 else None)

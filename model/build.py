@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 from model.presets import PRESETS, did_you_mean, preset_config, preset_names
 
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")

@@ -11,7 +11,7 @@ import difflib
 from huggingface_hub.errors import StrictDataclassError
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {"llama": LlamaConfig, "gpt2": GPT2Config}
 

@@ -2,8 +2,6 @@
 
 import hashlib
 import json
-import shutil
-import tempfile
 import types
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,7 +10,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import SpmConverter, generate_merges
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
+from common.publish import publishing
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2
@@ -66,25 +65,10 @@ def train_tokenizer(
         clean_up_tokenization_spaces=False,
     )
 
-    # Save next to the target and swap it in only once complete, so an interrupted run never
+    # Saved under a temporary name and put in place once complete: an interrupted run never
     # leaves a half-written tokenizer (or destroys the previous one).
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
+    with publishing(output, directory=True) as staging:
         wrapped.save_pretrained(staging)
-        if output.exists():
-            old = output.with_name(f"{staging.name}-old")
-            output.rename(old)
-            try:
-                staging.rename(output)
-            except OSError:
-                old.rename(output)
-                raise
-            shutil.rmtree(old)
-        else:
-            staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return wrapped
 
 

@@ -14,7 +14,6 @@ import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -272,11 +271,9 @@ def write_report(run_dir: Path, total_seconds: float | None = None, quick: bool 
                     artifacts(run_dir), configs(run_dir)):
         lines += section
     out = run_dir / "REPORT.md"
-    fd, tmp = tempfile.mkstemp(prefix=".REPORT.md.tmp-", dir=run_dir)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines).rstrip() + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
+    from common.publish import write_text
+
+    write_text(out, "\n".join(lines).rstrip() + "\n")
     return out
 
 

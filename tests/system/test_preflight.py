@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 from engine.preflight import Host, Probe, judge, read_hostfile
 from tests.helpers import ROOT, VENV_BIN, free_port
 

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from engine.config import Config, parse_config
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 
 
 def test_flags_fill_every_section():

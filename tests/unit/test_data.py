@@ -8,7 +8,7 @@ import torch
 from engine.data import (IGNORE_INDEX, BatchLoader, PretrainDataset, ReadStats, SFTDataset, ShardedSampler,
                          collate_packed, collate_pad, collate_stack, encode_chat, eval_batches, prepare,
                          read_conversations, read_documents)
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 from tests.conftest import SAMPLES
 
 SHAREGPT = SAMPLES / "sharegpt_identity_500.json"

@@ -4,7 +4,7 @@ import pytest
 
 from engine.config import parse_config
 from engine.ds_config import DS_CONFIG_DIR, fill_ds_config, load_ds_config, resolve_precision
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 from engine.trainer import lr_lambda, param_groups
 
 

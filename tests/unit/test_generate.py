@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from engine.cli import main
 from engine.data import IGNORE_INDEX, encode_chat
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 from engine.generate import detect_kind, evaluate, generate, load_for_inference, resolve_model_dir
 from model.build import build_model
 

@@ -5,7 +5,7 @@ import safetensors.torch
 import torch
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 from model import flops
 from model.build import build_model, count_parameters, load_state_dict_file
 from model.flops import PEAK_FLOPS, device_peak_flops, flops_per_token, matmul_params, mfu

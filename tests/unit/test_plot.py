@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 from engine.plot import plot_runs, read_metrics, run_curves, run_labels
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

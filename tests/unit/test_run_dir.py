@@ -2,7 +2,7 @@ import pytest
 
 from engine.checkpoint import find_resume_tag
 from engine.config import parse_config
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 from engine.trainer import check_output_dir
 
 

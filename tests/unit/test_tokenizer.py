@@ -7,7 +7,7 @@ import pytest
 import sentencepiece
 from transformers import AutoTokenizer
 
-from engine.errors import ZerotrainError
+from common.errors import ZerotrainError
 from model.tokenizer import CHAT_TEMPLATE, load_tokenizer, tokenizer_fingerprint, train_tokenizer
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples"

@@ -1,0 +1,189 @@
+"""The run directory: the one place that knows its layout, and what a path a user passes stands for.
+
+    RUN/config.yaml          the resolved config, written at start
+    RUN/tokenizer/           the tokenizer the run uses (HF format)
+    RUN/metrics.jsonl        one JSON object per logged step
+    RUN/checkpoints/         DeepSpeed's save_checkpoint dir: latest, global_stepN/ (+ _universal)
+        global_stepN/zerotrain.json   the sidecar, written last (engine.sidecar)
+    RUN/final/               the trained model in HF format, with the tokenizer
+    RUN/final/adapter/       LoRA runs: the PEFT adapter
+
+Every command that takes a model, an adapter or a checkpoint accepts a run directory for it, and
+`resolve` turns what the user passed into what the command reads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from common.errors import ZerotrainError
+
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+FINAL = "final"
+ADAPTER = "adapter"
+SIDECAR = "zerotrain.json"
+UNIVERSAL_SUFFIX = "_universal"
+
+TAG_RE = re.compile(r"^global_step(\d+)$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run directory."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / TOKENIZER
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def final(self) -> Path:
+        return self.root / FINAL
+
+    @property
+    def final_adapter(self) -> Path:
+        return self.root / FINAL / ADAPTER
+
+    def tag(self, step: int) -> Path:
+        return self.checkpoints / tag_name(step)
+
+
+# --------------------------------------------------------------------------- checkpoint tags
+
+def tag_name(step: int) -> str:
+    return f"global_step{step}"
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    """Where DeepSpeed's universal conversion of a tag lives (beside it)."""
+    return tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
+
+
+def zerotrain_tags(ckpt_dir: Path) -> list[str]:
+    """global_stepN folders, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
+    return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+
+
+def is_tag_dir(path: Path) -> bool:
+    """A DeepSpeed checkpoint tag folder (what save_checkpoint writes for one tag)."""
+    return path.is_dir() and any(path.glob("*model_states.pt"))
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A DeepSpeed checkpoint directory (the one given to save_checkpoint): `latest` or tag folders."""
+    return path.is_dir() and ((path / LATEST).is_file() or any(is_tag_dir(p) for p in path.iterdir()))
+
+
+# --------------------------------------------------------------------------- what a path stands for
+
+Kind = Literal["hf", "weights", "state_dict", "deepspeed", "adapter"]
+DESCRIPTIONS: dict[str, str] = {
+    "hf": "a model directory (HF format, with config.json)",
+    "weights": "a directory of model weights (model.safetensors or pytorch_model.bin)",
+    "state_dict": "a .pth/.pt/.safetensors state dict",
+    "deepspeed": "a DeepSpeed checkpoint directory (latest, global_stepN/) or one of its tag folders",
+    "adapter": "a PEFT adapter directory (adapter_config.json)",
+}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a user-given path stands for: `path` is what to read (for `deepspeed`, the checkpoint
+    directory, with `tag` set when a tag folder was named); `tokenizer` lies beside it, if any."""
+
+    kind: Kind
+    path: Path
+    tokenizer: Path | None = None
+    tag: str | None = None
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return directory.is_dir() and any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _tokenizer_near(*candidates: Path) -> Path | None:
+    return next((c for c in candidates if has_tokenizer(c)), None)
+
+
+def _classify(path: Path) -> Resolved | None:
+    """What `path` itself is, without looking into it as a run directory."""
+    if path.is_file():
+        if path.suffix in STATE_DICT_SUFFIXES:
+            return Resolved("state_dict", path, _tokenizer_near(path.parent))
+        return None
+    if (path / "adapter_config.json").is_file():
+        return Resolved("adapter", path, _tokenizer_near(path))
+    if (path / "config.json").is_file():
+        return Resolved("hf", path, _tokenizer_near(path))
+    if any((path / name).is_file() for name in MODEL_WEIGHT_FILES):
+        return Resolved("weights", path, _tokenizer_near(path))
+    if is_tag_dir(path) and not path.name.endswith(UNIVERSAL_SUFFIX):
+        ckpt_dir = path.parent
+        return Resolved("deepspeed", ckpt_dir, _tokenizer_near(ckpt_dir, ckpt_dir.parent / TOKENIZER), path.name)
+    if is_checkpoint_dir(path):
+        return Resolved("deepspeed", path, _tokenizer_near(path, path.parent / TOKENIZER))
+    return None
+
+
+def resolve(path: str | Path, accept: tuple[Kind, ...], what: str) -> Resolved:
+    """What `path` stands for, among the kinds `accept`ed (in order of preference for a run
+    directory); `what` names the argument in errors ("--init-from", "BASE", ...).
+
+    A run directory stands for its final/ model (hf, weights), its final/adapter/ (adapter) or its
+    checkpoints/ (deepspeed), whichever is accepted and present first. A final/ directory stands
+    for its adapter/ when only adapters are accepted.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ZerotrainError(f"{what} {path} does not exist")
+    found = _classify(path)
+    if found is not None and found.kind in accept:
+        return found
+    if path.is_dir():
+        run = RunDir(path)
+        inside = {"hf": [run.final], "weights": [run.final], "adapter": [run.final_adapter, path / ADAPTER],
+                  "deepspeed": [run.checkpoints], "state_dict": []}
+        for kind in accept:
+            for candidate in inside[kind]:
+                sub = _classify(candidate) if candidate.exists() else None
+                if sub is not None and sub.kind == kind:
+                    if sub.tokenizer is None and has_tokenizer(run.tokenizer):
+                        sub = Resolved(sub.kind, sub.path, run.tokenizer, sub.tag)
+                    return sub
+    wanted = ", ".join(DESCRIPTIONS[k] for k in accept)
+    run = RunDir(path)
+    if path.is_dir() and (run.config.is_file() or run.checkpoints.is_dir()) and not run.final.is_dir():
+        raise ZerotrainError(f"{what}: run directory {path} has no {FINAL}/ model yet; finish the run, or turn a "
+                             f"checkpoint into a model with `zerotrain consolidate {run.checkpoints} OUT_DIR`")
+    it_is = f" (it is {DESCRIPTIONS[found.kind]})" if found is not None else ""
+    raise ZerotrainError(f"{what} {path} is not {wanted}, nor a zerotrain run directory holding one{it_is}")
