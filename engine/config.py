@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from common.errors import ZerotrainError
+from common.publish import write_text
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MONITORS = ("tensorboard", "csv", "wandb")
@@ -271,10 +272,7 @@ class Config:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML (temporary name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "Config":

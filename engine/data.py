@@ -179,6 +179,23 @@ SFT_SHAPES = ("ShareGPT {conversations: [{from, value}], system?}, OpenAI {messa
               "Alpaca seed {instruction, instances: [{input, output}]}")
 
 
+def detect_kind(paths: list[str]) -> str:
+    """sft for .json files and .jsonl/.parquet whose first record is a conversation, else pretrain."""
+    kinds = set()
+    for path in map(Path, paths):
+        if path.suffix == ".json":
+            kinds.add("sft")
+        elif path.suffix in (".jsonl", ".parquet") and path.is_file():
+            first = next(_json_records(path, True, ReadStats()), (None, None))[1]
+            kinds.add("sft" if _detect_sft_format(first) else "pretrain")
+        else:
+            kinds.add("pretrain")  # .txt, or a missing/unsupported file that prepare() will name
+    if len(kinds) > 1:
+        raise ZerotrainError(f"{', '.join(paths)} mix pretraining text and SFT conversations; "
+                             "evaluate them separately or pass --kind")
+    return kinds.pop()
+
+
 def _turns(record: dict, key: str, role_key: str, text_key: str, where: str) -> list[dict[str, str]]:
     messages = []
     system = record.get("system")

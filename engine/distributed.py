@@ -4,15 +4,27 @@ tensors live, and how rank 0 does one-off work while the others wait."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from common.errors import ZerotrainError
 
 
-def world() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from the launcher's environment (1 rank under plain python)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+
+def world() -> World:
+    """The launcher's environment (torchrun, deepspeed, srun via the sbatch scripts); a world of one
+    under plain python."""
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                 int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def comm_device() -> torch.device:
@@ -59,3 +71,12 @@ def on_rank0(work, rank: int, what: str):
     if failed.item():
         raise ZerotrainError(f"{what} failed on another rank; its log has the error")
     return result
+
+
+def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum named numbers over every rank in one collective (float64, so token counts stay exact)."""
+    import torch.distributed as dist
+
+    packed = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(packed)
+    return dict(zip(values, packed.tolist()))

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-import torch.nn.functional as F
 
 from common.errors import ZerotrainError
 from engine.run_dir import resolve
@@ -197,25 +196,6 @@ def _fit_history(model: torch.nn.Module, tokenizer, history: Messages, keep: int
 
 # --------------------------------------------------------------------------- evaluation
 
-def detect_kind(paths: list[str]) -> str:
-    """sft for .json files and .jsonl/.parquet whose first record is a conversation, else pretrain."""
-    from engine.data import ReadStats, _detect_sft_format, _json_records
-
-    kinds = set()
-    for path in map(Path, paths):
-        if path.suffix == ".json":
-            kinds.add("sft")
-        elif path.suffix in (".jsonl", ".parquet") and path.is_file():
-            first = next(_json_records(path, True, ReadStats()), (None, None))[1]
-            kinds.add("sft" if _detect_sft_format(first) else "pretrain")
-        else:
-            kinds.add("pretrain")  # .txt, or a missing/unsupported file that prepare() will name
-    if len(kinds) > 1:
-        raise ZerotrainError(f"{', '.join(paths)} mix pretraining text and SFT conversations; "
-                             "evaluate them separately or pass --kind")
-    return kinds.pop()
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokenizer, data: list[str], *, kind: str = "auto", seq_len: int = 512,
              batch_size: int = 8, max_batches: int | None = None, show_progress: bool = False) -> dict[str, Any]:
@@ -227,8 +207,10 @@ def evaluate(model: torch.nn.Module, tokenizer, data: list[str], *, kind: str = 
     """
     from tqdm import tqdm
 
-    from engine.data import IGNORE_INDEX, PretrainDataset, SFTDataset, collate_pad, collate_stack, prepare
+    from engine.data import PretrainDataset, SFTDataset, collate_pad, collate_stack, detect_kind, prepare
+    from engine.objectives.causal_lm import CausalLM
 
+    objective = CausalLM()
     kind = detect_kind(data) if kind == "auto" else kind
     limit = context_length(model)
     if limit is not None and seq_len > limit:
@@ -251,13 +233,9 @@ def evaluate(model: torch.nn.Module, tokenizer, data: list[str], *, kind: str = 
         for start in tqdm(starts, desc=f"eval {kind}", disable=not show_progress):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             batch = {k: v.to(model.device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                           use_cache=False).logits
-            # Token i predicts token i + 1, as transformers shifts the labels in training.
-            labels = batch["labels"][:, 1:]
-            nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                         ignore_index=IGNORE_INDEX, reduction="sum"))
-            tokens += int((labels != IGNORE_INDEX).sum())
+            # The training objective scores and counts exactly as training and validation do.
+            nll += float(objective.loss(model, batch).loss)
+            tokens += objective.units(batch)
         sequences = min(len(dataset), len(starts) * batch_size)
     loss = nll / tokens
     return {"kind": kind, "loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,

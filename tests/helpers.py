@@ -29,8 +29,9 @@ def launcher_env(cache_dir: Path | None = None, **extra: str) -> dict[str, str]:
 
 
 def launcher_command(script: str, args: list[str], *, nproc: int = 2, launcher: str = "torchrun") -> list[str]:
-    """The command line that runs launcher/<script> on `nproc` CPU ranks."""
-    path = str(ROOT / "launcher" / script)
+    """The command line that runs launcher/<script> (or <script>, a path from the repository root)
+    on `nproc` CPU ranks."""
+    path = str(ROOT / script) if "/" in script else str(ROOT / "launcher" / script)
     port = str(free_port())
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),

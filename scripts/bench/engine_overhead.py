@@ -31,7 +31,7 @@ def bare_loop(args) -> None:
 
     from engine.config import parse_config
     from engine.data import BatchLoader, PretrainDataset, ShardedSampler, collate_stack
-    from engine.trainer import lr_lambda, param_groups
+    from engine.builders import lr_lambda, param_groups
     from model.build import build_model
 
     cfg = parse_config(["--preset", args.preset, "--seq-len", str(args.seq_len), "--micro-batch-size",

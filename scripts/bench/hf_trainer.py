@@ -147,7 +147,8 @@ def hf_worker(args) -> None:
 
 def zerotrain_worker(argv: list[str]) -> int:
     """launcher/pretrain.py, with rank 0's CPU seconds added to each metrics record."""
-    from engine import trainer
+    from engine import train, trainer
+    from engine.objectives.causal_lm import PRETRAIN
 
     write_metrics = trainer.Trainer.write_metrics
 
@@ -155,7 +156,7 @@ def zerotrain_worker(argv: list[str]) -> int:
         write_metrics(self, {**record, "cpu_seconds": time.process_time()} if "tokens_per_sec" in record else record)
 
     trainer.Trainer.write_metrics = with_cpu_time
-    return trainer.main(argv, kind="pretrain")
+    return train.main(argv, PRETRAIN)
 
 
 # --------------------------------------------------------------------------- running both sides

@@ -172,7 +172,8 @@ def worker(args) -> None:
 
     from engine.config import parse_config
     from engine.ds_config import fill_ds_config, load_ds_config
-    from engine.trainer import init_distributed, lr_lambda, param_groups
+    from engine.builders import lr_lambda, param_groups
+    from engine.distributed import init_distributed
     from model.presets import preset_config
 
     deepspeed.utils.logger.setLevel(logging.WARNING)

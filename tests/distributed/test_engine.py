@@ -109,9 +109,9 @@ def test_final_dir_loads_with_transformers_and_generates(straight_runs):
 @pytest.mark.parametrize("stage", [0, 2])
 def test_nonfinite_loss_skips_the_step_and_is_counted(tokenizer_dir, pretrain_data, tmp_path, stage):
     out = tmp_path / "run"
-    env = launcher_env(ZEROTRAIN_FAULT_NAN_STEPS="3")
-    run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=stage, precision="fp32",
-                                          max_steps=4, save_interval=1, keep_last=0), env=env)
+    run_launcher("tests/fault_launcher.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=stage,
+                                                      precision="fp32", max_steps=4, save_interval=1, keep_last=0,
+                                                      fault_nan_steps=3))
     records = {r["step"]: r for r in metrics(out) if "loss" in r}
     assert records[3]["loss"] is None  # a skipped step has no loss
     assert records[4]["nonfinite_steps"] == 1 and records[4]["skipped_steps"] == 1
@@ -131,9 +131,9 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tokenizer_dir, pretrain_da
 
 def test_consecutive_nonfinite_steps_stop_the_run(tokenizer_dir, pretrain_data, tmp_path):
     out = tmp_path / "run"
-    env = launcher_env(ZEROTRAIN_FAULT_NAN_STEPS="2,3,4")
-    proc = run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=2,
-                                                 max_consecutive_nonfinite=3), env=env, check=False)
+    proc = run_launcher("tests/fault_launcher.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=2,
+                                                             max_consecutive_nonfinite=3, fault_nan_steps="2,3,4"),
+                        check=False)
     assert proc.returncode != 0
     assert "3 steps in a row had a NaN/inf loss (up to step 4)" in proc.stderr
 

@@ -73,8 +73,8 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(tokenizer_dir, pre
 
 def test_crash_in_the_middle_of_a_save_is_skipped(tokenizer_dir, pretrain_data, tmp_path, unbroken):
     out = tmp_path / "run"
-    env = launcher_env(ZEROTRAIN_FAULT_KILL_IN_SAVE="6")
-    proc = run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, out), env=env, check=False)
+    proc = run_launcher("tests/fault_launcher.py", args(tokenizer_dir, pretrain_data, out, fault_kill_in_save=6),
+                        check=False)
     assert proc.returncode != 0
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text() == "global_step4"  # never the half-written one
@@ -156,9 +156,8 @@ def test_disk_full_during_save_is_a_clear_error(tokenizer_dir, pretrain_data, sm
 
 def test_nan_streak_stops_with_a_usable_checkpoint(tokenizer_dir, pretrain_data, tmp_path):
     out = tmp_path / "run"
-    env = launcher_env(ZEROTRAIN_FAULT_NAN_STEPS="5,6,7")
-    proc = run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, out, max_consecutive_nonfinite=3), env=env,
-                        check=False)
+    proc = run_launcher("tests/fault_launcher.py", args(tokenizer_dir, pretrain_data, out, max_consecutive_nonfinite=3,
+                                                        fault_nan_steps="5,6,7"), check=False)
     assert proc.returncode != 0 and "3 steps in a row had a NaN/inf loss (up to step 7)" in proc.stderr
     assert "The last checkpoint" in proc.stderr
     # the run goes on from its last checkpoint once the cause is gone

@@ -5,7 +5,7 @@ import pytest
 from engine.config import parse_config
 from engine.ds_config import DS_CONFIG_DIR, fill_ds_config, load_ds_config, resolve_precision
 from common.errors import ZerotrainError
-from engine.trainer import lr_lambda, param_groups
+from engine.builders import lr_lambda, param_groups
 
 
 def filled(argv, world_size=2, precision="bf16", device_type="cpu", raw=None):

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from engine.cli import main
 from engine.data import IGNORE_INDEX, encode_chat
 from common.errors import ZerotrainError
-from engine.generate import detect_kind, evaluate, generate, load_for_inference, resolve_model_dir
+from engine.data import detect_kind
+from engine.generate import evaluate, generate, load_for_inference, resolve_model_dir
 from model.build import build_model
 
 VENV_BIN = Path(sys.executable).parent

@@ -3,7 +3,7 @@ import pytest
 from engine.checkpoint import find_resume_tag
 from engine.config import parse_config
 from common.errors import ZerotrainError
-from engine.trainer import check_output_dir
+from engine.builders import check_output_dir
 
 
 def run_dir_with_checkpoint(tmp_path, preset="tiny"):

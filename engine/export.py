@@ -1,0 +1,79 @@
+"""Getting the trained weights out of the live DeepSpeed engine: the gathered state dict, the PEFT
+adapter of a LoRA run, and final/ (HF format with the tokenizer). Every function here is a
+collective (ZeRO-3's partitions are gathered); rank 0 writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.publish import publishing
+from engine.distributed import on_rank0
+from engine.modeling import merged_model, save_adapter
+from engine.run_dir import ADAPTER, RunDir
+
+
+def full_state_dict(engine, *, zero3: bool, precision: str, only_trainable: bool = False
+                    ) -> dict[str, torch.Tensor] | None:
+    """The model's weights on rank 0 (fp32 master weights where mixed precision keeps them), None
+    elsewhere. `only_trainable` takes just what the optimizer updates (LoRA matrices and
+    modules_to_save) and no buffers."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad or not only_trainable}
+    out = {}
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None, enabled=zero3):
+        for name, p in params.items():
+            full = safe_get_full_fp32_param(p) if precision != "fp32" and p.requires_grad else None
+            out[name] = (full if full is not None else p.data).detach().float().cpu().clone()
+        if not only_trainable:
+            for name, b in module.named_buffers():
+                out[name] = b.detach().cpu().clone()
+    return out if dist.get_rank() == 0 else None
+
+
+def write_adapter(engine, out_dir: Path | None, *, zero3: bool, precision: str) -> None:
+    """The PEFT adapter, gathered (complete under every ZeRO stage), into `out_dir` on rank 0."""
+    state = full_state_dict(engine, zero3=zero3, precision=precision, only_trainable=True)
+    if state is not None:
+        save_adapter(engine.module, state, out_dir)
+
+
+def export_final(engine, run: RunDir, tokenizer, model_config: Any, *, lora: bool, merge_lora: bool, zero3: bool,
+                 precision: str) -> Path:
+    """final/: the model in HF format with the tokenizer; LoRA runs write final/adapter/ and, with
+    --merge-lora-at-end, the merged model. Built under a temporary name, then put in place of an
+    older final/ in one step."""
+    import torch.distributed as dist
+
+    # Gather on every rank first; then rank 0 writes while the others wait for its result.
+    model_state = full_state_dict(engine, zero3=zero3, precision=precision) if not lora or merge_lora else None
+    adapter_state = full_state_dict(engine, zero3=zero3, precision=precision, only_trainable=True) if lora else None
+
+    def write() -> None:
+        with publishing(run.final, directory=True) as tmp:
+            if adapter_state is not None:
+                save_adapter(engine.module, adapter_state, tmp / ADAPTER)
+            if model_state is not None:
+                model = merged_model(engine.module, model_state) if lora else plain_model(model_config, model_state)
+                model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+
+    on_rank0(write, dist.get_rank(), f"writing {run.final}")
+    return run.final
+
+
+def plain_model(model_config: Any, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A transformers model holding `state`, built without allocating random weights first."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model

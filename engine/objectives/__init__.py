@@ -1,0 +1,71 @@
+"""What a training stage optimises, as one small interface the loop (engine.trainer) calls.
+
+A stage is a name, the kind of data its unprefixed `--data` files hold, and an objective. The
+objective says what it needs beyond the trained model (a frozen reference, a teacher), how many
+normalisation units a micro-batch holds (trained tokens for language-model losses, pairs for
+preference losses), and the summed loss and metrics of a micro-batch.
+
+Normalisation is the loop's job, once, for every objective: it counts the step's units over all
+micro-batches and ranks before the first forward, and scales each micro-batch's summed loss by
+that count (as torchtitan does), so the step's loss is the mean over every unit of the global
+batch whatever the accumulation, the padding or the number of ranks.
+
+Adding a stage = one objective file here + a launcher of a few lines calling
+`engine.train.main(argv, STAGE)`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from engine.config import Config
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class LossSums:
+    """One micro-batch's loss and metrics, each summed over its units (never averaged)."""
+
+    loss: torch.Tensor
+    """Scalar with a graph to backpropagate through."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Extra detached scalars logged as their mean per unit (e.g. DPO's rewards/chosen)."""
+
+
+class Objective(ABC):
+    """The loss of one training stage."""
+
+    unit: ClassVar[Literal["token", "pair"]]
+    """What the loss is averaged over."""
+
+    def build(self, cfg: Config, ds_config: dict[str, Any], engine: Any) -> None:
+        """Build what the objective runs besides the trained model (a frozen reference, a
+        teacher), once the trained model's DeepSpeed `engine` exists, sharded as the objective
+        chooses (e.g. an engine of its own from `ds_config` with ZeRO-3 and no optimizer). Such
+        models never enter the optimizer or the checkpoint and run under no_grad. Nothing by
+        default."""
+
+    @abstractmethod
+    def units(self, batch: Batch) -> int:
+        """Normalisation units in a micro-batch (read from the batch alone, before any forward)."""
+
+    @abstractmethod
+    def loss(self, model: Callable[..., object], batch: Batch) -> LossSums:
+        """Forward `batch` through `model` (the DeepSpeed engine, or a plain module) and return
+        the sums of the loss and metrics over the micro-batch's units."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage: its name (the run kind saved in checkpoints), the data kind of its
+    unprefixed --data entries, and how to build its objective from the run config."""
+
+    name: str
+    data_kind: str
+    objective: Callable[[Config], Objective]

@@ -1,0 +1,62 @@
+"""The entry point every launcher calls: parse the config, build the run's parts, train.
+
+    sys.exit(main(sys.argv[1:], PRETRAIN))      # launcher/pretrain.py
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import warnings
+
+from common.errors import ZerotrainError
+from engine.builders import build_data, build_engine, build_model, plan_run, start
+from engine.config import Config, parse_config
+from engine.distributed import World, world
+from engine.objectives import Stage
+from engine.trainer import Hooks, Trainer
+
+
+def setup(cfg: Config, stage: Stage, here: World, hooks: Hooks | None = None) -> Trainer:
+    """Check, then build data, model, objective and engine, and restore a checkpoint if resuming."""
+    plan = plan_run(cfg, stage, here.size)
+    resume_tag = start(plan, cfg, here)
+    log = (lambda message: print(f"[zerotrain] {message}", flush=True)) if here.rank == 0 else (lambda message: None)
+    data = build_data(cfg, plan, here, log)
+    model = build_model(cfg, plan)
+    engine = build_engine(cfg, plan, model)
+    objective = stage.objective(cfg)
+    objective.build(cfg, plan.ds_config, engine)
+    trainer = Trainer(cfg, plan, here, data, model, engine, objective, hooks or Hooks())
+    if resume_tag is not None:
+        trainer.restore(resume_tag)
+    return trainer
+
+
+def main(argv: list[str] | None, stage: Stage, hooks: Hooks | None = None) -> int:
+    """Train `stage` with the flags in `argv`; the exit status (2 for a ZerotrainError)."""
+    here = world()
+    try:
+        cfg = parse_config(argv, description=f"zerotrain {stage.name}")
+        trainer: Trainer | None = None
+        pending: list[int] = []
+        # From here on SIGTERM/SIGUSR1 (SLURM preemption) mean: finish the step, save, exit 0.
+        # A signal that arrives during setup is kept and handed to the trainer once it exists.
+        def on_signal(signum, frame) -> None:
+            if trainer is not None:
+                trainer.stop_signal = signum
+            else:
+                pending.append(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, on_signal)
+        # DeepSpeed still calls collectives torch has renamed: one FutureWarning a call, every step.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
+        trainer = setup(cfg, stage, here, hooks)
+        if pending:
+            trainer.stop_signal = pending[-1]
+        return trainer.fit()
+    except ZerotrainError as e:
+        print(f"zerotrain {stage.name}: error{f' (rank {here.rank})' if here.size > 1 else ''}: {e}", file=sys.stderr,
+              flush=True)
+        return 2
