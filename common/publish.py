@@ -10,8 +10,8 @@ and then put in place in one step:
   exchanged atomically (Linux `renameat2(RENAME_EXCHANGE)`), after which the old one, now under
   the temporary name, is removed. Where the filesystem cannot exchange (some network
   filesystems, non-Linux), the old directory is renamed aside first and removed only after the
-  new one is in place; a crash between those two renames leaves it as `.NAME.old-PID` beside the
-  target, complete.
+  new one is in place; a crash between those two renames leaves it complete as `.NAME.old-...`
+  beside the target, and the next publish of that target renames it back first.
 
 The old target is never deleted before the new one is complete and in place.
 """
@@ -94,6 +94,15 @@ def put_in_place(new: Path, target: Path) -> None:
     remove(old)
 
 
+def recover(target: Path) -> None:
+    """Put back an old `target` that a crash left aside mid-publish (see the module docstring)."""
+    if target.exists():
+        return
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if aside:
+        os.rename(aside[-1], target)
+
+
 @contextmanager
 def publishing(target: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `target` to write into (created empty when `directory`);
@@ -101,6 +110,7 @@ def publishing(target: str | os.PathLike, *, directory: bool = False) -> Iterato
     `target` is left as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
     tmp = temporary_name(target)
     if directory:
         tmp.mkdir()

@@ -1,0 +1,172 @@
+"""The loop in-process: world size 1 and 2 (gloo, real DeepSpeed), the debug preset, built with
+engine.train.setup and driven step by step. What the launcher tests see only through logs is
+checked here against the model itself: a step's loss is the mean over every trained token of
+every micro-batch on every rank; one rank and two ranks take the same step; validation is the
+token-weighted mean; an exception on rank 0 reaches the other ranks at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.conftest import SAMPLES
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.distributed
+SHAREGPT = SAMPLES / "sharegpt_identity_500.json"
+
+
+def run_ranks(fn, world_size: int, *args) -> None:
+    """Run fn(rank, world_size, *args) on `world_size` fresh processes joined by gloo."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
+                      TOKENIZERS_PARALLELISM="false")
+    mp.start_processes(_rank_main, args=(fn, world_size, args), nprocs=world_size, start_method="spawn")
+
+
+def _rank_main(rank: int, fn, world_size: int, args) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    fn(rank, world_size, *args)
+
+
+def build(rank: int, world_size: int, out: Path, base_model_dir: Path, stage: str, **flags):
+    """A trainer for a tiny SFT (padded batches) or pretraining run, set up as the launchers do."""
+    from engine.config import parse_config
+    from engine.distributed import World
+    from engine.objectives.causal_lm import PRETRAIN, SFT
+    from engine.train import setup
+
+    values = {"init-from": base_model_dir, "data": SHAREGPT, "output-dir": out / f"run{world_size}", "seq-len": 64,
+              "micro-batch-size": 2, "grad-accum": 1, "max-steps": 4, "warmup-steps": 1, "lr": 5e-3,
+              "zero-stage": 2, "precision": "fp32", "seed": 3, "eval-batches": 2, "val-fraction": 0.2}
+    values.update({k.replace("_", "-"): v for k, v in flags.items()})
+    cfg = parse_config([x for k, v in values.items() for x in (f"--{k}", str(v))])
+    return setup(cfg, SFT if stage == "sft" else PRETRAIN, World(rank, rank, world_size))
+
+
+def peek(loader, count: int) -> list[dict[str, torch.Tensor]]:
+    """The next `count` micro-batches of a loader, leaving it where it was."""
+    state = loader.state_dict()
+    batches = [loader.next_batch() for _ in range(count)]
+    loader.load_state_dict(state)
+    return batches
+
+
+def direct_sums(module, batches) -> tuple[float, float, list[float]]:
+    """(summed token NLL, trained tokens, per-micro-batch mean losses) computed straight from the
+    module, without the trainer."""
+    from engine.data import IGNORE_INDEX
+
+    nll, tokens, means = 0.0, 0.0, []
+    with torch.no_grad():
+        for b in batches:
+            inputs = {k: v for k, v in b.items() if k != "labels"}
+            logits = module(**inputs, use_cache=False).logits[:, :-1]
+            labels = b["labels"][:, 1:]
+            total = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum",
+                                                      ignore_index=IGNORE_INDEX)
+            n = int((labels != IGNORE_INDEX).sum())
+            nll, tokens = nll + float(total), tokens + n
+            means.append(float(total) / n)
+    return nll, tokens, means
+
+
+def _step_loss(rank, world_size, out, base_model_dir, stage, accum):
+    from engine.distributed import all_reduce_sums
+
+    trainer = build(rank, world_size, out, base_model_dir, stage, grad_accum=accum, micro_batch_size=2)
+    batches = peek(trainer.data.loader, accum)
+    nll, tokens, means = direct_sums(trainer.engine.module, batches)
+    sums = all_reduce_sums({"nll": nll, "tokens": tokens}, torch.device("cpu"))
+    result = trainer.train_step()
+    evaluation = trainer.evaluate()
+    from engine.data import eval_batches
+
+    val = list(eval_batches(trainer.data.val, rank, world_size, 2, 2, trainer.data.collate))
+    vnll, vtokens, _ = direct_sums(trainer.engine.module, val)
+    vsums = all_reduce_sums({"nll": vnll, "tokens": vtokens}, torch.device("cpu"))
+    state = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+    if rank == 0:
+        torch.save(state, out / f"weights{world_size}.pt")
+    (out / f"rank{rank}-of-{world_size}.json").write_text(json.dumps({
+        "loss": result["loss"], "expected": sums["nll"] / sums["tokens"], "means": means,
+        "tokens_local": tokens, "val_loss": evaluation["val_loss"], "val_expected": vsums["nll"] / vsums["tokens"]}))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_step_loss_is_the_mean_over_every_trained_token(base_model_dir, tmp_path, world_size):
+    accum = 3
+    run_ranks(_step_loss, world_size, tmp_path, base_model_dir, "sft", accum)
+    reports = [json.loads((tmp_path / f"rank{r}-of-{world_size}.json").read_text()) for r in range(world_size)]
+    for report in reports:
+        assert report["loss"] == pytest.approx(report["expected"], rel=1e-6)
+        assert report["val_loss"] == pytest.approx(report["val_expected"], rel=1e-6)
+    # the test has teeth: padded SFT micro-batches hold different token counts, so a mean of
+    # per-micro-batch means (or of per-rank means) would be measurably off
+    all_means = [m for r in reports for m in r["means"]]
+    assert abs(sum(all_means) / len(all_means) - reports[0]["expected"]) > 1e-4
+    if world_size == 2:
+        assert reports[0]["tokens_local"] != reports[1]["tokens_local"]
+
+
+def test_one_rank_and_two_ranks_take_the_same_step(base_model_dir, tmp_path):
+    """Pretraining, global batch 4: one rank x micro-batch 4 == two ranks x micro-batch 2 (the
+    sampler gives them the same samples), in loss, gradient norm (Adam would hide a gradient
+    scaled by a constant) and the updated weights."""
+    run_ranks(_same_step, 1, tmp_path, base_model_dir, 4)
+    run_ranks(_same_step, 2, tmp_path, base_model_dir, 2)
+    one, two = (json.loads((tmp_path / f"losses{n}.json").read_text()) for n in (1, 2))
+    assert one == pytest.approx(two, rel=1e-5)
+    w1, w2 = torch.load(tmp_path / "weights1.pt"), torch.load(tmp_path / "weights2.pt")
+    for name in w1:
+        # float summation order differs; Adam magnifies that where its second moment is tiny
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5)
+
+
+def _same_step(rank, world_size, out, base_model_dir, micro):
+    from tests.conftest import SAMPLES
+
+    trainer = build(rank, world_size, out, base_model_dir, "pretrain", micro_batch_size=micro, seq_len=32,
+                    data=SAMPLES / "tinyshakespeare.txt")
+    losses = []
+    for _ in range(2):
+        losses += [trainer.train_step()["loss"], float(trainer.engine.get_global_grad_norm())]
+    if rank == 0:
+        (out / f"losses{world_size}.json").write_text(json.dumps(losses))
+        torch.save({n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()},
+                   out / f"weights{world_size}.pt")
+
+
+def _failing_rank0(rank, world_size, out):
+    from common.errors import ZerotrainError
+    from engine.distributed import World, init_distributed, on_rank0
+
+    init_distributed(rank)
+    start = time.monotonic()
+
+    def work():
+        raise KeyError("not a ZerotrainError")
+
+    try:
+        on_rank0(work, rank, "the work")
+        outcome = "returned"
+    except ZerotrainError as e:
+        outcome = f"ZerotrainError: {e}"
+    except KeyError as e:
+        outcome = f"KeyError: {e}"
+    assert World(rank, rank, world_size).size == 2
+    (out / f"rank{rank}.json").write_text(json.dumps({"outcome": outcome, "seconds": time.monotonic() - start}))
+
+
+def test_any_exception_on_rank0_reaches_every_rank_at_once(tmp_path):
+    run_ranks(_failing_rank0, 2, tmp_path)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["outcome"].startswith("KeyError")  # rank 0 raises its own exception
+    assert r1["outcome"] == "ZerotrainError: the work failed on another rank; its log has the error"
+    assert r1["seconds"] < 30  # not the process-group timeout
