@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from engine.config import Config  # noqa: E402
+from engine.sidecar import Sidecar  # noqa: E402
 from model.presets import preset_config  # noqa: E402
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
@@ -180,10 +181,9 @@ def write_zerotrain_files(run_dir: Path, tag_dir: Path, spec: dict, model, step:
                                "warmup_steps": 0})
     config.save(run_dir / "config.yaml")
     base = model.get_base_model() if spec.get("lora") else model
-    record = {"step": step, "tokens_seen": step * 64, "zero_stage": spec["stage"], "world_size": dist.get_world_size(),
-              "precision": spec["precision"], "config": config.to_dict(), "model_config": base.config.to_dict(),
-              "lora": dict(LORA) if spec.get("lora") else None}
-    (tag_dir / "zerotrain.json").write_text(json.dumps(record, indent=2, default=str))
+    Sidecar(step=step, tokens_seen=step * 64, kind="sft" if spec.get("lora") else "pretrain", zero_stage=spec["stage"],
+            world_size=dist.get_world_size(), precision=spec["precision"], config=config.to_dict(),
+            model_config=base.config.to_dict(), lora=dict(LORA) if spec.get("lora") else None).write(tag_dir)
 
 
 def main() -> None:
