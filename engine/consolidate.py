@@ -33,6 +33,7 @@ from engine.ds_checkpoint import (DTYPE_NAMES, Checkpoint, CheckpointInfo, Tenso
 from common.errors import ZerotrainError
 from common.publish import publishing
 from engine.run_dir import SIDECAR, RunDir, is_checkpoint_dir, is_tag_dir, resolve
+from model.state_dict import check_state_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAFETENSORS_DTYPES = {
@@ -523,27 +524,15 @@ def find_model_config(ckpt_root: Path, ckpt: Checkpoint | None, entries: list[En
 
 
 def _check_against_config(entries: list[Entry], model_config, where: str) -> None:
-    """The entries must be the state dict of the model `model_config` builds (tied copies optional)."""
-    from transformers import AutoModelForCausalLM
+    """The entries must be the state dict of the model `model_config` builds (tied copies optional);
+    `where` says where the config came from."""
+    from model.build import build_from_config
 
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config)
-    except Exception as e:  # transformers raises many kinds for a config it cannot build
-        raise ZerotrainError(f"cannot build a causal LM from the config in {where}: {e}") from None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    params = list(model.named_parameters(remove_duplicate=False))
-    uses = collections.Counter(id(p) for _, p in params)
-    tied = {k for k, p in params if uses[id(p)] > 1}
-    have = {e.name: e.shape for e in entries}
-    problems = [f"{k}: checkpoint {s} vs config {expected[k]}" for k, s in have.items()
-                if k in expected and s != expected[k]]
-    problems += [f"{k}: in the checkpoint, not in the model" for k in have if k not in expected]
-    problems += [f"{k}: missing from the checkpoint" for k in expected if k not in have and k not in tied]
-    if problems:
-        raise ZerotrainError(f"the checkpoint does not match the model config from {where} ({len(problems)} "
-                             f"differences, first: {'; '.join(problems[:4])}); pass the right one with --config "
-                             f"or --preset")
+    with torch.device("meta"):
+        model = build_from_config(model_config, where)
+    check_state_dict({e.name: e.shape for e in entries}, model, source="the checkpoint",
+                     target=f"the model config from {where}", advice="Pass the right one with --config or --preset.",
+                     noun="checkpoint")
 
 
 def _tokenizer_source(ckpt_root: Path, ckpt: Checkpoint | None) -> Path | None:

@@ -46,6 +46,7 @@ import torch
 from common.errors import ZerotrainError
 from engine.run_dir import RunDir, is_checkpoint_dir, is_tag_dir, resolve
 from engine.sidecar import Sidecar
+from model.state_dict import strip_wrappers
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -584,13 +585,6 @@ def load_checkpoint(tag_dir: str | os.PathLike, *, trust_pickle: bool = False) -
             del aliases[alias]
         tensors.pop(alias, None)
     return Checkpoint(info, tensors, aliases, notes, Sidecar.read(tag_dir))
-
-
-def strip_wrappers(name: str) -> str:
-    """Drop the `module.` (DDP/DeepSpeed) and `_orig_mod.` (torch.compile) parts of a name."""
-    while name.startswith("module."):
-        name = name[len("module."):]
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def _module_sources(model: _File) -> tuple[dict[str, TensorSource], dict[str, str]]:

@@ -1,45 +1,15 @@
 """Build a causal LM from a preset, an HF model directory, or a state-dict file."""
 
-import pickle
 from pathlib import Path
 
-import safetensors
-import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from common.errors import ZerotrainError
 from model.presets import PRESETS, did_you_mean, preset_config, preset_names
+from model.state_dict import check_state_dict, copy_into, load_state_dict_file
 
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
-# DDP and DeepSpeed wrap the model as `module`, torch.compile as `_orig_mod`.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a `.pth`/`.pt` (torch.save) or `.safetensors` state dict onto the CPU, with the
-    `module.` and `_orig_mod.` prefixes stripped."""
-    path = Path(path)
-    how_to = (
-        "save one with torch.save(model.state_dict(), ...) or safetensors, "
-        "or consolidate a DeepSpeed checkpoint with `zerotrain consolidate`"
-    )
-    try:
-        if path.suffix == ".safetensors":
-            state = safetensors.torch.load_file(path, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, safetensors.SafetensorError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ZerotrainError(f"cannot read state dict {path}: {first_line}; {how_to}.") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ZerotrainError(f"{path} is not a flat state dict {{name: tensor}}; {how_to}.")
-    stripped = {}
-    for key, tensor in state.items():
-        while key.startswith(WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        stripped[key] = tensor
-    return stripped
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -70,7 +40,7 @@ def build_model(
         if preset not in (None, source):
             raise ZerotrainError(f"model source is preset {source!r} but preset={preset!r}; give only one.")
         config = preset_config(source, vocab_size, max_seq_len)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        return build_from_config(config, f"preset {source!r}", dtype=dtype, attn_implementation=attn_implementation)
 
     path = Path(source)
     if path.is_dir():
@@ -97,6 +67,26 @@ def build_model(
         f"model source {source!r} is neither a preset{did_you_mean(source, preset_names())} "
         f"nor an existing path; presets: {', '.join(preset_names())}."
     )
+
+
+def build_from_config(
+    config: PretrainedConfig,
+    where: str,
+    *,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """A randomly initialised causal LM of `config` (called under `torch.device("meta")`, a skeleton
+    without storage, for checking names and shapes); `where` says where the config came from.
+
+    `dtype` and `attn_implementation` default to transformers' choice for the config; given, they
+    are also set on `config`, as transformers does.
+    """
+    chosen = {"dtype": dtype, "attn_implementation": attn_implementation}
+    try:
+        return AutoModelForCausalLM.from_config(config, **{k: v for k, v in chosen.items() if v is not None})
+    except Exception as e:  # transformers raises many kinds for a config it cannot build
+        raise ZerotrainError(f"cannot build a causal LM from the config in {where}: {e}") from None
 
 
 def _check_vocab(config: PretrainedConfig, vocab_size: int | None, where: Path) -> None:
@@ -126,28 +116,12 @@ def _build_from_state_dict(
             f"state dict {path} carries no model shape; pass its preset (preset=) "
             f"or put its config.json beside it."
         )
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model = build_from_config(config, shape_from, dtype=dtype, attn_implementation=attn_implementation)
     state = load_state_dict_file(path)
-
-    expected = model.state_dict()
-    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    problems = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems += [
-        f"{k}: missing from file (model {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k not in state and k not in optional
-    ]
-    problems += [f"{k}: file {tuple(v.shape)}, not in model" for k, v in state.items() if k not in expected]
-    if problems:
-        listed = "\n  ".join(problems[:5])
-        raise ZerotrainError(
-            f"state dict {path} does not match the model built from {shape_from} "
-            f"({len(problems)} differing keys, first {min(5, len(problems))}):\n  {listed}\n"
-            f"Build the model with the preset, vocab_size and max_seq_len the checkpoint was trained with."
-        )
-    model.load_state_dict(state, strict=False)
+    check_state_dict(
+        {k: v.shape for k, v in state.items()}, model, source=f"state dict {path}",
+        target=f"the model built from {shape_from}",
+        advice="Build the model with the preset, vocab_size and max_seq_len the checkpoint was trained with.",
+    )
+    copy_into(model, state.items())
     return model

@@ -254,7 +254,7 @@ def test_safetensors_and_sharded_dir_writers(tmp_path):
 
 
 def test_wrapper_prefixes_are_stripped():
-    from engine.ds_checkpoint import strip_wrappers
+    from model.state_dict import strip_wrappers
 
     assert strip_wrappers("module.module._orig_mod.model.layers.0._orig_mod.mlp.weight") == "model.layers.0.mlp.weight"
     assert strip_wrappers("base_model.model.lm_head.original_module.weight") == \
