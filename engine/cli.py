@@ -47,10 +47,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _report(written, what: str) -> None:
-    from engine.consolidate import _human
+    from engine.checkpoint_report import human_count
 
-    print(f"{what} {written.output}: {written.tensors} tensors, {_human(written.params, 1000, '')} parameters, "
-          f"{_human(written.bytes, 1000, 'B')}")
+    print(f"{what} {written.output}: {written.tensors} tensors, {human_count(written.params)} parameters, "
+          f"{human_count(written.bytes, 'B')}")
     for note in written.notes:
         print(f"  note: {note}")
 
@@ -66,7 +66,7 @@ def cmd_consolidate(args: argparse.Namespace) -> None:
 
 
 def cmd_extract_adapter(args: argparse.Namespace) -> None:
-    from engine.consolidate import extract_adapter
+    from engine.adapters import extract_adapter
 
     written = extract_adapter(args.ckpt_dir, args.out_dir, tag=args.tag, lora_alpha=args.lora_alpha,
                               adapter_config=args.adapter_config, dtype=args.dtype, trust_pickle=args.trust_pickle,
@@ -75,7 +75,7 @@ def cmd_extract_adapter(args: argparse.Namespace) -> None:
 
 
 def cmd_merge_adapter(args: argparse.Namespace) -> None:
-    from engine.consolidate import merge_adapter
+    from engine.adapters import merge_adapter
 
     written = merge_adapter(args.base, args.adapter, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
                             trust_pickle=args.trust_pickle, overwrite=args.overwrite)
@@ -85,7 +85,7 @@ def cmd_merge_adapter(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from engine.consolidate import format_inspect, inspect
+    from engine.checkpoint_report import format_inspect, inspect
 
     latest, infos = inspect(args.ckpt_dir, trust_pickle=args.trust_pickle)
     if args.json:

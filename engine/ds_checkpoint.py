@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from common.errors import ZerotrainError
-from engine.run_dir import RunDir, is_checkpoint_dir, is_tag_dir, resolve
+from engine.run_dir import LATEST, RunDir, is_checkpoint_dir, is_tag_dir, resolve
 from engine.sidecar import Sidecar
 from model.state_dict import strip_wrappers
 
@@ -265,17 +265,24 @@ def _tag_key(tag: str) -> tuple:
     return (0, int(m.group(1)), tag) if m else (1, 0, tag)
 
 
+def checkpoint_dir(ckpt_dir: str | os.PathLike) -> Path:
+    """What a CKPT_DIR argument names: the directory itself (a checkpoint directory or one tag
+    folder), or for a zerotrain run directory its checkpoints/."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise ZerotrainError(f"checkpoint directory {root} does not exist")
+    if is_checkpoint_dir(RunDir(root).checkpoints):
+        root = resolve(root, ("deepspeed",), "CKPT_DIR").path
+    return root
+
+
 def resolve_tag(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path:
     """The tag folder to read: `tag` if given, else the one `latest` names.
 
     CKPT_DIR may also be a tag folder itself (it holds *_model_states.pt) when no tag is given, or
     a zerotrain run directory (its checkpoints/).
     """
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        raise ZerotrainError(f"checkpoint directory {root} does not exist")
-    if is_checkpoint_dir(RunDir(root).checkpoints):
-        root = resolve(root, ("deepspeed",), "CKPT_DIR").path
+    root = checkpoint_dir(ckpt_dir)
     if tag is None and is_tag_dir(root):
         return root
     tags = list_tags(root)
@@ -287,7 +294,7 @@ def resolve_tag(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path:
     if not tags:
         raise ZerotrainError(f"{root} holds no DeepSpeed checkpoint (no global_stepN/ folder with "
                              f"*_model_states.pt files); pass the directory given to save_checkpoint")
-    latest = root / "latest"
+    latest = root / LATEST
     if not latest.is_file():
         raise ZerotrainError(f"{root} has no 'latest' file; pass --tag ({available})")
     name = latest.read_text().strip()
@@ -793,7 +800,7 @@ def _zero3_sources(models: dict[int, _File], optims: dict[int, _File], world: in
 
 
 # --------------------------------------------------------------------------------------------
-# Plain state-dict files (for merge-adapter's base model and adapter)
+# Plain state-dict files and model directories (for merge-adapter's base model and adapter)
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -845,3 +852,40 @@ def _safetensors_sources(path: Path) -> dict[str, TensorSource]:
         pieces = (Piece(str(path), 8 + n + start, math.prod(shape)),) if end > start else ()
         tensors[strip_wrappers(name)] = TensorSource(shape, dtype, pieces, "module")
     return tensors
+
+
+def model_sources(path: Path, *, trust_pickle: bool = False) -> tuple[dict[str, TensorSource], dict[str, str]]:
+    """The tensors of a model, as `state_dict_sources` gives them: an HF directory (safetensors or
+    pytorch_model.bin, sharded or not) or one .safetensors / .pth file."""
+    if path.is_file():
+        return state_dict_sources(path, trust_pickle=trust_pickle)
+    if not path.is_dir():
+        raise ZerotrainError(f"base model {path} does not exist")
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (path / index_name).is_file():
+            files = list(dict.fromkeys(read_json_object(path / index_name).get("weight_map", {}).values()))
+        elif (path / single).is_file():
+            files = [single]
+        else:
+            continue
+        tensors: dict[str, TensorSource] = {}
+        aliases: dict[str, str] = {}
+        for f in files:
+            t, a = state_dict_sources(path / f, trust_pickle=trust_pickle)
+            tensors.update(t)
+            aliases.update(a)
+        return tensors, aliases
+    raise ZerotrainError(f"{path} holds no model weights (model.safetensors[.index.json] or pytorch_model.bin)")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a config.json, adapter_config.json, weights index),
+    with an error naming the file when it cannot be read or holds something else."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ZerotrainError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ZerotrainError(f"{path}: expected a JSON object")
+    return data

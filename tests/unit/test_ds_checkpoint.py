@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.consolidate import Entry, LoraSettings, fold_lora, parse_size, write_hf_dir, write_pth, write_safetensors
+from engine.consolidate import Entry, parse_size, write_hf_dir, write_pth, write_safetensors
 from engine.ds_checkpoint import (SAFE_GLOBALS, describe, list_tags, load_checkpoint, resolve_tag, safe_load,
                                   state_dict_sources)
 from common.errors import ZerotrainError
+from engine.lora import LoraSettings, fold_lora
 
 
 def weights(seed: int = 0) -> dict[str, torch.Tensor]:

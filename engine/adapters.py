@@ -1,0 +1,110 @@
+"""`zerotrain extract-adapter`: the LoRA adapter of a DeepSpeed checkpoint, in PEFT format, straight
+from the shards; `zerotrain merge-adapter`: a PEFT adapter folded into its base model.
+
+Both stream as consolidate does (engine.consolidate's writers): one tensor in memory at a time,
+written under a temporary name and put in place once complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.errors import ZerotrainError
+from engine.consolidate import (Entry, Written, check_against_config, load_config_json, output_dtype, plan_output,
+                                source_entries, staged, tokenizer_source, write_extras, write_safetensors)
+from engine.ds_checkpoint import load_checkpoint, model_sources, resolve_tag, state_dict_sources
+from engine.lora import fold_lora, lora_module, lora_name_in_model, lora_settings, peft_adapter, strip_peft
+from engine.run_dir import has_tokenizer, resolve
+
+
+def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora_alpha: float | None = None,
+                    adapter_config: str | None = None, dtype: str = "fp32", trust_pickle: bool = False,
+                    overwrite: bool = False) -> Written:
+    """Write the LoRA adapter of a checkpoint in PEFT format (adapter_model.safetensors + adapter_config.json)."""
+    out = Path(out_dir)
+    target = output_dtype(dtype)
+    if out.exists() and not overwrite:
+        raise ZerotrainError(f"{out} already exists; remove it, choose another path, or pass --overwrite")
+    tag_dir = resolve_tag(ckpt_dir, tag)
+    ckpt = load_checkpoint(tag_dir, trust_pickle=trust_pickle)
+    if not ckpt.info.is_lora:
+        raise ZerotrainError(f"{tag_dir} holds no LoRA weights (no lora_A keys); nothing to extract")
+    settings = lora_settings(tag_dir.parent, ckpt, lora_alpha=lora_alpha, adapter_config=adapter_config)
+    if settings is None:
+        raise ZerotrainError(f"the lora_alpha of {tag_dir} is unknown (no zerotrain.json or adapter_config.json "
+                             f"beside it): pass --lora-alpha A or --adapter-config FILE")
+    adapter_entries, peft_config = peft_adapter(source_entries(ckpt.tensors), settings)
+
+    from peft import LoraConfig
+
+    known = set(LoraConfig.__dataclass_fields__)
+    with staged(out, overwrite, is_dir=True) as tmp:
+        total = write_safetensors(adapter_entries, tmp / "adapter_model.safetensors", target)
+        LoraConfig(**{k: v for k, v in peft_config.items() if k in known}).save_pretrained(str(tmp))
+    params = sum(e.numel for e in adapter_entries)
+    return Written(out, len(adapter_entries), params, total, [f"lora_alpha from {settings.source}"])
+
+
+def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", max_shard_size: str | int = "5GB",
+                  trust_pickle: bool = False, overwrite: bool = False) -> Written:
+    """Fold a PEFT LoRA adapter into a base model (HF dir or .pth/.safetensors), tensor by tensor."""
+    plan = plan_output(output, dtype, max_shard_size, overwrite)
+    # run directories stand for what their final/ holds: RUN/final (base), RUN/final/adapter
+    base_path = resolve(base, ("hf", "weights", "state_dict"), "BASE").path
+    adapter_path = resolve(adapter, ("adapter",), "ADAPTER").path
+    base_tensors, base_aliases = model_sources(base_path, trust_pickle=trust_pickle)
+    config_file = adapter_path / "adapter_config.json"
+    settings = lora_settings(None, None, adapter_config=str(config_file))
+    if settings.config.get("peft_type", "LORA") != "LORA" or settings.config.get("use_dora"):
+        raise ZerotrainError(f"{config_file}: only plain LoRA adapters can be merged (peft_type "
+                             f"{settings.config.get('peft_type')}, use_dora {settings.config.get('use_dora')})")
+    weights = next((adapter_path / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+                    if (adapter_path / n).is_file()), None)
+    if weights is None:
+        raise ZerotrainError(f"{adapter_path} has no adapter_model.safetensors or adapter_model.bin")
+    adapter_tensors, _ = state_dict_sources(weights, trust_pickle=trust_pickle)
+
+    merged: dict[str, Entry] = {e.name: e for e in source_entries(base_tensors)}
+    lora: list[Entry] = []
+    replaced = 0
+    for e in source_entries(adapter_tensors):
+        name = strip_peft(e.name)
+        if (lora_name := lora_name_in_model(name)) is not None:
+            lora.append(Entry(lora_name, e.shape, e.dtype, e.produce))
+            continue
+        if name in merged and merged[name].shape != e.shape:
+            raise ZerotrainError(f"adapter tensor {e.name} has shape {e.shape}, the base's {merged[name].shape}")
+        merged[name] = Entry(name, e.shape, e.dtype, e.produce)  # modules_to_save: the trained copy wins
+        base_aliases.pop(name, None)
+        replaced += 1
+    if not lora and not replaced:
+        raise ZerotrainError(f"{weights} holds no LoRA weights")
+    missing = [e.name for e in lora if lora_module(e.name) + ".weight" not in merged]
+    if missing:
+        raise ZerotrainError(f"the adapter targets {lora_module(missing[0])}, which the base "
+                             f"model {base_path} does not have; is it the adapter's base model?")
+    entries, aliases = fold_lora(list(merged.values()) + lora, base_aliases, settings)
+    if plan.target is None:  # keep each base tensor's dtype: folded weights go back to their base's
+        base_dtypes = {name: src.dtype for name, src in base_tensors.items()}
+        entries = [_cast_to(e, base_dtypes.get(e.name)) for e in entries]
+    extras = None
+    if plan.kind == "dir":
+        config_dir = base_path if base_path.is_dir() else base_path.parent
+        if not (config_dir / "config.json").is_file():
+            raise ZerotrainError(f"no config.json beside {base_path}: an HF directory output needs one; "
+                                 f"write a .pth or .safetensors file instead")
+        model_config = load_config_json(config_dir / "config.json")
+        check_against_config(entries, model_config, str(config_dir / "config.json"))
+        tokenizer = adapter_path if has_tokenizer(adapter_path) else tokenizer_source(config_dir, None)
+        extras = lambda d: write_extras(d, model_config, plan.target, entries, config_dir, tokenizer)  # noqa: E731
+    total = plan.write(entries, aliases, extras)
+    return Written(plan.path, len(entries), sum(e.numel for e in entries), total,
+                   [f"{len(lora) // 2} LoRA pairs folded, {replaced} modules_to_save tensors replaced"])
+
+
+def _cast_to(e: Entry, dtype: torch.dtype | None) -> Entry:
+    if dtype is None or dtype == e.dtype or not e.dtype.is_floating_point:
+        return e
+    return Entry(e.name, e.shape, dtype, lambda into=None: e.produce(None).to(dtype))
