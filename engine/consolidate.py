@@ -460,7 +460,6 @@ def checkpoint_entries(ckpt: Checkpoint, *, keep_lora_keys: bool = False, lora_a
 def consolidate(ckpt_dir: str, output: str, *, tag: str | None = None, dtype: str = "fp32",
                 max_shard_size: str | int = "5GB", keep_lora_keys: bool = False, lora_alpha: float | None = None,
                 adapter_config: str | None = None, config: str | None = None, preset: str | None = None,
-                default_preset: str | None = None,
                 trust_pickle: bool = False, overwrite: bool = False) -> Written:
     """Write the weights of one checkpoint tag as OUTPUT (.pth, .safetensors or an HF directory)."""
     plan = plan_output(output, dtype, max_shard_size, overwrite)
@@ -474,8 +473,7 @@ def consolidate(ckpt_dir: str, output: str, *, tag: str | None = None, dtype: st
         if keep_lora_keys and ckpt.info.is_lora:
             raise ZerotrainError("--keep-lora-keys keeps PEFT's key names, which an HF model directory cannot hold; "
                                  "write a .pth or .safetensors file instead")
-        model_config, where = find_model_config(ckpt_root, ckpt, entries, config=config, preset=preset,
-                                                default_preset=default_preset)
+        model_config, where = find_model_config(ckpt_root, ckpt, entries, config=config, preset=preset)
         if model_config is None:
             raise ZerotrainError(f"no model config for {tag_dir} (no config.json beside the checkpoint, no "
                                  f"zerotrain.json): pass --config CONFIG_JSON or --preset NAME to write an HF "

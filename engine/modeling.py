@@ -8,8 +8,6 @@ ZeRO stage); engine.run_dir.resolve says which. The tokenizer comes with the sou
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +58,37 @@ def build_base_model(cfg: Config, source: Resolved | None, vocab_size: int, cont
     if source.kind == "hf":
         model = build_model(str(source.path), attn_implementation=attn)
     else:
-        from engine.consolidate import consolidate
-
-        tmp = Path(tempfile.mkdtemp(prefix="zerotrain-init-"))
-        try:
-            # --preset gives the shape when a foreign checkpoint carries no config of its own
-            consolidate(str(source.path), str(tmp / "model"), tag=source.tag, dtype="fp32",
-                        default_preset=cfg.model.preset)
-            model = build_model(str(tmp / "model"), attn_implementation=attn)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        model = _model_from_checkpoint(cfg, source)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < vocab_size:
         raise ZerotrainError(f"--init-from {source.path} has {rows} token embeddings but the tokenizer has {vocab_size} "
                              "tokens: use the tokenizer that model was trained with")
+    return model
+
+
+def _model_from_checkpoint(cfg: Config, source: Resolved) -> torch.nn.Module:
+    """The weights of a DeepSpeed checkpoint tag (fp32 masters, a LoRA adapter folded in) in a model
+    built from the config consolidate would write beside them, read one tensor at a time."""
+    from engine.consolidate import checkpoint_entries, find_model_config, untie_trained_head
+    from engine.ds_checkpoint import load_checkpoint, resolve_tag
+    from model.build import build_from_config
+    from model.state_dict import check_state_dict, copy_into
+
+    tag_dir = resolve_tag(source.path, source.tag)
+    ckpt = load_checkpoint(tag_dir)
+    entries, _, _ = checkpoint_entries(ckpt)
+    # --preset gives the shape when a foreign checkpoint carries no config of its own
+    config, where = find_model_config(tag_dir.parent, ckpt, entries, default_preset=cfg.model.preset)
+    if config is None:
+        raise ZerotrainError(f"--init-from {tag_dir}: no model config beside the checkpoint (no config.json, no "
+                             f"zerotrain.json); pass the --preset it was trained with")
+    untie_trained_head(config, entries)
+    model = build_from_config(config, where, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation)
+    check_state_dict({e.name: e.shape for e in entries}, model, source=f"--init-from checkpoint {tag_dir}",
+                     target=f"the model config from {where}", noun="checkpoint",
+                     advice="Pass the --preset it was trained with (a checkpoint without config.json or "
+                            "zerotrain.json takes its shape from --preset).")
+    copy_into(model, ((e.name, e.produce(None)) for e in entries))
     return model
 
 
