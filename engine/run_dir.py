@@ -143,15 +143,18 @@ def _classify(path: Path) -> Resolved | None:
         return None
     if (path / "adapter_config.json").is_file():
         return Resolved("adapter", path, _tokenizer_near(path))
-    if (path / "config.json").is_file():
+    has_weights = any((path / name).is_file() for name in MODEL_WEIGHT_FILES)
+    if (path / "config.json").is_file() and has_weights:
         return Resolved("hf", path, _tokenizer_near(path))
-    if any((path / name).is_file() for name in MODEL_WEIGHT_FILES):
+    if has_weights:
         return Resolved("weights", path, _tokenizer_near(path))
     if is_tag_dir(path) and not path.name.endswith(UNIVERSAL_SUFFIX):
         ckpt_dir = path.parent
         return Resolved("deepspeed", ckpt_dir, _tokenizer_near(ckpt_dir, ckpt_dir.parent / TOKENIZER), path.name)
-    if is_checkpoint_dir(path):
+    if is_checkpoint_dir(path):  # also HF Trainer's checkpoint-N/: config.json beside the shards
         return Resolved("deepspeed", path, _tokenizer_near(path, path.parent / TOKENIZER))
+    if (path / "config.json").is_file():  # a config without weights: from_pretrained will say so
+        return Resolved("hf", path, _tokenizer_near(path))
     return None
 
 

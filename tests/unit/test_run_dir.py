@@ -39,3 +39,59 @@ def test_resume_path_errors(tmp_path):
     half.mkdir(parents=True)
     with pytest.raises(ZerotrainError, match=r"no complete checkpoint .*global_step3 \(.*zerotrain.json is missing"):
         find_resume_tag(tmp_path / "ckpts", "auto")
+
+
+# --------------------------------------------------------------------------- what a path stands for
+
+def fake_tag(ckpt_dir, step=4):
+    tag = ckpt_dir / f"global_step{step}"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (ckpt_dir / "latest").write_text(tag.name)
+    return tag
+
+
+def test_resolve_run_directories_and_what_they_hold(tmp_path):
+    from engine.run_dir import resolve
+
+    run = tmp_path / "run"
+    tag = fake_tag(run / "checkpoints")
+    (run / "tokenizer").mkdir()
+    (run / "tokenizer" / "tokenizer.json").write_text("{}")
+    # no final/ yet: --init-from takes the checkpoints, with the run's tokenizer
+    found = resolve(run, ("hf", "state_dict", "deepspeed"), "--init-from")
+    assert (found.kind, found.path, found.tag, found.tokenizer) == ("deepspeed", run / "checkpoints", None,
+                                                                    run / "tokenizer")
+    found = resolve(tag, ("deepspeed",), "CKPT_DIR")
+    assert (found.path, found.tag) == (run / "checkpoints", "global_step4")
+    with pytest.raises(ZerotrainError, match="no final/ model yet.*zerotrain consolidate"):
+        resolve(run, ("hf",), "--model")
+    # a finished LoRA run: final/ holds the model and final/adapter/ the adapter
+    (run / "final" / "adapter").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (run / "final" / name).write_text("{}")
+    (run / "final" / "adapter" / "adapter_config.json").write_text("{}")
+    assert resolve(run, ("hf", "state_dict", "deepspeed"), "--init-from").path == run / "final"
+    assert resolve(run, ("adapter",), "ADAPTER").path == run / "final" / "adapter"
+    assert resolve(run / "final", ("adapter",), "ADAPTER").path == run / "final" / "adapter"
+    with pytest.raises(ZerotrainError, match=r"ADAPTER .* is not a PEFT adapter directory .*it is a \.pth/\.pt/"):
+        resolve(run / "final" / "model.safetensors", ("adapter",), "ADAPTER")
+
+
+def test_resolve_foreign_layouts(tmp_path):
+    from engine.run_dir import resolve
+
+    # HF Trainer's checkpoint-N/: config.json beside DeepSpeed's shards and no weights file
+    trainer_ckpt = tmp_path / "checkpoint-10"
+    fake_tag(trainer_ckpt, 10)
+    (trainer_ckpt / "config.json").write_text("{}")
+    assert resolve(trainer_ckpt, ("hf", "state_dict", "deepspeed"), "--init-from").kind == "deepspeed"
+    # a directory of weights without config.json is a model for merge-adapter, not for --init-from
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"")
+    assert resolve(weights, ("hf", "weights", "state_dict"), "BASE").kind == "weights"
+    with pytest.raises(ZerotrainError, match="--init-from .* is not a model directory"):
+        resolve(weights, ("hf", "state_dict", "deepspeed"), "--init-from")
+    with pytest.raises(ZerotrainError, match="does not exist"):
+        resolve(tmp_path / "nowhere", ("hf",), "--model")
