@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from common.errors import ZerotrainError
+from model.build import STATE_DICT_SUFFIXES
 
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
@@ -35,7 +36,6 @@ TAG_RE = re.compile(r"^global_step(\d+)$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                       "pytorch_model.bin.index.json")
-STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 @dataclass(frozen=True)
