@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from common.errors import ZerotrainError
-from model.build import STATE_DICT_SUFFIXES
+from model.state_dict import STATE_DICT_SUFFIXES
 
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"

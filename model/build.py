@@ -7,9 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from common.errors import ZerotrainError
 from model.presets import PRESETS, did_you_mean, preset_config, preset_names
-from model.state_dict import check_state_dict, copy_into, load_state_dict_file
-
-STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
+from model.state_dict import STATE_DICT_SUFFIXES, check_state_dict, copy_into, load_state_dict_file
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

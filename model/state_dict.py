@@ -19,6 +19,8 @@ import torch
 
 from common.errors import ZerotrainError
 
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
 # DDP and DeepSpeed wrap the model as `module` (at the front of every name, once per wrapper);
 # torch.compile as `_orig_mod`, which can sit at any depth (a compiled submodule).
 WRAPPER_PREFIX = "module."
