@@ -18,6 +18,7 @@ from common.publish import publishing
 from engine.config import Config
 from engine.run_dir import Resolved, resolve
 
+
 def resolve_init_from(init_from: str) -> Resolved | None:
     """What --init-from names (None: a fresh model from the preset), failing early with a clear message."""
     if not init_from:
