@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.errors import ZerotrainError
 from common.publish import publishing
+from engine.run_dir import RunDir
 
 # (metrics.jsonl key, panel title, y-axis label)
 PANELS = (("loss", "training loss", "loss"),
@@ -39,7 +40,7 @@ class RunCurves:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of RUN_DIR/metrics.jsonl. A last line cut short (the run is writing it) is left out."""
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not run_dir.is_dir():
         raise ZerotrainError(f"run directory {run_dir} does not exist")
     if not path.is_file():

@@ -48,14 +48,10 @@ def build_model(
             )
             _check_vocab(model.config, vocab_size, path)
             return model
-        if (path / "latest").is_file() or any(path.glob("global_step*")):
-            raise ZerotrainError(
-                f"{path} is a DeepSpeed checkpoint directory, which cannot be loaded as a model yet; "
-                f"consolidate it first with `zerotrain consolidate {path}` and pass the result."
-            )
         raise ZerotrainError(
             f"model directory {path} has no config.json; pass an HF model directory (save_pretrained), "
-            f"a .pth/.safetensors state dict, or a preset ({', '.join(preset_names())})."
+            f"a .pth/.safetensors state dict, or a preset ({', '.join(preset_names())}); a DeepSpeed "
+            f"checkpoint becomes one with `zerotrain consolidate`."
         )
     if path.is_file() and path.suffix in STATE_DICT_SUFFIXES:
         return _build_from_state_dict(path, preset, vocab_size, max_seq_len, dtype, attn_implementation)
