@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from engine.run_dir import RunDir
+
 RUNS = (("pretrain", "pretrain"), ("sft", "LoRA SFT"))
 
 
@@ -55,15 +57,18 @@ def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
 
 
 def checkpoint_tags(run: Path) -> list[Path]:
-    tags = [p for p in (run / "checkpoints").glob("global_step*") if p.is_dir()]
-    return sorted(tags, key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+    from engine.run_dir import zerotrain_tags
+
+    checkpoints = RunDir(run).checkpoints
+    return [checkpoints / tag for tag in zerotrain_tags(checkpoints)]
 
 
-def sidecar(run: Path) -> dict:
+def sidecar(run: Path):
     """The newest checkpoint's zerotrain.json (stage, world size, precision, LoRA), if any."""
+    from engine.sidecar import Sidecar
+
     tags = checkpoint_tags(run)
-    path = tags[-1] / "zerotrain.json" if tags else None
-    return json.loads(path.read_text()) if path and path.is_file() else {}
+    return Sidecar.read(tags[-1]) if tags else None
 
 
 def safetensors_params(path: Path) -> int:
@@ -144,12 +149,13 @@ def run_summary(run_dir: Path) -> list[str]:
     columns = {}
     for name, title in RUNS:
         run = run_dir / name
-        if not (run / "config.yaml").is_file():
+        layout = RunDir(run)
+        if not layout.config.is_file():
             continue
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg = yaml.safe_load(layout.config.read_text())
         side = sidecar(run)
-        train, val = read_metrics(run) if (run / "metrics.jsonl").is_file() else ([], [])
-        world = side.get("world_size", 1)
+        train, val = read_metrics(run) if layout.metrics.is_file() else ([], [])
+        world = side.world_size if side else 1
         t = cfg["train"]
         lora = cfg["lora"]
         if lora["lora_r"]:
@@ -164,7 +170,7 @@ def run_summary(run_dir: Path) -> list[str]:
             "initialised from": init,
             "trained": what,
             "data": "<br>".join(describe_data(d) for d in cfg["data"]["data"]),
-            "ZeRO stage / ranks / precision": f"{side.get('zero_stage', '?')} / {world} / {side.get('precision', '?')}",
+            "ZeRO stage / ranks / precision": f"{side.zero_stage if side else '?'} / {world} / {side.precision if side else '?'}",
             "steps x (micro batch x accum x ranks) x seq len":
                 f"{t['max_steps']} x ({t['micro_batch_size']} x {t['grad_accum']} x {world}) x {cfg['data']['seq_len']}",
             "lr (peak, warmup, cosine floor)":
@@ -224,14 +230,13 @@ def artifacts(run_dir: Path) -> list[str]:
                                       ("pretraining tokens (memmap)", run_dir / "data" / "pretrain"),
                                       ("SFT conversations and label masks", run_dir / "data" / "sft")]
     for name, title in RUNS:
-        run = run_dir / name
-        listed += [(f"{title}: resolved config", run / "config.yaml"),
-                   (f"{title}: metrics", run / "metrics.jsonl")]
-        listed += [(f"{title}: DeepSpeed checkpoint (ZeRO shards)", tag) for tag in checkpoint_tags(run)]
-        if (run / "final" / "model.safetensors").is_file():
-            listed.append((f"{title}: final model (HF format)", run / "final"))
-        if (run / "final" / "adapter").is_dir():
-            listed.append((f"{title}: final adapter (PEFT, gathered from the live engine)", run / "final" / "adapter"))
+        run = RunDir(run_dir / name)
+        listed += [(f"{title}: resolved config", run.config), (f"{title}: metrics", run.metrics)]
+        listed += [(f"{title}: DeepSpeed checkpoint (ZeRO shards)", tag) for tag in checkpoint_tags(run.root)]
+        if (run.final / "model.safetensors").is_file():
+            listed.append((f"{title}: final model (HF format)", run.final))
+        if run.final_adapter.is_dir():
+            listed.append((f"{title}: final adapter (PEFT, gathered from the live engine)", run.final_adapter))
     for path in sorted((run_dir / "consolidated").glob("*")) if (run_dir / "consolidated").is_dir() else []:
         what = {".safetensors": "safetensors", ".pth": "torch state dict"}.get(path.suffix, "HF directory")
         extra = f", {count(safetensors_params(path))} parameters" if path.suffix == ".safetensors" else ""
