@@ -1,8 +1,8 @@
 """`zerotrain extract-adapter`: the LoRA adapter of a DeepSpeed checkpoint, in PEFT format, straight
 from the shards; `zerotrain merge-adapter`: a PEFT adapter folded into its base model.
 
-Both stream as consolidate does (engine.consolidate's writers): one tensor in memory at a time,
-written under a temporary name and put in place once complete.
+Both stream as consolidate does (engine.tensor_io's readers and writers): one tensor in memory at a
+time, written under a temporary name and put in place once complete.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 from common.errors import ZerotrainError
-from engine.consolidate import (Entry, Written, check_against_config, load_config_json, output_dtype, plan_output,
-                                source_entries, staged, tokenizer_source, write_extras, write_safetensors)
-from engine.ds_checkpoint import load_checkpoint, model_sources, resolve_tag, state_dict_sources
+from engine.consolidate import (Written, check_against_config, load_config_json, output_dtype, plan_output,
+                                tokenizer_source, write_extras)
+from engine.ds_checkpoint import load_checkpoint, resolve_tag
 from engine.lora import fold_lora, lora_module, lora_name_in_model, lora_settings, peft_adapter, strip_peft
 from engine.run_dir import has_tokenizer, resolve
+from engine.tensor_io import Entry, model_entries, source_entries, staged, state_dict_entries, write_safetensors
 
 
 def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora_alpha: float | None = None,
@@ -54,7 +55,7 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
     # run directories stand for what their final/ holds: RUN/final (base), RUN/final/adapter
     base_path = resolve(base, ("hf", "weights", "state_dict"), "BASE").path
     adapter_path = resolve(adapter, ("adapter",), "ADAPTER").path
-    base_tensors, base_aliases = model_sources(base_path, trust_pickle=trust_pickle)
+    base_entries, base_aliases = model_entries(base_path, trust_pickle=trust_pickle)
     config_file = adapter_path / "adapter_config.json"
     settings = lora_settings(None, None, adapter_config=str(config_file))
     if settings.config.get("peft_type", "LORA") != "LORA" or settings.config.get("use_dora"):
@@ -64,12 +65,12 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
                     if (adapter_path / n).is_file()), None)
     if weights is None:
         raise ZerotrainError(f"{adapter_path} has no adapter_model.safetensors or adapter_model.bin")
-    adapter_tensors, _ = state_dict_sources(weights, trust_pickle=trust_pickle)
+    adapter_entries, _ = state_dict_entries(weights, trust_pickle=trust_pickle)
 
-    merged: dict[str, Entry] = {e.name: e for e in source_entries(base_tensors)}
+    merged: dict[str, Entry] = {e.name: e for e in base_entries}
     lora: list[Entry] = []
     replaced = 0
-    for e in source_entries(adapter_tensors):
+    for e in adapter_entries:
         name = strip_peft(e.name)
         if (lora_name := lora_name_in_model(name)) is not None:
             lora.append(Entry(lora_name, e.shape, e.dtype, e.produce))
@@ -87,7 +88,7 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
                              f"model {base_path} does not have; is it the adapter's base model?")
     entries, aliases = fold_lora(list(merged.values()) + lora, base_aliases, settings)
     if plan.target is None:  # keep each base tensor's dtype: folded weights go back to their base's
-        base_dtypes = {name: src.dtype for name, src in base_tensors.items()}
+        base_dtypes = {e.name: e.dtype for e in base_entries}
         entries = [_cast_to(e, base_dtypes.get(e.name)) for e in entries]
     extras = None
     if plan.kind == "dir":

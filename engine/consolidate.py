@@ -1,11 +1,12 @@
 """`zerotrain consolidate`: a DeepSpeed checkpoint -> one `.pth`, one `.safetensors`, or an HF model
 directory (weights, config.json, generation_config.json, tokenizer), a LoRA adapter folded in; and
-the tensor writers and HF-directory pieces that extract-adapter and merge-adapter (engine.adapters)
-write with as well.
+the OUTPUT argument and HF-directory pieces that extract-adapter and merge-adapter (engine.adapters)
+use as well.
 
 Everything streams: a tensor is read from the shards (engine.ds_checkpoint), converted and written
-before the next is read, so memory holds one tensor, never the model. Output goes to a temporary
-name next to OUTPUT and is renamed into place once complete; on any error nothing is left behind.
+(engine.tensor_io) before the next is read, so memory holds one tensor, never the model. Output
+goes to a temporary name next to OUTPUT and is renamed into place once complete; on any error
+nothing is left behind.
 
 Tied weights: a `.pth` keeps both names over one storage (it loads strictly into the model,
 `lm_head.weight` included); `.safetensors` files and HF directories leave the tied copy out, as
@@ -14,79 +15,28 @@ Tied weights: a `.pth` keeps both names over one storage (it loads strictly into
 
 from __future__ import annotations
 
-import collections
-import io
-import json
-import math
-import pickle
-import re
 import shutil
-import struct
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
 import torch
-from torch.utils.serialization import config as serialization_config
 
 from common.errors import ZerotrainError
-from common.publish import publishing
-from engine.ds_checkpoint import Checkpoint, TensorSource, load_checkpoint, read_json_object, resolve_tag
+from engine.ds_checkpoint import Checkpoint, load_checkpoint, resolve_tag
 from engine.lora import fold_lora, lora_settings
 from engine.run_dir import SIDECAR, TOKENIZER_FILES, RunDir, has_tokenizer
+from engine.tensor_io import Entry, output_kind, parse_size, read_json_object, source_entries, write_output
 from model.state_dict import check_state_dict
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig  # imported where used: it takes seconds
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
 # What is copied from a tokenizer directory into an HF directory: the files that make one
 # (run_dir.TOKENIZER_FILES) and those that come with them.
 COPIED_TOKENIZER_FILES = (*TOKENIZER_FILES, "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
                           "chat_template.jinja", "chat_template.json")
-
-
-@dataclass
-class Entry:
-    """One output tensor: its name, shape, the dtype it comes in, and how to make it.
-
-    `produce(into)` returns the tensor; `into`, when not None, is a buffer of that shape and dtype
-    it may fill and return instead of allocating.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    produce: Callable[[torch.Tensor | None], torch.Tensor]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def source_entries(tensors: dict[str, TensorSource]) -> list[Entry]:
-    """Entries that read each tensor from its source when written."""
-    return [Entry(name, src.shape, src.dtype, src.read) for name, src in tensors.items()]
-
-
-class _Scratch:
-    """Two buffers sized for the largest tensor, one to read into and one to convert into, reused
-    for every tensor. (A fresh allocation per tensor fragments the heap, and RSS creeps up.)"""
-
-    def __init__(self, entries: list[Entry], target: torch.dtype | None) -> None:
-        casts = [e for e in entries if _out_dtype(e.dtype, target) != e.dtype]
-        self.read = torch.empty(max((e.numel * e.dtype.itemsize for e in entries), default=0), dtype=torch.uint8)
-        self.cast = torch.empty(max((e.numel * target.itemsize for e in casts), default=0), dtype=torch.uint8)
-
-    @staticmethod
-    def view(buf: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        return buf[:math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
 
 
 @dataclass
@@ -98,186 +48,6 @@ class Written:
     params: int
     bytes: int
     notes: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------
-# Output writers
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB' -> 5 * 10**9 bytes; also KB/MB/TB, KiB/MiB/GiB/TiB and plain byte counts."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
-    if not m:
-        raise ZerotrainError(f"--max-shard-size {size!r} is not a size such as 5GB, 500MB or 2GiB")
-    unit = (m.group(2) or "B").upper()
-    power = "BKMGT".index(unit[0])
-    value = float(m.group(1)) * ((1024 if "I" in unit else 1000) ** power)
-    if value < 1:
-        raise ZerotrainError(f"--max-shard-size {size!r} must be positive")
-    return int(value)
-
-
-def _out_dtype(dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
-    return target if target is not None and dtype.is_floating_point else dtype
-
-
-def _materialize(entry: Entry, target: torch.dtype | None, scratch: _Scratch) -> torch.Tensor:
-    """The entry's tensor in its output dtype, in the scratch buffers where it can be; valid until
-    the next call."""
-    t = entry.produce(scratch.view(scratch.read, entry.dtype, entry.shape))
-    if tuple(t.shape) != entry.shape:
-        raise ZerotrainError(f"internal error: {entry.name} came out {tuple(t.shape)}, expected {entry.shape}")
-    dtype = _out_dtype(t.dtype, target)
-    if dtype != t.dtype:
-        out = scratch.view(scratch.cast, dtype, entry.shape) if dtype == target and entry.dtype == t.dtype \
-            else torch.empty(entry.shape, dtype=dtype)
-        t = out.copy_(t)
-    return t.contiguous()
-
-
-def _as_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def write_safetensors(entries: list[Entry], path: Path, target: torch.dtype | None,
-                      metadata: dict[str, str] | None = None) -> int:
-    """Write one safetensors file, tensor by tensor (the header is known from the shapes)."""
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for e in entries:
-        dtype = _out_dtype(e.dtype, target)
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ZerotrainError(f"{e.name}: dtype {dtype} cannot be stored in safetensors")
-        nbytes = e.numel * dtype.itemsize
-        header[e.name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(e.shape),
-                          "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    scratch = _Scratch(entries, target)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for e in entries:
-            f.write(_as_bytes(_materialize(e, target, scratch)))
-    return offset
-
-
-class _StorageRef:
-    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
-        self.key, self.dtype, self.numel = key, dtype, numel
-
-
-class _TensorRef:
-    """Pickles as a tensor over a storage whose bytes are written afterwards (as torch.save does)."""
-
-    def __init__(self, storage: _StorageRef, shape: tuple[int, ...]) -> None:
-        self.storage, self.shape = storage, shape
-
-    def __reduce_ex__(self, protocol: int) -> tuple:
-        stride = tuple(math.prod(self.shape[i + 1:]) for i in range(len(self.shape)))
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, tuple(self.shape), stride, False, collections.OrderedDict()))
-
-
-class _Pickler(pickle.Pickler):
-    def persistent_id(self, obj: Any) -> tuple | None:
-        if isinstance(obj, _StorageRef):
-            storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[obj.dtype])
-            return ("storage", storage_type, obj.key, "cpu", obj.numel)
-        return None
-
-
-def write_pth(entries: list[Entry], aliases: dict[str, str], path: Path, target: torch.dtype | None) -> int:
-    """Write a `torch.save`-format state dict (loads with torch.load(weights_only=True)) tensor by
-    tensor; tied names share their target's storage."""
-    refs: dict[str, _TensorRef] = {}
-    for i, e in enumerate(entries):
-        refs[e.name] = _TensorRef(_StorageRef(str(i), _out_dtype(e.dtype, target), e.numel), e.shape)
-    state = dict(refs)
-    for alias, name in aliases.items():
-        if name in refs:
-            state[alias] = refs[name]
-    data = io.BytesIO()
-    _Pickler(data, protocol=2).dump(state)
-    alignment = serialization_config.save.storage_alignment
-    total = 0
-    scratch = _Scratch(entries, target)
-    with open(path, "wb") as f:
-        writer = torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), alignment)
-        try:
-            writer.write_record("data.pkl", data.getvalue(), len(data.getvalue()))
-            writer.write_record(".format_version", "1", 1)
-            writer.write_record(".storage_alignment", str(alignment), len(str(alignment)))
-            writer.write_record("byteorder", "little", len("little"))
-            for i, e in enumerate(entries):
-                t = _materialize(e, target, scratch)
-                nbytes = t.numel() * t.element_size()
-                writer.write_record(f"data/{i}", t.data_ptr(), nbytes)
-                total += nbytes
-            writer.write_end_of_file()
-        finally:
-            del writer  # its destructor writes to f, so it must go before f closes (else: abort)
-    return total
-
-
-def write_hf_dir(entries: list[Entry], out_dir: Path, target: torch.dtype | None, max_shard_size: int) -> int:
-    """Safetensors shards of at most `max_shard_size` bytes (a larger tensor gets a shard of its
-    own) and, when there is more than one, model.safetensors.index.json, as save_pretrained names them."""
-    shards: list[list[Entry]] = [[]]
-    size = 0
-    for e in entries:
-        nbytes = e.numel * _out_dtype(e.dtype, target).itemsize
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += nbytes
-    total = 0
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(shard, out_dir / name, target)
-        weight_map.update({e.name: name for e in shard})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return total
-
-
-@contextmanager
-def staged(output: Path, overwrite: bool, is_dir: bool) -> Iterator[Path]:
-    """A temporary path beside `output`, put in place of `output` only if the body succeeds."""
-    if output.exists() and not overwrite:
-        raise ZerotrainError(f"{output} already exists; remove it, choose another path, or pass --overwrite")
-    with publishing(output, directory=is_dir) as tmp:
-        yield tmp
-
-
-def _output_kind(output: Path) -> str:
-    if output.suffix == ".pth":
-        return "pth"
-    if output.suffix == ".safetensors":
-        return "safetensors"
-    if output.suffix in (".pt", ".bin", ".ckpt"):
-        raise ZerotrainError(f"output {output}: use a .pth or .safetensors file name, or a directory name "
-                             f"(HF format)")
-    return "dir"
-
-
-def _write(entries: list[Entry], aliases: dict[str, str], output: Path, kind: str, target: torch.dtype | None,
-           max_shard_size: int, overwrite: bool, extras: Callable[[Path], None] | None = None) -> int:
-    with staged(output, overwrite, is_dir=kind == "dir") as tmp:
-        if kind == "pth":
-            return write_pth(entries, aliases, tmp, target)
-        if kind == "safetensors":
-            return write_safetensors(entries, tmp, target)
-        total = write_hf_dir(entries, tmp, target, max_shard_size)
-        if extras is not None:
-            extras(tmp)
-        return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,13 +194,14 @@ class OutputPlan:
               extras: Callable[[Path], None] | None = None) -> int:
         """Write the entries (a .pth keeps the tied `aliases`) and, in an HF directory, what
         `extras(directory)` adds; returns the bytes of tensor data written."""
-        return _write(entries, aliases, self.path, self.kind, self.target, self.shard_bytes, self.overwrite, extras)
+        return write_output(entries, aliases, self.path, self.kind, self.target, self.shard_bytes, self.overwrite,
+                            extras)
 
 
 def plan_output(output: str, dtype: str, max_shard_size: str | int, overwrite: bool) -> OutputPlan:
     """The OutputPlan of OUTPUT, --dtype, --max-shard-size and --overwrite."""
     out = Path(output)
-    kind = _output_kind(out)
+    kind = output_kind(out)
     target = output_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     if out.exists() and not overwrite:

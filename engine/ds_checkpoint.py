@@ -15,26 +15,22 @@ A tag folder (`global_stepN/`) holds `torch.save` files. What each ZeRO stage wr
                 'fp32_flat_groups', every trainable parameter's R-th slice (ceil(numel / world size)
                 elements, the last rank's padded) back to back, in 'param_shapes' order
 
-Files are unpickled with `weights_only=True` and `map_location="meta"`: that reads only the pickle
-(never tensor data) and gives each tensor's byte offset in the file. A tensor is then read with
-plain file reads from those offsets, one at a time, so Adam moments are never read and memory
-holds one tensor, not the checkpoint.
+Files are unpickled with `weights_only=True` and mapped, not read (engine.tensor_io.load_located):
+that reads only the pickle, and its locator gives each tensor's byte offset in the file. A tensor
+is then read with plain file reads from those offsets, one at a time, so Adam moments are never
+read and memory holds one tensor, not the checkpoint.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import functools
-import io
 import hashlib
-import json
+import io
 import logging
 import math
 import os
-import pickle
 import re
-import struct
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -46,6 +42,7 @@ import torch
 from common.errors import ZerotrainError
 from engine.run_dir import LATEST, RunDir, is_checkpoint_dir, is_tag_dir, resolve
 from engine.sidecar import Sidecar
+from engine.tensor_io import Piece, TensorSource, load_located, tied_names, torch_load
 from model.state_dict import strip_wrappers
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -89,157 +86,24 @@ def safe_load(path: str | os.PathLike, *, trust_pickle: bool = False, mmap: bool
     A refused class, a truncated or corrupt file: ZerotrainError naming the file. With
     `trust_pickle` the file is unpickled without restrictions (it can run arbitrary code).
     """
-    return _load(Path(path), map_location="cpu", mmap=mmap, trust_pickle=trust_pickle)
-
-
-def _load(path: Path, *, map_location: str, mmap: bool, trust_pickle: bool) -> Any:
-    if not path.is_file():
-        raise ZerotrainError(f"{path} does not exist")
-    try:
-        if trust_pickle:
-            return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        refused = _refused_globals(path)
-        if not refused:
-            raise ZerotrainError(f"{path} is corrupt: cannot unpickle it ({_first_line(e)})") from None
-        allowed = ", ".join(c.__name__ for c in _safe_globals())
-        raise ZerotrainError(
-            f"{path} pickles {', '.join(refused)}, which is not among the classes zerotrain unpickles "
-            f"from DeepSpeed checkpoints ({allowed}); unpickling other classes can run arbitrary code. "
-            f"Pass --trust-pickle only if you trust where this checkpoint came from.") from None
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise ZerotrainError(f"{path} is truncated or corrupt: {_first_line(e)}") from None
-
-
-def _refused_globals(path: Path) -> list[str]:
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # a file too broken to disassemble: report it as corrupt instead
-        return []
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-# --------------------------------------------------------------------------------------------
-# Tensor data by byte offset
-
-
-@dataclass(frozen=True)
-class Piece:
-    """`numel` elements stored contiguously at byte `offset` of `path`."""
-
-    path: str
-    offset: int
-    numel: int
-
-
-@dataclass
-class TensorSource:
-    """One tensor of a checkpoint: its pieces, concatenated in order, viewed as `shape`."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    pieces: tuple[Piece, ...]
-    origin: str = "module"
-    """fp32 master, module (weights in the training dtype), frozen or buffer."""
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def read(self, into: torch.Tensor | None = None) -> torch.Tensor:
-        """Read the tensor from disk (plain reads, no mmap), into `into` (contiguous, this dtype and
-        shape) when given."""
-        if into is None:
-            into = torch.empty(self.shape, dtype=self.dtype)
-        elif into.dtype != self.dtype or tuple(into.shape) != self.shape or not into.is_contiguous():
-            raise ValueError(f"read into a {into.dtype} {tuple(into.shape)} buffer, need {self.dtype} {self.shape}")
-        out = into.reshape(-1)
-        buf = memoryview(out.view(torch.uint8).numpy())
-        itemsize = out.element_size()
-        pos = 0
-        for piece in self.pieces:
-            size = piece.numel * itemsize
-            with open(piece.path, "rb", buffering=0) as f:
-                f.seek(piece.offset)
-                got = 0
-                while got < size:
-                    n = f.readinto(buf[pos + got:pos + size])
-                    if not n:
-                        raise ZerotrainError(f"{piece.path} ends at byte {piece.offset + got}, inside a tensor "
-                                             f"({size} bytes from {piece.offset}): the file is truncated")
-                    got += n
-            pos += size
-        if pos != len(buf):
-            raise ZerotrainError(f"internal error: pieces of {pos} bytes for a tensor of {len(buf)} bytes")
-        return into
-
-
-class _ZipIndex:
-    """Where each record's data lies in a torch.save ZIP file, to check the offsets from the pickle."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with zipfile.ZipFile(path) as z:
-            infos = sorted(z.infolist(), key=lambda i: i.header_offset)
-        self.headers = [i.header_offset for i in infos]
-        self.infos = infos
-        self.data_start: dict[int, int] = {}
-
-    def check(self, offset: int, nbytes: int) -> None:
-        i = bisect.bisect_right(self.headers, offset) - 1
-        if i < 0:
-            raise ZerotrainError(f"{self.path}: tensor data at byte {offset} lies before any record (corrupt file)")
-        info = self.infos[i]
-        if i not in self.data_start:
-            with open(self.path, "rb") as f:
-                f.seek(info.header_offset)
-                header = f.read(30)
-            if len(header) < 30 or header[:4] != b"PK\x03\x04":
-                raise ZerotrainError(f"{self.path}: bad ZIP record header for {info.filename} (corrupt file)")
-            name_len, extra_len = struct.unpack("<HH", header[26:30])
-            self.data_start[i] = info.header_offset + 30 + name_len + extra_len
-        start = self.data_start[i]
-        if info.compress_type != zipfile.ZIP_STORED or not start <= offset <= offset + nbytes <= start + info.file_size:
-            raise ZerotrainError(f"{self.path}: tensor data at bytes {offset}..{offset + nbytes} does not lie inside "
-                                 f"record {info.filename} (corrupt file)")
+    return torch_load(path, map_location="cpu", mmap=mmap, trust_pickle=trust_pickle,
+                      safe_globals=() if trust_pickle else _safe_globals(), kind="DeepSpeed checkpoints")
 
 
 class _File:
-    """One checkpoint file, its pickle loaded with meta tensors."""
+    """One checkpoint file: its pickle, loaded mapped (no tensor data read), and where its tensors lie."""
 
     def __init__(self, path: Path, trust_pickle: bool) -> None:
         self.path = path
-        self.state = _load(path, map_location="meta", mmap=False, trust_pickle=trust_pickle)
-        self._zip: _ZipIndex | None = None
+        self.state, self.locator = load_located(path, trust_pickle=trust_pickle, kind="DeepSpeed checkpoints",
+                                                safe_globals=() if trust_pickle else _safe_globals())
 
     def piece(self, t: torch.Tensor, start: int = 0, numel: int | None = None) -> Piece:
-        """Elements [start, start + numel) of the contiguous meta tensor `t` from this file."""
-        if not isinstance(t, torch.Tensor) or t.device.type != "meta":
-            raise ZerotrainError(f"{self.path}: expected a tensor, found {type(t).__name__}")
-        numel = t.numel() - start if numel is None else numel
-        if not t.is_contiguous():
-            raise ZerotrainError(f"{self.path}: a non-contiguous tensor of shape {tuple(t.shape)} is not supported")
-        if start < 0 or start + numel > t.numel():
-            raise ZerotrainError(f"{self.path}: elements {start}..{start + numel} asked of a tensor of "
-                                 f"{t.numel()} (checkpoint layout not understood)")
-        base = getattr(t.untyped_storage(), "_checkpoint_offset", None)
-        if base is None:
-            raise ZerotrainError(f"{self.path}: cannot locate tensor data (not a zip-format torch.save file?)")
-        offset = base + (t.storage_offset() + start) * t.element_size()
-        if self._zip is None:
-            self._zip = _ZipIndex(self.path)
-        self._zip.check(offset, numel * t.element_size())
-        return Piece(str(self.path), offset, numel)
+        """Elements [start, start + numel) of the contiguous tensor `t` of this file's state."""
+        return self.locator.piece(t, start, numel)
 
     def source(self, t: torch.Tensor, origin: str) -> TensorSource:
-        return TensorSource(tuple(t.shape), t.dtype, (self.piece(t),) if t.numel() else (), origin)
+        return self.locator.source(t, origin)
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,14 +396,8 @@ def _count_params(model_state: dict, zero3: bool) -> int:
 def _module_aliases(model_state: dict) -> dict[str, str]:
     """Tied names: DeepSpeed's 'shared_params', and module entries that share a storage and shape."""
     aliases = dict(model_state.get("shared_params") or {})
-    seen: dict[tuple, str] = {}
-    for name, t in (model_state.get("module") or {}).items():
-        if not isinstance(t, torch.Tensor) or t.numel() == 0:
-            continue
-        key = (getattr(t.untyped_storage(), "_checkpoint_offset", None), t.storage_offset(), tuple(t.shape), t.dtype)
-        if key[0] is not None and key in seen and name not in aliases:
-            aliases[name] = seen[key]
-        seen.setdefault(key, name)
+    for name, target in tied_names(model_state.get("module") or {}).items():
+        aliases.setdefault(name, target)
     return aliases
 
 
@@ -797,95 +655,3 @@ def _zero3_sources(models: dict[int, _File], optims: dict[int, _File], world: in
     tensors.update(masters)
     tensors.update(frozen_sources)
     return tensors, aliases
-
-
-# --------------------------------------------------------------------------------------------
-# Plain state-dict files and model directories (for merge-adapter's base model and adapter)
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-def state_dict_sources(path: str | os.PathLike, *, trust_pickle: bool = False
-                       ) -> tuple[dict[str, TensorSource], dict[str, str]]:
-    """The tensors of a `.safetensors` or `torch.save` state-dict file, to read one at a time, and
-    its tied names (a `torch.save` file's entries sharing one storage)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ZerotrainError(f"{path} does not exist")
-    if path.suffix == ".safetensors":
-        return _safetensors_sources(path), {}
-    f = _File(path, trust_pickle)
-    state = f.state
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ZerotrainError(f"{path} is not a flat state dict {{name: tensor}}")
-    aliases = _module_aliases({"module": state})
-    tensors = {strip_wrappers(k): f.source(t, "module") for k, t in state.items() if k not in aliases}
-    return tensors, {strip_wrappers(k): strip_wrappers(v) for k, v in aliases.items()}
-
-
-def _safetensors_sources(path: Path) -> dict[str, TensorSource]:
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError(f"header of {n} bytes in a file of {size}")
-            header = json.loads(f.read(n))
-    except (struct.error, ValueError) as e:
-        raise ZerotrainError(f"{path} is not a valid safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    tensors = {}
-    for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
-        if dtype is None:
-            raise ZerotrainError(f"{path}: tensor {name} has dtype {meta['dtype']}, which zerotrain does not read")
-        start, end = meta["data_offsets"]
-        shape = tuple(meta["shape"])
-        if end - start != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
-            raise ZerotrainError(f"{path}: tensor {name} lies outside the file (truncated?)")
-        pieces = (Piece(str(path), 8 + n + start, math.prod(shape)),) if end > start else ()
-        tensors[strip_wrappers(name)] = TensorSource(shape, dtype, pieces, "module")
-    return tensors
-
-
-def model_sources(path: Path, *, trust_pickle: bool = False) -> tuple[dict[str, TensorSource], dict[str, str]]:
-    """The tensors of a model, as `state_dict_sources` gives them: an HF directory (safetensors or
-    pytorch_model.bin, sharded or not) or one .safetensors / .pth file."""
-    if path.is_file():
-        return state_dict_sources(path, trust_pickle=trust_pickle)
-    if not path.is_dir():
-        raise ZerotrainError(f"base model {path} does not exist")
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (path / index_name).is_file():
-            files = list(dict.fromkeys(read_json_object(path / index_name).get("weight_map", {}).values()))
-        elif (path / single).is_file():
-            files = [single]
-        else:
-            continue
-        tensors: dict[str, TensorSource] = {}
-        aliases: dict[str, str] = {}
-        for f in files:
-            t, a = state_dict_sources(path / f, trust_pickle=trust_pickle)
-            tensors.update(t)
-            aliases.update(a)
-        return tensors, aliases
-    raise ZerotrainError(f"{path} holds no model weights (model.safetensors[.index.json] or pytorch_model.bin)")
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object (a config.json, adapter_config.json, weights index),
-    with an error naming the file when it cannot be read or holds something else."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ZerotrainError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise ZerotrainError(f"{path}: expected a JSON object")
-    return data

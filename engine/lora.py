@@ -15,18 +15,14 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from common.errors import ZerotrainError
-from engine.ds_checkpoint import Checkpoint, read_json_object
+from engine.ds_checkpoint import Checkpoint
 from engine.run_dir import SIDECAR
-
-if TYPE_CHECKING:
-    # Entry lives with the tensor writers in engine.consolidate, which imports this module; new
-    # entries are made with dataclasses.replace, so only the annotations need the class.
-    from engine.consolidate import Entry
+from engine.tensor_io import Entry, read_json_object
 
 PEFT_PREFIX = "base_model.model."
 

@@ -1,5 +1,5 @@
-"""engine.ds_checkpoint and the writers of engine.consolidate on small synthetic checkpoints laid
-out as DeepSpeed lays them (the real ones are in tests/distributed/test_consolidate.py): the
+"""engine.ds_checkpoint and the writers and readers of engine.tensor_io on small synthetic checkpoints
+laid out as DeepSpeed lays them (the real ones are in tests/distributed/test_consolidate.py): the
 pickle allowlist, tags, ZeRO-2/3 partitions for odd world sizes, streaming writers, LoRA folding."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.consolidate import Entry, parse_size, write_hf_dir, write_pth, write_safetensors
-from engine.ds_checkpoint import (SAFE_GLOBALS, describe, list_tags, load_checkpoint, resolve_tag, safe_load,
-                                  state_dict_sources)
+from engine.ds_checkpoint import SAFE_GLOBALS, describe, list_tags, load_checkpoint, resolve_tag, safe_load
+from engine.tensor_io import (Entry, parse_size, state_dict_entries, write_hf_dir, write_output, write_pth,
+                              write_safetensors)
 from common.errors import ZerotrainError
 from engine.lora import LoraSettings, fold_lora
 
@@ -250,8 +250,9 @@ def test_safetensors_and_sharded_dir_writers(tmp_path):
     assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in tensors.values())
     for name, shard in index["weight_map"].items():
         assert torch.equal(load_file(tmp_path / "hf" / shard)[name], tensors[name].half())
-    sources, _ = state_dict_sources(tmp_path / "m.safetensors")
-    assert torch.equal(sources["proj.weight"].read(), tensors["proj.weight"])
+    entries, _ = state_dict_entries(tmp_path / "m.safetensors")
+    sources = {e.name: e for e in entries}
+    assert torch.equal(sources["proj.weight"].produce(None), tensors["proj.weight"])
 
 
 def test_wrapper_prefixes_are_stripped():
@@ -315,22 +316,21 @@ def test_fold_lora_refuses_dora_and_missing_base():
         fold_lora(entries_of(no_base), {}, LoraSettings(lora_alpha=1))
 
 
-def test_state_dict_sources_of_a_pth_with_tied_weights(tmp_path):
+def test_state_dict_entries_of_a_pth_with_tied_weights(tmp_path):
     embed = torch.randn(4, 3)
     torch.save({"module.embed.weight": embed, "module.lm_head.weight": embed, "b": torch.ones(2)}, tmp_path / "m.pth")
-    sources, aliases = state_dict_sources(tmp_path / "m.pth")
+    entries, aliases = state_dict_entries(tmp_path / "m.pth")
+    sources = {e.name: e for e in entries}
     assert aliases == {"lm_head.weight": "embed.weight"} and set(sources) == {"embed.weight", "b"}
-    assert torch.equal(sources["embed.weight"].read(), embed)
+    assert torch.equal(sources["embed.weight"].produce(None), embed)
     save_file({"x": torch.ones(3)}, tmp_path / "x.safetensors")
     (tmp_path / "x.safetensors").write_bytes((tmp_path / "x.safetensors").read_bytes()[:-4])
     with pytest.raises(ZerotrainError, match="truncated"):
-        state_dict_sources(tmp_path / "x.safetensors")
+        state_dict_entries(tmp_path / "x.safetensors")
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors", ""])
 def test_error_while_writing_leaves_nothing(tmp_path, suffix):
-    from engine.consolidate import _write
-
     def broken(into=None):
         raise ZerotrainError("shard ends early")
 
@@ -338,5 +338,5 @@ def test_error_while_writing_leaves_nothing(tmp_path, suffix):
     out = tmp_path / f"model{suffix}"
     kind = {".pth": "pth", ".safetensors": "safetensors", "": "dir"}[suffix]
     with pytest.raises(ZerotrainError, match="shard ends early"):
-        _write(entries, {}, out, kind, None, 10**9, overwrite=False)
+        write_output(entries, {}, out, kind, None, 10**9, overwrite=False)
     assert list(tmp_path.iterdir()) == []
