@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from engine.tensor_io import (Entry, parse_size, state_dict_entries, write_hf_di
                               write_safetensors)
 from common.errors import ZerotrainError
 from engine.lora import LoraSettings, fold_lora
+from tests.unit.test_tensor_io import ROOT, peak_rss_child
 
 
 def weights(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -163,6 +166,43 @@ def test_zero3_partitions_any_world_size(tmp_path, world):
         src = loaded.tensors[name]
         assert src.origin == ("frozen" if name == "norm.weight" else "fp32 master")
         assert torch.equal(src.read(), t), name
+
+
+def test_reading_a_checkpoint_reads_no_optimizer_moments(tmp_path):
+    """A child loads a ZeRO-3 tag whose Adam moments take 512 MB and reads every weight: its peak RSS
+    grows by a few MB, where loading the optimizer file (the control) grows by the moments."""
+    ckpt = make_dir(tmp_path, 3, 1)
+    optim = ckpt / "global_step5" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    state = torch.load(optim, weights_only=True)
+    state["optimizer_state_dict"]["state"] = {0: {"exp_avg": torch.ones(2 ** 26), "exp_avg_sq": torch.ones(2 ** 26)}}
+    torch.save(state, optim)
+    del state
+    loaded, control = peak_rss_child(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from engine.ds_checkpoint import SAFE_GLOBALS, load_checkpoint, resolve_tag, safe_load  # imports deepspeed
+        start = phase_start()
+        ckpt = load_checkpoint(resolve_tag(sys.argv[1]))
+        weights = {{name: src.read() for name, src in ckpt.tensors.items()}}
+        loaded = peak_growth(start)
+        start = phase_start()
+        safe_load(sys.argv[2], mmap=False)
+        print(loaded, peak_growth(start))
+    """, str(ckpt), str(optim))
+    assert control > 400, (loaded, control)
+    assert loaded < 20, (loaded, control)
+
+
+def test_consolidate_prints_no_deprecation_warning_for_a_pth(tmp_path):
+    """The whole command in a fresh process, since torch's C++ warnings (such as write_record()'s
+    'Passing Storage by data pointer is deprecated') go to stderr once per process."""
+    ckpt = make_dir(tmp_path, 3, 2)
+    run = subprocess.run([sys.executable, "-m", "engine.cli", "consolidate", str(ckpt), str(tmp_path / "m.pth")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "deprecat" not in (run.stdout + run.stderr).lower(), run.stdout + run.stderr
+    loaded = torch.load(tmp_path / "m.pth", weights_only=True)
+    assert all(torch.equal(loaded[name], t) for name, t in weights().items())
 
 
 def test_zero2_partitions_trimmed_last_rank(tmp_path):
