@@ -73,16 +73,9 @@ def sidecar(run: Path):
 
 def safetensors_params(path: Path) -> int:
     """Elements in a .safetensors file, from its header alone."""
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    total = 0
-    for name, info in header.items():
-        if name != "__metadata__":
-            n = 1
-            for dim in info["shape"]:
-                n *= dim
-            total += n
-    return total
+    from engine.tensor_io import safetensors_entries
+
+    return sum(e.numel for e in safetensors_entries(path))
 
 
 def read_generations(path: Path) -> list[tuple[str, str]]:
