@@ -352,7 +352,7 @@ def judge(probes: list[Probe], *, local: bool, workdir: str, output_dir: str | N
             ok = False
             lines.append(f"{master}:{master_port} cannot be reached from " + ", ".join(unreachable))
         if ok:
-            reached = f", reachable from every other host" if len(answered) > 1 else ""
+            reached = ", reachable from every other host" if len(answered) > 1 else ""
             lines.append(f"{master}:{master_port} free on {first.host.name}{reached}")
     checks.append(Check("master", ok, lines,
                         "pick another port (--master_port for deepspeed, --master-port here) or stop what holds it; "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ZerotrainError
+from common.jsonio import read_json_object
 from common.publish import write_text
 from engine.run_dir import SIDECAR
 
@@ -47,12 +48,7 @@ class Sidecar:
         path = Path(tag_dir) / SIDECAR
         if not path.is_file():
             return None
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ZerotrainError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ZerotrainError(f"{path}: expected a JSON object")
+        data = read_json_object(path)
         names = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         missing = sorted(required - data.keys())

@@ -37,6 +37,7 @@ from typing import IO, Any, Callable, Iterator, Sequence
 import torch
 
 from common.errors import ZerotrainError
+from common.jsonio import read_json_object
 from common.publish import publishing
 from model.state_dict import strip_wrappers
 
@@ -480,18 +481,6 @@ def model_entries(path: Path, *, trust_pickle: bool = False) -> tuple[list[Entry
             aliases.update(a)
         return list(entries.values()), aliases
     raise ZerotrainError(f"{path} holds no model weights (model.safetensors[.index.json] or pytorch_model.bin)")
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object (a config.json, adapter_config.json, weights index),
-    with an error naming the file when it cannot be read or holds something else."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ZerotrainError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise ZerotrainError(f"{path}: expected a JSON object")
-    return data
 
 
 # --------------------------------------------------------------------------------------------
