@@ -49,6 +49,16 @@ def init_distributed(local_rank: int) -> None:
     deepspeed.init_distributed()
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group before the interpreter exits, as torch asks: tearing it down in
+    interpreter shutdown instead races the backend's threads (seen here once as a C++
+    "terminate called without an active exception" after a finished run)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def on_rank0(work, rank: int, what: str):
     """Run `work` on (local) rank 0 while the others wait; its result on rank 0, None elsewhere.
 

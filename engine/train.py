@@ -12,7 +12,7 @@ import warnings
 from common.errors import ZerotrainError
 from engine.builders import build_data, build_engine, build_model, plan_run, start
 from engine.config import Config, parse_config
-from engine.distributed import World, world
+from engine.distributed import World, shutdown_distributed, world
 from engine.objectives import Stage
 from engine.trainer import Hooks, Trainer
 
@@ -55,7 +55,9 @@ def main(argv: list[str] | None, stage: Stage, hooks: Hooks | None = None) -> in
         trainer = setup(cfg, stage, here, hooks)
         if pending:
             trainer.stop_signal = pending[-1]
-        return trainer.fit()
+        status = trainer.fit()
+        shutdown_distributed()
+        return status
     except ZerotrainError as e:
         print(f"zerotrain {stage.name}: error{f' (rank {here.rank})' if here.size > 1 else ''}: {e}", file=sys.stderr,
               flush=True)

@@ -32,7 +32,10 @@ def run_ranks(fn, world_size: int, *args) -> None:
 def _rank_main(rank: int, fn, world_size: int, args) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
+    from engine.distributed import shutdown_distributed
+
     fn(rank, world_size, *args)
+    shutdown_distributed()
 
 
 def build(rank: int, world_size: int, out: Path, base_model_dir: Path, stage: str, **flags):
