@@ -183,7 +183,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt_dir", metavar="CKPT_DIR",
-                   help="DeepSpeed checkpoint directory (holding 'latest' and global_stepN/), or one tag folder")
+                   help="DeepSpeed checkpoint directory (holding 'latest' and global_stepN/), one tag folder, "
+                        "or a zerotrain run directory (its checkpoints/)")
     p.add_argument("--tag", help="checkpoint tag to read, e.g. global_step1000 (default: the one 'latest' names)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="unpickle classes outside the DeepSpeed allowlist (can run code: trusted files only)")

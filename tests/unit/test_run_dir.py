@@ -95,3 +95,13 @@ def test_resolve_foreign_layouts(tmp_path):
         resolve(weights, ("hf", "state_dict", "deepspeed"), "--init-from")
     with pytest.raises(ZerotrainError, match="does not exist"):
         resolve(tmp_path / "nowhere", ("hf",), "--model")
+
+
+def test_checkpoint_tools_take_a_run_directory(tmp_path):
+    from engine.ds_checkpoint import checkpoint_dir, resolve_tag
+
+    run = tmp_path / "run"
+    tag = fake_tag(run / "checkpoints", 6)
+    assert checkpoint_dir(run) == run / "checkpoints"
+    assert resolve_tag(run) == tag
+    assert resolve_tag(run / "checkpoints") == tag and resolve_tag(tag) == tag
