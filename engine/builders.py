@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from common.errors import ZerotrainError
+from common.publish import publishing
 from engine import checkpoint
 from engine.config import Config
 from engine.data import (BatchLoader, DataSource, MixedDataset, PretrainDataset, SFTDataset, ShardedSampler,
@@ -114,8 +115,6 @@ def start(plan: RunPlan, cfg: Config, world: World) -> Path | None:
     if world.rank == 0:
         plan.run.root.mkdir(parents=True, exist_ok=True)
         cfg.save(plan.run.config)
-        from common.publish import publishing
-
         with publishing(plan.run.tokenizer, directory=True) as tmp:
             plan.tokenizer.save_pretrained(str(tmp))
     if plan.resume_tag is None or not plan.reshape:
