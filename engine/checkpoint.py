@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from common.errors import ZerotrainError
-from common.publish import remove, temporary_name, put_in_place, write_text
+from common.publish import put_in_place, remove, temporary_name, write_text
 from engine.distributed import comm_device
 from engine.run_dir import LATEST, SIDECAR, TAG_RE, tag_name, universal_dir, zerotrain_tags
 from engine.sidecar import Sidecar

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from common.errors import ZerotrainError
+from common.jsonio import read_json_object
 from engine.ds_checkpoint import Checkpoint, load_checkpoint, resolve_tag
 from engine.lora import fold_lora, lora_settings
 from engine.run_dir import SIDECAR, TOKENIZER_FILES, RunDir, has_tokenizer
-from common.jsonio import read_json_object
 from engine.tensor_io import Entry, output_kind, parse_size, source_entries, write_output
 from model.state_dict import check_state_dict
 

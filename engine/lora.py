@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from common.errors import ZerotrainError
+from common.jsonio import read_json_object
 from engine.ds_checkpoint import Checkpoint
 from engine.run_dir import SIDECAR
-from common.jsonio import read_json_object
 from engine.tensor_io import Entry
 
 PEFT_PREFIX = "base_model.model."

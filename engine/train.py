@@ -14,15 +14,14 @@ from engine.builders import build_data, build_engine, build_model, plan_run, sta
 from engine.config import Config, parse_config
 from engine.distributed import World, shutdown_distributed, world
 from engine.objectives import Stage
-from engine.trainer import Hooks, Trainer
+from engine.trainer import Hooks, Trainer, log_on_rank0
 
 
 def setup(cfg: Config, stage: Stage, here: World, hooks: Hooks | None = None) -> Trainer:
     """Check, then build data, model, objective and engine, and restore a checkpoint if resuming."""
     plan = plan_run(cfg, stage, here.size)
     resume_tag = start(plan, cfg, here)
-    log = (lambda message: print(f"[zerotrain] {message}", flush=True)) if here.rank == 0 else (lambda message: None)
-    data = build_data(cfg, plan, here, log)
+    data = build_data(cfg, plan, here, lambda message: log_on_rank0(here.rank, message))
     model = build_model(cfg, plan)
     engine = build_engine(cfg, plan, model)
     objective = stage.objective(cfg)

@@ -83,8 +83,7 @@ class Trainer:
     # ----------------------------------------------------------------------- logging
 
     def log(self, message: str) -> None:
-        if self.world.rank == 0:
-            print(f"[zerotrain] {message}", flush=True)
+        log_on_rank0(self.world.rank, message)
 
     def write_metrics(self, record: dict[str, Any]) -> None:
         if self.world.rank != 0:
@@ -265,6 +264,12 @@ class Trainer:
             scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
             record["loss_scale"] = _number(scale)
         return record
+
+
+def log_on_rank0(rank: int, message: str) -> None:
+    """A progress line on rank 0 only, as every zerotrain run prints them."""
+    if rank == 0:
+        print(f"[zerotrain] {message}", flush=True)
 
 
 def batch_tokens(batch: Batch) -> int:
