@@ -55,6 +55,11 @@ def main(argv: list[str] | None, stage: Stage, hooks: Hooks | None = None) -> in
         if pending:
             trainer.stop_signal = pending[-1]
         status = trainer.fit()
+        # The run is saved; a notice that comes now has nothing left to stop. Python restores the
+        # default action (terminate) while the interpreter shuts down, which would turn a
+        # finished run into a failed one for torchrun and SLURM.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         shutdown_distributed()
         return status
     except ZerotrainError as e:

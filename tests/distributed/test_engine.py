@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import time
 
 import pytest
 import torch
@@ -171,6 +172,43 @@ def test_sigusr1_on_one_rank_saves_on_all_and_exits_cleanly(tokenizer_dir, pretr
     proc = run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=2, max_steps=step + 2,
                                                  warmup_steps=0))
     assert f"at step {step}" in proc.stdout and max(train_losses(out)) == step + 2
+
+
+def test_a_notice_after_the_final_model_is_ignored(tokenizer_dir, pretrain_data, tmp_path):
+    """SLURM's notice (--signal=B:USR1@300) can come while a finished run is shutting down: the
+    ranks must still exit 0, or torchrun reports the finished run as failed and the batch script
+    requeues it. Python restores the default action (terminate) during interpreter shutdown."""
+    import subprocess
+
+    import psutil
+
+    from tests.helpers import ROOT, launcher_command
+
+    out = tmp_path / "run"
+    cmd = launcher_command("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, max_steps=2, eval_interval=100,
+                                                    save_interval=100))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace")
+    try:
+        workers, output = [], []
+        for line in proc.stdout:
+            output.append(line)
+            workers = workers or [p for p in psutil.Process(proc.pid).children() if "pretrain.py" in " ".join(p.cmdline())]
+            if "final model in" in line:
+                break
+        assert len(workers) == 2
+        # from now until they exit, every 10 ms
+        while proc.poll() is None:
+            for worker in workers:
+                try:
+                    worker.send_signal(signal.SIGUSR1)
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.01)
+        output.append(proc.stdout.read())
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, "".join(output)[-3000:]
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])

@@ -19,7 +19,8 @@ from tests.helpers import ROOT, train_losses
 pytestmark = pytest.mark.system
 
 SLURM_DIR = ROOT / "scripts" / "slurm"
-MAX_STEPS = 60
+# Long enough (a few seconds) that the notice, sent once training has started, lands mid-run.
+MAX_STEPS = 300
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
 
 
@@ -31,8 +32,11 @@ def train_args(tokenizer_dir, data, out) -> list[str]:
 
 
 def submit(cluster, log_dir: Path, args: list[str]) -> str:
-    """sbatch from the checkout (as users do), one rank per allocated CPU; the job id."""
-    proc = subprocess.run(["sbatch", "--parsable", f"--output={log_dir}/%x-%j.out", "--cpus-per-task=2",
+    """sbatch from the checkout (as users do), one rank per allocated CPU; the job id. Standard
+    error (progress bars, warnings) goes to a file of its own: SLURM writes the two streams into
+    one file as their pieces arrive, which can cut a line of one in two."""
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={log_dir}/%x-%j.out", f"--error={log_dir}/%x-%j.err",
+                           "--cpus-per-task=2",
                            str(SLURM_DIR / "pretrain.sbatch"), *args],
                           cwd=ROOT, env=cluster.env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -50,7 +54,15 @@ def wait_job(cluster, job_id: str, states: tuple[str, ...], timeout: float = 300
 
 
 def job_log(log_dir: Path, job_id: str) -> str:
-    return (log_dir / f"zt-pretrain-{job_id}.out").read_text(errors="replace")  # two ranks share the file
+    """The job's standard output (two ranks and every restart share the file)."""
+    return (log_dir / f"zt-pretrain-{job_id}.out").read_text(errors="replace")
+
+
+def job_report(log_dir: Path, job_id: str) -> str:
+    """For a failing assertion: the output and the end of standard error, without progress bars."""
+    err = (log_dir / f"zt-pretrain-{job_id}.err").read_text(errors="replace").replace("\r", "\n").splitlines()
+    err = [line for line in err if not re.match(r"\s*(pretrain|Writing model shards):", line)]
+    return job_log(log_dir, job_id) + "\n--- stderr ---\n" + "\n".join(err[-60:])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +75,7 @@ def unbroken_job(slurm_cluster, tokenizer_dir, pretrain_data, tmp_path_factory):
 
 def test_pretrain_job_runs_to_the_end(unbroken_job):
     job, log, run = unbroken_job
-    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-4000:]
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log
     assert "1 node(s) x 2 rank(s)" in log and "training finished (exit 0)" in log
     assert sorted(train_losses(run)) == list(range(1, MAX_STEPS + 1))
     assert (run / "final" / "model.safetensors").is_file()
@@ -76,7 +88,7 @@ def test_preempted_job_checkpoints_requeues_and_matches(slurm_cluster, unbroken_
     deadline = time.monotonic() + 300
     while not (metrics.is_file() and metrics.read_text().strip()):  # training has started
         assert time.monotonic() < deadline, f"job {job_id} never started training"
-        assert slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), job_log(tmp_path, job_id)
+        assert slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), job_report(tmp_path, job_id)
         time.sleep(0.1)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
 
@@ -85,17 +97,17 @@ def test_preempted_job_checkpoints_requeues_and_matches(slurm_cluster, unbroken_
     # starts it by itself. (Forcing StartTime=now races slurmd: "Job credential revoked".)
     deadline = time.monotonic() + 300
     while (job := slurm_cluster.job(job_id))["Restarts"] == "0" or job["JobState"] != "PENDING":
-        assert job["JobState"] not in FINAL_STATES, job_log(tmp_path, job_id)[-4000:]
+        assert job["JobState"] not in FINAL_STATES, job_report(tmp_path, job_id)
         assert time.monotonic() < deadline, f"job {job_id} was not requeued: {job}"
         time.sleep(0.5)
     job = wait_job(slurm_cluster, job_id, FINAL_STATES)
-    log = job_log(tmp_path, job_id)
-    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "1", log[-4000:]
+    log, report = job_log(tmp_path, job_id), job_report(tmp_path, job_id)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "1", report
 
     stopped = re.search(r"stopped by signal SIGUSR1 at step (\d+)", log)
-    assert stopped, log[-4000:]
+    assert stopped, report
     step = int(stopped.group(1))
-    assert 1 <= step < MAX_STEPS
+    assert 1 <= step < MAX_STEPS, report
     assert "SIGUSR1: the ranks save a checkpoint and stop" in log
     assert "requeueing job" in log and "(restart 1)" in log
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'global_step{step}'} at step {step}" in log
