@@ -125,9 +125,11 @@ def test_preempted_job_checkpoints_requeues_and_matches(slurm_cluster, unbroken_
 
 
 def test_batch_scripts_share_one_body():
-    for name in ("common.sh", "node.sh", "pretrain.sbatch", "sft.sbatch"):
+    launchers = sorted((ROOT / "launcher").glob("*.py"))
+    assert [p.stem for p in launchers] == sorted(p.stem for p in SLURM_DIR.glob("*.sbatch"))  # one per launcher
+    for name in ("common.sh", "node.sh", *(f"{p.stem}.sbatch" for p in launchers)):
         subprocess.run(["bash", "-n", str(SLURM_DIR / name)], check=True)
-    for name, launcher in (("pretrain.sbatch", "launcher/pretrain.py"), ("sft.sbatch", "launcher/sft.py")):
+    for name, launcher in ((f"{p.stem}.sbatch", f"launcher/{p.stem}.py") for p in launchers):
         text = (SLURM_DIR / name).read_text()
         for directive in ("--output=logs/%x-%j.out", "--signal=B:USR1@", "--requeue", "--ntasks-per-node=1"):
             assert f"#SBATCH {directive}" in text, (name, directive)
