@@ -4,13 +4,14 @@ Pretraining text is tokenized once (a `datasets` batched map over the fast token
 after every document, and stored as one flat memmap token file per split. SFT conversations
 are rendered with the tokenizer's chat template; all loss masking happens here, while the data
 is prepared (labels are -100 everywhere but the assistant's tokens); the collators only pad.
+Preference pairs (kind "pref", engine/pref_data.py) use the same rendering and labelling rule.
 
 A prepared directory holds::
 
     meta.json                 kind, dtype, vocab size, tokenizer fingerprint, source hashes, counts
     train.bin / val.bin       token ids (uint16 when the vocab fits, else uint32)
-    train.mask.bin, ...       SFT only: 1 where the token is trained on (uint8)
-    train.idx.npy, ...        SFT only: example start offsets into the token file (n + 1)
+    train.mask.bin, ...       SFT and pref: 1 where the token is trained on (uint8)
+    train.idx.npy, ...        SFT and pref: example start offsets into the token file (n + 1)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class ReadStats:
     bad_lines: int = 0
     dropped_no_label: int = 0
     truncated: int = 0
+    dropped_identical: int = 0  # preference pairs whose chosen and rejected responses are the same
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -115,6 +117,16 @@ def _check_input(path: str | Path, suffixes: tuple[str, ...], kind: str) -> Path
     return path
 
 
+def check_inputs(kind: str, paths: list[str]) -> None:
+    """Every raw input of a data kind exists, is not empty and has a suffix that kind reads."""
+    from engine.pref_data import PREF_SUFFIXES  # pref_data imports this module
+
+    suffixes = {"pretrain": PRETRAIN_SUFFIXES, "sft": SFT_SUFFIXES, "pref": PREF_SUFFIXES}[kind]
+    name = {"pretrain": "pretraining", "sft": "SFT", "pref": "preference"}[kind]
+    for p in paths:
+        _check_input(p, suffixes, name)
+
+
 def read_documents(path: str | Path, skip_bad_lines: bool = False,
                    stats: ReadStats | None = None) -> Iterator[str]:
     """Pretraining documents of one file.
@@ -180,38 +192,52 @@ SFT_SHAPES = ("ShareGPT {conversations: [{from, value}], system?}, OpenAI {messa
 
 
 def detect_kind(paths: list[str]) -> str:
-    """sft for .json files and .jsonl/.parquet whose first record is a conversation, else pretrain."""
+    """pref for .json/.jsonl/.parquet whose first record is a preference pair; sft for other .json
+    files and .jsonl/.parquet whose first record is a conversation; else pretrain."""
+    from engine.pref_data import detect_pref_format
+
     kinds = set()
     for path in map(Path, paths):
-        if path.suffix == ".json":
-            kinds.add("sft")
-        elif path.suffix in (".jsonl", ".parquet") and path.is_file():
+        if path.suffix in (".json", ".jsonl", ".parquet") and path.is_file() and path.stat().st_size:
             first = next(_json_records(path, True, ReadStats()), (None, None))[1]
-            kinds.add("sft" if _detect_sft_format(first) else "pretrain")
+            # Pairs first: a ShareGPT pair also has "conversations".
+            if detect_pref_format(first):
+                kinds.add("pref")
+            else:
+                kinds.add("sft" if path.suffix == ".json" or _detect_sft_format(first) else "pretrain")
         else:
-            kinds.add("pretrain")  # .txt, or a missing/unsupported file that prepare() will name
+            # .txt, or a missing/unsupported file that prepare() will name
+            kinds.add("sft" if path.suffix == ".json" else "pretrain")
     if len(kinds) > 1:
-        raise ZerotrainError(f"{', '.join(paths)} mix pretraining text and SFT conversations; "
-                             "evaluate them separately or pass --kind")
+        names = {"pretrain": "pretraining text", "sft": "SFT conversations", "pref": "preference pairs"}
+        raise ZerotrainError(f"{', '.join(paths)} mix " + " and ".join(names[k] for k in names if k in kinds)
+                             + "; evaluate them separately or pass --kind")
     return kinds.pop()
 
 
-def _turns(record: dict, key: str, role_key: str, text_key: str, where: str) -> list[dict[str, str]]:
-    messages = []
+def message(turn: Any, role_key: str, text_key: str, where: str, name: str) -> dict[str, str]:
+    """One {role, content} message from a raw turn (roles through ROLE_ALIASES); `name` says
+    where the turn is in its record, for errors."""
+    if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+        raise ZerotrainError(f"{where}: {name} needs '{role_key}' and '{text_key}'")
+    role = ROLE_ALIASES.get(str(turn[role_key]).lower())
+    if role is None:
+        raise ZerotrainError(f"{where}: {name} has unknown role {turn[role_key]!r}; "
+                             f"expected one of {sorted(ROLE_ALIASES)}")
+    if not isinstance(turn[text_key], str):
+        raise ZerotrainError(f"{where}: {name}.{text_key} must be a string")
+    return {"role": role, "content": turn[text_key]}
+
+
+def system_message(record: dict) -> list[dict[str, str]]:
+    """The record's optional "system" string as a message list (empty when absent or blank)."""
     system = record.get("system")
-    if isinstance(system, str) and system.strip():
-        messages.append({"role": "system", "content": system})
-    for i, turn in enumerate(record.get(key) or []):
-        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
-            raise ZerotrainError(f"{where}: {key}[{i}] needs '{role_key}' and '{text_key}'")
-        role = ROLE_ALIASES.get(str(turn[role_key]).lower())
-        if role is None:
-            raise ZerotrainError(f"{where}: {key}[{i}] has unknown role {turn[role_key]!r}; "
-                                 f"expected one of {sorted(ROLE_ALIASES)}")
-        if not isinstance(turn[text_key], str):
-            raise ZerotrainError(f"{where}: {key}[{i}].{text_key} must be a string")
-        messages.append({"role": role, "content": turn[text_key]})
-    return messages
+    return [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+
+
+def _turns(record: dict, key: str, role_key: str, text_key: str, where: str) -> list[dict[str, str]]:
+    return system_message(record) + [message(turn, role_key, text_key, where, f"{key}[{i}]")
+                                     for i, turn in enumerate(record.get(key) or [])]
 
 
 def _alpaca(instruction: Any, inp: Any, output: Any, system: Any, where: str) -> list[dict[str, str]]:
@@ -239,44 +265,56 @@ def to_messages(record: Any, fmt: str, where: str) -> list[list[dict[str, str]]]
             for i, inst in enumerate(record["instances"]) if isinstance(inst, dict)]
 
 
-def read_conversations(path: str | Path, skip_bad_lines: bool = False,
-                       stats: ReadStats | None = None) -> Iterator[tuple[str, list[dict[str, str]]]]:
-    """(location, messages) for each conversation of an SFT file; the format is detected per file."""
-    path = _check_input(path, SFT_SUFFIXES, "SFT")
-    stats = stats if stats is not None else ReadStats()
+def read_shaped(path: str | Path, suffixes: tuple[str, ...], what: str, detect: Callable[[Any], str | None],
+                parse: Callable[[Any, str, str], Any], shapes: str, skip_bad_lines: bool,
+                stats: ReadStats) -> Iterator[tuple[str, Any]]:
+    """(location, parse(record, fmt, location)) for each record of a JSON-records file whose shape
+    `fmt` is detected from its first record; a bad record is an error, or skipped and counted."""
+    path = _check_input(path, suffixes, what)
     fmt = None
     for where, record in _json_records(path, skip_bad_lines, stats):
         if fmt is None:
-            fmt = _detect_sft_format(record)
+            fmt = detect(record)
             if fmt is None:
                 found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ZerotrainError(f"{where}: unknown SFT format (keys {found}); supported shapes: {SFT_SHAPES}")
+                raise ZerotrainError(f"{where}: unknown {what} format (keys {found}); "
+                                     f"supported shapes: {shapes}")
         try:
-            conversations = to_messages(record, fmt, where)
-        except ZerotrainError:
+            parsed = parse(record, fmt, where)
+        except ZerotrainError as e:
             if skip_bad_lines:
                 stats.bad_lines += 1
                 continue
-            raise
+            raise ZerotrainError(f"{e} (or pass --skip-bad-lines to skip and count such records)") from None
+        yield where, parsed
+
+
+def read_conversations(path: str | Path, skip_bad_lines: bool = False,
+                       stats: ReadStats | None = None) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """(location, messages) for each conversation of an SFT file; the format is detected per file."""
+    stats = stats if stats is not None else ReadStats()
+    for where, conversations in read_shaped(path, SFT_SUFFIXES, "SFT", _detect_sft_format, to_messages,
+                                            SFT_SHAPES, skip_bad_lines, stats):
         for messages in conversations:
             yield where, messages
 
 
 # --------------------------------------------------------------------------- encoding
 
-def encode_chat(messages: list[dict[str, str]], tokenizer, seq_len: int,
-                where: str = "conversation") -> tuple[list[int], list[int], bool]:
-    """Render with the chat template; return (input_ids, labels, truncated).
+def assistant_spans(messages: list[dict[str, str]], tokenizer,
+                    where: str = "conversation") -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered with the chat template, and the character spans of its
+    assistant replies: the reply and its end-of-turn token, not the whitespace after.
 
-    Labels are the token ids inside assistant replies (their end-of-turn token included) and
-    -100 elsewhere. Assistant spans are found in the rendered text by rendering each prefix of
-    the conversation, so any prefix-stable template works, then mapped to tokens by offsets.
+    Spans are found by rendering each prefix of the conversation (with the generation prompt
+    before an assistant turn), so any prefix-stable template works. This is the one rule for
+    which tokens are trained on, for SFT and for preference pairs.
     """
     render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     text = render(messages, False)
     spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
             continue
         start = len(render(messages[:i], True)) if i else 0
         end_text = render(messages[: i + 1], False)
@@ -285,12 +323,29 @@ def encode_chat(messages: list[dict[str, str]], tokenizer, seq_len: int,
                                  "cannot be located; use a ChatML-style template")
         body = end_text[start:]
         spans.append((start, start + len(body.rstrip())))
+    return text, spans
+
+
+def label_tokens(text: str, spans: list[tuple[int, int]], tokenizer) -> tuple[list[int], list[int]]:
+    """Tokenize `text` (no special tokens added): (input_ids, labels), labels being the ids of the
+    tokens that lie inside one of the character `spans` and -100 elsewhere."""
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoding["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
     for t, (a, b) in enumerate(encoding["offset_mapping"]):
         if b > a and any(s <= a and b <= e for s, e in spans):
             labels[t] = ids[t]
+    return ids, labels
+
+
+def encode_chat(messages: list[dict[str, str]], tokenizer, seq_len: int,
+                where: str = "conversation") -> tuple[list[int], list[int], bool]:
+    """Render with the chat template; return (input_ids, labels, truncated).
+
+    Labels are the token ids inside assistant replies (their end-of-turn token included) and
+    -100 elsewhere (assistant_spans); the conversation is cut to `seq_len` tokens.
+    """
+    ids, labels = label_tokens(*assistant_spans(messages, tokenizer, where), tokenizer)
     truncated = len(ids) > seq_len
     return ids[:seq_len], labels[:seq_len], truncated
 
@@ -325,12 +380,12 @@ def preparation_key(kind: str, inputs: list[str], tokenizer, *, seq_len: int, va
                for p in inputs]
     parts = {"version": FORMAT_VERSION, "kind": kind, "tokenizer": tokenizer_fingerprint(tokenizer),
              "sources": [s["sha256"] for s in sources], "val_fraction": val_fraction,
-             "skip_bad_lines": skip_bad_lines, "seq_len": seq_len if kind == "sft" else None}
+             "skip_bad_lines": skip_bad_lines, "seq_len": seq_len if kind != "pretrain" else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], sources
 
 
 class _SplitWriter:
-    """Appends tokens (and SFT masks/offsets) of one split to files in a directory."""
+    """Appends tokens (and SFT/pref masks and offsets) of one split to files in a directory."""
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, sft: bool):
         self.dtype, self.sft, self.count, self.examples = dtype, sft, 0, 0
@@ -413,25 +468,40 @@ def _write_pretrain(inputs: list[str], tokenizer, out: Path, val_fraction: float
     return {s: w.close() for s, w in writers.items()}
 
 
-def _write_sft(inputs: list[str], tokenizer, out: Path, seq_len: int, val_fraction: float,
-               skip_bad_lines: bool, stats: ReadStats, progress) -> dict[str, dict[str, int]]:
+def write_examples(groups: Iterable[list[tuple[list[int], list[int]]]], tokenizer, out: Path,
+                   val_fraction: float) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Write groups of (input_ids, labels) examples (a conversation; a pair's chosen and rejected
+    sequences) in order; every k-th group goes to validation. Returns the splits' counts and the
+    number of groups in each split."""
     dtype = _token_dtype(len(tokenizer))
     writers = {s: _SplitWriter(out, s, dtype, sft=True) for s in ("train", "val")}
-    index = 0
-    for path in inputs:
-        for where, messages in read_conversations(path, skip_bad_lines, stats):
-            ids, labels, truncated = encode_chat(messages, tokenizer, seq_len, where)
-            stats.truncated += truncated
-            progress(1)
-            if all(label == IGNORE_INDEX for label in labels):
-                stats.dropped_no_label += 1
-                continue
-            writers["val" if _is_val(index, val_fraction) else "train"].add_example(ids, labels)
-            index += 1
-    if index == 0:
+    groups_in = {"train": 0, "val": 0}
+    for index, group in enumerate(groups):
+        split = "val" if _is_val(index, val_fraction) else "train"
+        for ids, labels in group:
+            writers[split].add_example(ids, labels)
+        groups_in[split] += 1
+    return {s: w.close() for s, w in writers.items()}, groups_in
+
+
+def _write_sft(inputs: list[str], tokenizer, out: Path, seq_len: int, val_fraction: float,
+               skip_bad_lines: bool, stats: ReadStats, progress) -> dict[str, dict[str, int]]:
+    def conversations() -> Iterator[list[tuple[list[int], list[int]]]]:
+        for path in inputs:
+            for where, messages in read_conversations(path, skip_bad_lines, stats):
+                ids, labels, truncated = encode_chat(messages, tokenizer, seq_len, where)
+                stats.truncated += truncated
+                progress(1)
+                if all(label == IGNORE_INDEX for label in labels):
+                    stats.dropped_no_label += 1
+                    continue
+                yield [(ids, labels)]
+
+    splits, written = write_examples(conversations(), tokenizer, out, val_fraction)
+    if not sum(written.values()):
         raise ZerotrainError(f"no usable conversations in {', '.join(inputs)} "
                              f"({stats.dropped_no_label} had no assistant token within seq_len {seq_len})")
-    return {s: w.close() for s, w in writers.items()}
+    return splits
 
 
 def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, seq_len: int = 512,
@@ -441,13 +511,11 @@ def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, 
     The directory is built under a temporary name and put in place once complete
     (common.publish), so a crash never leaves a half-written one behind.
     """
-    if kind not in ("pretrain", "sft"):
-        raise ZerotrainError(f"unknown data kind '{kind}': use pretrain or sft")
+    if kind not in ("pretrain", "sft", "pref"):
+        raise ZerotrainError(f"unknown data kind '{kind}': use pretrain, sft or pref")
     if not inputs:
         raise ZerotrainError("no input files given (--input / --data)")
-    suffixes = PRETRAIN_SUFFIXES if kind == "pretrain" else SFT_SUFFIXES
-    for p in inputs:
-        _check_input(p, suffixes, "pretraining" if kind == "pretrain" else "SFT")
+    check_inputs(kind, inputs)
     key, sources = preparation_key(kind, inputs, tokenizer, seq_len=seq_len, val_fraction=val_fraction,
                                    skip_bad_lines=skip_bad_lines)
     output_dir = Path(output_dir)
@@ -459,19 +527,23 @@ def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, 
     from tqdm import tqdm
 
     stats = ReadStats()
-    bar = tqdm(desc=f"prepare {kind}", unit=" docs" if kind == "pretrain" else " convs", disable=not show_progress)
+    unit = {"pretrain": " docs", "sft": " convs", "pref": " pairs"}[kind]
+    bar = tqdm(desc=f"prepare {kind}", unit=unit, disable=not show_progress)
     try:
         # Another rank or node preparing the same data at once is harmless: the two results are
         # identical, and whichever lands last replaces the other in one step.
         with publishing(output_dir, directory=True) as tmp:
-            writer = _write_pretrain if kind == "pretrain" else _write_sft
-            args = (seq_len,) if kind == "sft" else ()
+            if kind == "pref":
+                from engine.pref_data import write_pref as writer  # pref_data imports this module
+            else:
+                writer = _write_pretrain if kind == "pretrain" else _write_sft
+            args = (seq_len,) if kind != "pretrain" else ()
             splits = writer(list(map(str, inputs)), tokenizer, tmp, *args, val_fraction, skip_bad_lines,
                             stats, bar.update)
             meta = {"format_version": FORMAT_VERSION, "key": key, "kind": kind,
                     "dtype": str(_token_dtype(len(tokenizer))), "vocab_size": len(tokenizer),
                     "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                    "seq_len": seq_len if kind == "sft" else None, "val_fraction": val_fraction,
+                    "seq_len": seq_len if kind != "pretrain" else None, "val_fraction": val_fraction,
                     "sources": sources, "splits": splits, "stats": stats.to_dict()}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     finally:
@@ -547,11 +619,13 @@ class PretrainDataset(torch.utils.data.Dataset):
 class SFTDataset(torch.utils.data.Dataset):
     """Prepared conversations: input_ids and labels (-100 where not trained on)."""
 
+    kind, kind_name = "sft", "SFT"
+
     def __init__(self, directory: str | Path, split: str, seq_len: int):
         self.directory = Path(directory)
         self.meta = read_meta(directory)
-        if self.meta["kind"] != "sft":
-            raise ZerotrainError(f"{directory} holds {self.meta['kind']} data, not SFT data")
+        if self.meta["kind"] != self.kind:
+            raise ZerotrainError(f"{directory} holds {self.meta['kind']} data, not {self.kind_name} data")
         if self.meta["seq_len"] != seq_len:
             raise ZerotrainError(f"{directory} was prepared with seq_len {self.meta['seq_len']}, the run uses "
                                  f"{seq_len}: prepare again with --seq-len {seq_len}")
@@ -618,7 +692,7 @@ def parse_data_sources(entries: list[str], default_kind: str) -> list[DataSource
     plain: list[str] = []
     for entry in entries:
         parts = entry.split(":")
-        if parts[0] in ("pretrain", "sft") and len(parts) in (2, 3):
+        if parts[0] in ("pretrain", "sft", "pref") and len(parts) in (2, 3):
             try:
                 weight = float(parts[2]) if len(parts) == 3 else None
             except ValueError:
@@ -638,9 +712,7 @@ def parse_data_sources(entries: list[str], default_kind: str) -> list[DataSource
         if dirs and len(source.paths) > 1:
             raise ZerotrainError(f"--data takes one prepared directory or raw files per source, got {source.paths}")
         if not dirs:
-            suffixes = PRETRAIN_SUFFIXES if source.kind == "pretrain" else SFT_SUFFIXES
-            for p in source.paths:
-                _check_input(p, suffixes, "pretraining" if source.kind == "pretrain" else "SFT")
+            check_inputs(source.kind, source.paths)
     return sources
 
 
