@@ -1,7 +1,7 @@
 """The `zerotrain` command: one subcommand per tool.
 
     zerotrain train-tokenizer --input FILE... --vocab-size 6400 --output DIR
-    zerotrain prepare --kind pretrain|sft --input FILE... --tokenizer DIR --output DIR
+    zerotrain prepare --kind pretrain|sft|pref --input FILE... --tokenizer DIR --output DIR
     zerotrain consolidate CKPT_DIR OUTPUT [--tag global_stepN] [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
     zerotrain extract-adapter CKPT_DIR OUT_DIR [--tag global_stepN] [--lora-alpha A | --adapter-config FILE]
     zerotrain merge-adapter BASE ADAPTER OUTPUT
@@ -138,10 +138,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from engine.data import detect_kind
     from engine.generate import evaluate
 
+    kind = detect_kind(args.data) if args.kind == "auto" else args.kind
+    if kind == "pref":
+        raise ZerotrainError(f"{' '.join(args.data)}: preference pairs (chosen/rejected); eval measures language-model "
+                             "loss on pretraining text or SFT conversations only. Evaluate on SFT data, or watch a "
+                             "DPO run's val_rewards/* in its metrics.jsonl")
     model, tokenizer = _load_for_inference(args)
-    result = evaluate(model, tokenizer, args.data, kind=args.kind, seq_len=args.seq_len, batch_size=args.batch_size,
+    result = evaluate(model, tokenizer, args.data, kind=kind, seq_len=args.seq_len, batch_size=args.batch_size,
                       max_batches=args.max_batches, show_progress=not args.json)
     if args.json:
         print(json.dumps(result))
@@ -211,13 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-lines", action="store_true")
     p.set_defaults(func=cmd_train_tokenizer)
 
-    p = sub.add_parser("prepare", help="tokenize pretraining text or SFT conversations into token files",
-                       allow_abbrev=False)
-    p.add_argument("--kind", choices=("pretrain", "sft"), required=True)
+    p = sub.add_parser("prepare", allow_abbrev=False,
+                       help="tokenize pretraining text, SFT conversations or preference pairs into token files")
+    p.add_argument("--kind", choices=("pretrain", "sft", "pref"), required=True,
+                   help="pref: chosen/rejected pairs for launcher/dpo.py (two sequences a pair)")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="HF tokenizer dir or sentencepiece .model")
     p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--seq-len", type=int, default=512, help="SFT: truncate conversations to this many tokens")
+    p.add_argument("--seq-len", type=int, default=512, help="SFT and pref: truncate each sequence to this many tokens")
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines and report the count")
     p.set_defaults(func=cmd_prepare)
@@ -324,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_args(p)
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help=".txt/.jsonl/.parquet text or SFT .json/.jsonl")
     p.add_argument("--kind", choices=("auto", "pretrain", "sft"), default="auto",
-                   help="auto: sft for .json and for .jsonl/.parquet of conversations, else pretrain")
+                   help="auto: sft for .json and for .jsonl/.parquet of conversations, else pretrain "
+                        "(preference pairs are refused)")
     p.add_argument("--seq-len", type=int, default=512, help="window length (pretrain), truncation length (SFT)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, metavar="N", help="stop after N batches (default: all the data)")
