@@ -26,6 +26,6 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=8", "ninja"]},
+    extras_require={"test": ["pytest>=8", "ninja", "trl==1.16.0"]},
     entry_points={"console_scripts": ["zerotrain = engine.cli:main"]},
 )
