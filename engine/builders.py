@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +23,15 @@ import torch
 from common.errors import ZerotrainError
 from common.publish import publishing
 from engine import checkpoint
-from engine.config import Config
+from engine.config import SECTIONS, STAGE_SECTIONS, Config
 from engine.data import (BatchLoader, DataSource, MixedDataset, PretrainDataset, SFTDataset, ShardedSampler,
-                         collate_pad, collate_packed, collate_stack, parse_data_sources, prepare_cached, read_meta)
+                         collate_pad, collate_packed, collate_stack, detect_kind, parse_data_sources, prepare_cached,
+                         read_meta)
 from engine.distributed import World, init_distributed, on_rank0
 from engine.ds_config import fill_ds_config, load_ds_config, resolve_precision, zero_stage
 from engine.modeling import build_base_model, lora_record, resolve_init_from, tokenizer_path, wrap_lora
 from engine.objectives import Stage
+from engine.pref_data import PrefDataset, collate_pref
 from engine.run_dir import Resolved, RunDir, universal_dir, zerotrain_tags
 
 Log = Callable[[str], None]
@@ -82,6 +85,20 @@ def check_output_dir(cfg: Config, run_dir: Path) -> None:
                                      f"has {b!r}); choose another --output-dir")
 
 
+def check_stage_sections(cfg: Config, stage: Stage) -> None:
+    """Refuse flags of another stage's config section (say --beta given to launcher/sft.py)
+    instead of ignoring them."""
+    for name in STAGE_SECTIONS:
+        if name in stage.config_sections:
+            continue
+        given, default = getattr(cfg, name), SECTIONS[name]()
+        changed = [f.name for f in dataclasses.fields(given) if getattr(given, f.name) != getattr(default, f.name)]
+        if changed:
+            flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+            raise ZerotrainError(f"{flags}: not a flag of {stage.name} ({name} section); drop it, or run the "
+                                 "launcher it belongs to")
+
+
 def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
     """Check everything that can be checked on one process, fail early with a clear message."""
     from model.presets import preset_config
@@ -95,7 +112,16 @@ def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
     raw_ds, ds_source = load_ds_config(cfg)
     ds_config = fill_ds_config(raw_ds, cfg, world_size=world_size, precision=precision, device_type=device_type,
                                source=ds_source)
+    check_stage_sections(cfg, stage)
     sources = parse_data_sources(cfg.data.data, stage.data_kind)
+    if stage.data_kind == "pref" and (len(sources) > 1 or sources[0].kind != "pref"):
+        raise ZerotrainError(f"{stage.name} trains on preference pairs only, from one source: got "
+                             + ", ".join(f"{s.kind}:{' '.join(s.paths)}" for s in sources))
+    for source in sources:
+        raw = [p for p in source.paths if not Path(p).is_dir()]
+        if raw and (stage.data_kind == "pref") != (detect_kind(raw) == "pref"):
+            raise ZerotrainError(f"{' '.join(raw)}: preference pairs are for launcher/dpo.py, and it trains on "
+                                 f"nothing else ({stage.name} was given {detect_kind(raw)} data)")
     check_output_dir(cfg, run.root)
     resume_tag = checkpoint.find_resume_tag(run.checkpoints, cfg.checkpoint.resume)
     saved = checkpoint.saved_world_size(resume_tag) if resume_tag is not None else None
@@ -134,6 +160,8 @@ class Data:
     val: torch.utils.data.Dataset | None
     collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]
     loader: BatchLoader
+    directories: list[Path]
+    """The prepared directory of each source (raw files are prepared into the cache)."""
 
 
 def prepare_sources(cfg: Config, sources: list[DataSource], tokenizer, local_rank: int) -> list[Path]:
@@ -160,14 +188,15 @@ def build_data(cfg: Config, plan: RunPlan, world: World, log: Log) -> Data:
 
     tokenizer, sources = plan.tokenizer, plan.sources
     trains, vals = [], []
-    for source, directory in zip(sources, prepare_sources(cfg, sources, tokenizer, world.local_rank)):
+    directories = prepare_sources(cfg, sources, tokenizer, world.local_rank)
+    for source, directory in zip(sources, directories):
         meta = read_meta(directory)
         if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
             raise ZerotrainError(f"{directory} was prepared with another tokenizer than this run's; "
                                  "prepare it again with this tokenizer")
         if meta["kind"] != source.kind:
             raise ZerotrainError(f"{directory} holds {meta['kind']} data, used here as {source.kind} data")
-        dataset = PretrainDataset if source.kind == "pretrain" else SFTDataset
+        dataset = {"pretrain": PretrainDataset, "sft": SFTDataset, "pref": PrefDataset}[source.kind]
         trains.append(dataset(directory, "train", cfg.data.seq_len))
         vals.append(dataset(directory, "val", cfg.data.seq_len))
         skipped = {k: v for k, v in meta["stats"].items() if v}
@@ -183,12 +212,14 @@ def build_data(cfg: Config, plan: RunPlan, world: World, log: Log) -> Data:
         val = MixedDataset(*map(list, zip(*kept)), cfg.train.seed) if kept else None
     if all(s.kind == "pretrain" for s in sources):
         collate = collate_stack
+    elif sources[0].kind == "pref":
+        collate = lambda ex: collate_pref(ex, tokenizer.pad_token_id)  # noqa: E731
     elif cfg.data.pack:
         collate = lambda ex: collate_packed(ex, cfg.data.seq_len, tokenizer.pad_token_id)  # noqa: E731
     else:
         collate = lambda ex: collate_pad(ex, tokenizer.pad_token_id)  # noqa: E731
     sampler = ShardedSampler(len(train), world.rank, world.size, cfg.train.seed)
-    return Data(train, val, collate, BatchLoader(train, sampler, cfg.train.micro_batch_size, collate))
+    return Data(train, val, collate, BatchLoader(train, sampler, cfg.train.micro_batch_size, collate), directories)
 
 
 # --------------------------------------------------------------------------- model and engine

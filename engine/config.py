@@ -227,6 +227,49 @@ class DistributedConfig:
             _bad("zero_stage", self.zero_stage, "0, 1, 2 or 3")
 
 
+PREF_LOSSES = ("dpo", "ipo", "orpo", "simpo")
+
+
+@dataclass
+class PrefConfig:
+    """Preference tuning (launcher/dpo.py): which loss, its strength, and the reference model."""
+
+    pref_loss: str = "dpo"
+    """dpo (sigmoid), ipo, orpo or simpo; orpo and simpo need no reference model."""
+    beta: float = 0.1
+    """Strength: DPO/SimPO's beta, IPO's tau (the target margin is 1 / (2 beta)), ORPO's lambda."""
+    label_smoothing: float = 0.0
+    """cDPO: the probability that a pair's preference is flipped (dpo and simpo only)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin (gamma; the logits are shifted by gamma / beta)."""
+    sft_weight: float = 0.0
+    """Add this times the chosen response's NLL per response token (RPO-style) to every loss."""
+    ref_from: str = ""
+    """Reference model, when not the --init-from model: an HF dir, run dir, .pth/.safetensors or DeepSpeed
+    checkpoint (with LoRA, default: the base with the adapter disabled)."""
+    precompute_ref: bool = False
+    """Compute the reference log-probs once before training, cached with the prepared data, so training holds
+    one model."""
+
+    def __post_init__(self) -> None:
+        if self.pref_loss not in PREF_LOSSES:
+            _bad("pref_loss", self.pref_loss, "one of " + ", ".join(PREF_LOSSES))
+        _positive("beta", self.beta)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            _bad("label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
+        if self.label_smoothing and self.pref_loss not in ("dpo", "simpo"):
+            _bad("label_smoothing", self.label_smoothing, f"0 with --pref-loss {self.pref_loss} (dpo and simpo only)")
+        if self.sft_weight < 0:
+            _bad("sft_weight", self.sft_weight, "0 (off) or more")
+        if not self.needs_reference and (self.ref_from or self.precompute_ref):
+            raise ZerotrainError(f"--pref-loss {self.pref_loss} uses no reference model: drop --ref-from / "
+                                 "--precompute-ref")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.pref_loss in ("dpo", "ipo")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "lora": LoraConfig,
@@ -235,7 +278,10 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
     "distributed": DistributedConfig,
+    "pref": PrefConfig,
 }
+STAGE_SECTIONS = ("pref",)
+"""Sections only some stages read (engine.objectives.Stage.config_sections)."""
 
 
 @dataclass
@@ -249,6 +295,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    pref: PrefConfig = field(default_factory=PrefConfig)
 
     def __post_init__(self) -> None:
         if self.optim.warmup_steps > self.train.max_steps:

@@ -25,7 +25,7 @@ def setup(cfg: Config, stage: Stage, here: World, hooks: Hooks | None = None) ->
     model = build_model(cfg, plan)
     engine = build_engine(cfg, plan, model)
     objective = stage.objective(cfg)
-    objective.build(cfg, plan.ds_config, engine)
+    objective.build(cfg, plan, engine, data)
     trainer = Trainer(cfg, plan, here, data, model, engine, objective, hooks or Hooks())
     if resume_tag is not None:
         trainer.restore(resume_tag)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 import torch
 
 if TYPE_CHECKING:
+    from engine.builders import Data, RunPlan
     from engine.config import Config
 
 Batch = dict[str, torch.Tensor]
@@ -44,12 +45,13 @@ class Objective(ABC):
     unit: ClassVar[Literal["token", "pair"]]
     """What the loss is averaged over."""
 
-    def build(self, cfg: Config, ds_config: dict[str, Any], engine: Any) -> None:
+    def build(self, cfg: Config, plan: RunPlan, engine: Any, data: Data) -> None:
         """Build what the objective runs besides the trained model (a frozen reference, a
         teacher), once the trained model's DeepSpeed `engine` exists, sharded as the objective
-        chooses (e.g. an engine of its own from `ds_config` with ZeRO-3 and no optimizer). Such
-        models never enter the optimizer or the checkpoint and run under no_grad. Nothing by
-        default."""
+        chooses (e.g. an engine of its own from `plan.ds_config` with ZeRO-3 and no optimizer).
+        Such models never enter the optimizer or the checkpoint and run under no_grad. It may
+        also add to the data what is computed once (DPO's precomputed reference log-probs).
+        Nothing by default."""
 
     @abstractmethod
     def units(self, batch: Batch) -> int:
@@ -69,3 +71,6 @@ class Stage:
     name: str
     data_kind: str
     objective: Callable[[Config], Objective]
+    config_sections: tuple[str, ...] = ()
+    """The stage-specific config sections it reads (engine.config.STAGE_SECTIONS): flags of the
+    other stages' sections are refused rather than silently ignored."""

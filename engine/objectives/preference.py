@@ -1,0 +1,153 @@
+"""Preference tuning: DPO (with cDPO label smoothing), IPO, ORPO and SimPO over chosen/rejected pairs.
+
+A micro-batch holds B pairs as 2B rows (engine.pref_data.collate_pref): the chosen sequences,
+then the rejected ones, each labelled on its final response only. Both halves go through the
+model in one forward. A sequence's log-probability is the sum over its response tokens (the
+trained-token rule of engine.objectives.causal_lm); IPO, ORPO and SimPO use the mean per
+response token, as their papers and TRL do.
+
+The loop normalises per pair: `units` is B and `loss` returns sums over the pairs, so a step's
+loss and rewards are means over every pair of the global batch.
+
+The reference model of DPO and IPO is (engine.reference) a frozen copy of the --init-from model
+(or --ref-from), the policy itself with its LoRA adapter disabled, or log-probs computed once
+before training (--precompute-ref) and carried in the batch as `ref_logps`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from engine.objectives import Batch, LossSums, Objective, Stage
+from engine.objectives.causal_lm import trained_tokens
+
+if TYPE_CHECKING:
+    from engine.builders import Data, RunPlan
+    from engine.config import Config, PrefConfig
+
+
+@dataclass
+class PairLosses:
+    """Per-pair terms, each a tensor of shape [pairs]."""
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its trained tokens (fp32), and how many there are."""
+    mask = trained_tokens(labels)
+    targets = labels[:, 1:].clamp(min=0)
+    token_logps = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                   reduction="none").view_as(targets)
+    return (token_logps * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def _sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """-log sigmoid(logits), with the conservative (cDPO) mix of the flipped preference."""
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def pair_losses(pref: PrefConfig, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
+                chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
+                ref_chosen_logps: torch.Tensor | None = None,
+                ref_rejected_logps: torch.Tensor | None = None) -> PairLosses:
+    """The per-pair loss and rewards of `pref.pref_loss` from summed response log-probs.
+
+    dpo    -(1-e) log s(b D) - e log s(-b D),  D = (c - c_ref) - (r - r_ref)       (Rafailov et al.)
+    ipo    (D' - 1/(2b))^2, D' the same difference of per-token means            (Azar et al.)
+    simpo  -(1-e) log s(b (c' - r') - g), c', r' per-token means                   (Meng et al.)
+    orpo   -c' - b log s(log odds(c') - log odds(r')), odds(p) = p / (1 - p)       (Hong et al.)
+
+    Rewards are b times the log-ratio to the reference (dpo, ipo), or b times the per-token
+    mean log-prob where there is no reference (simpo, orpo), as TRL logs them.
+    """
+    beta, kind = pref.beta, pref.pref_loss
+    chosen_mean = chosen_logps / chosen_tokens.clamp(min=1)
+    rejected_mean = rejected_logps / rejected_tokens.clamp(min=1)
+    if kind in ("dpo", "ipo"):
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError(f"{kind} needs the reference log-probs")
+        chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+        if kind == "dpo":
+            loss = _sigmoid_loss(beta * (chosen_ratio - rejected_ratio), pref.label_smoothing)
+        else:
+            delta = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+            loss = (delta - 1 / (2 * beta)) ** 2
+        return PairLosses(loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+    if kind == "simpo":
+        loss = _sigmoid_loss(beta * (chosen_mean - rejected_mean) - pref.simpo_gamma, pref.label_smoothing)
+    elif kind == "orpo":
+        # log odds(p) = log p - log(1 - p), from log p; log(-expm1(x)) stays exact as p -> 1, where
+        # log1p(-exp(x)) cancels (fp32: off by 2e-4 at x = -1e-4, -inf at x = -1e-9).
+        log_odds = (chosen_mean - rejected_mean) - (torch.log(-torch.expm1(chosen_mean))
+                                                    - torch.log(-torch.expm1(rejected_mean)))
+        loss = -chosen_mean - beta * F.logsigmoid(log_odds)
+    else:
+        raise ValueError(f"unknown preference loss {kind!r}")
+    return PairLosses(loss, beta * chosen_mean.detach(), beta * rejected_mean.detach())
+
+
+class Preference(Objective):
+    """A preference loss summed over pairs; the loop averages it per pair."""
+
+    unit = "pair"
+
+    def __init__(self, pref: PrefConfig):
+        self.pref = pref
+        self.reference: Callable[[Batch], torch.Tensor] | None = None
+        """Batch -> the reference's summed response log-probs per row [2B] (None: precomputed, or
+        a loss that needs none)."""
+
+    def build(self, cfg: Config, plan: RunPlan, engine: Any, data: Data) -> None:
+        from engine.distributed import world
+        from engine.reference import precompute, reference_logps
+        from engine.trainer import log_on_rank0
+
+        if not self.pref.needs_reference:
+            return
+        if self.pref.precompute_ref:
+            here = world()
+            precompute(cfg, plan, engine, data, data.directories[0], here, lambda m: log_on_rank0(here.rank, m))
+        else:
+            self.reference = reference_logps(cfg, plan, engine)
+
+    def units(self, batch: Batch) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def loss(self, model: Callable[..., object], batch: Batch) -> LossSums:
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "ref_logps")}
+        logits = model(**inputs, use_cache=False).logits
+        logps, tokens = sequence_logps(logits, batch["labels"])
+        del logits
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"]
+        elif self.reference is not None:
+            ref = self.reference(batch)
+        else:
+            ref = None
+        chosen, rejected = logps.chunk(2)
+        chosen_tokens, rejected_tokens = tokens.chunk(2)
+        ref_chosen, ref_rejected = ref.chunk(2) if ref is not None else (None, None)
+        terms = pair_losses(self.pref, chosen, rejected, chosen_tokens, rejected_tokens, ref_chosen, ref_rejected)
+        loss = terms.loss
+        if self.pref.sft_weight:
+            loss = loss - self.pref.sft_weight * chosen / chosen_tokens.clamp(min=1)
+        chosen_rewards, rejected_rewards = terms.chosen_rewards, terms.rejected_rewards
+        metrics = {
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": chosen.detach().sum(),
+            "logps/rejected": rejected.detach().sum(),
+        }
+        return LossSums(loss.sum(), metrics)
+
+
+DPO = Stage("dpo", data_kind="pref", objective=lambda cfg: Preference(cfg.pref), config_sections=("pref",))

@@ -1,0 +1,190 @@
+"""The frozen reference model of DPO and IPO, live or computed once.
+
+Which model: --ref-from if given, else the --init-from model (the policy's starting point; the
+same seeded random init when there is none). How it runs, holding the least memory:
+
+- LoRA, no --ref-from: the policy itself with its adapter disabled (peft's disable_adapter), so
+  there is no second copy at all.
+- ZeRO-3: a DeepSpeed engine of its own with no optimizer, partitioned like the policy, as TRL
+  does for its reference.
+- ZeRO 0-2: a plain module in the run's precision on every rank (no optimizer state, no grads).
+
+With --precompute-ref the reference runs once over the prepared pairs before training; the
+summed response log-probs are cached beside the prepared data under a key of the reference's
+files and the run's precision and context, and carried in each batch as `ref_logps`. The model
+is freed before the first step, so training holds one model.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+
+from common.publish import publishing
+from engine.distributed import World
+from engine.ds_config import zero_stage
+from engine.objectives import Batch
+from engine.objectives.preference import sequence_logps
+
+if TYPE_CHECKING:
+    from engine.builders import Data, RunPlan
+    from engine.config import Config
+
+ReferenceLogps = Callable[[Batch], torch.Tensor]
+"""Batch -> the reference's summed response log-probs per row ([2 x pairs], fp32)."""
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _model_inputs(batch: Batch) -> Batch:
+    return {k: v for k, v in batch.items() if k not in ("labels", "ref_logps")}
+
+
+def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
+    """The reference as a function of a batch, built as the module docstring says."""
+    if cfg.lora.enabled and not cfg.pref.ref_from:
+        policy = engine.module
+
+        @torch.no_grad()
+        def adapter_disabled(batch: Batch) -> torch.Tensor:
+            # eval(): no dropout in the reference, as for a separate frozen copy.
+            was_training = policy.training
+            policy.eval()
+            try:
+                with policy.disable_adapter():
+                    logits = policy(**_model_inputs(batch), use_cache=False).logits
+            finally:
+                policy.train(was_training)
+            return sequence_logps(logits, batch["labels"])[0]
+
+        return adapter_disabled
+
+    module = _frozen_copy(cfg, plan, engine)
+
+    @torch.no_grad()
+    def frozen(batch: Batch) -> torch.Tensor:
+        return sequence_logps(module(**_model_inputs(batch), use_cache=False).logits, batch["labels"])[0]
+
+    return frozen
+
+
+def _frozen_copy(cfg: Config, plan: RunPlan, engine: Any) -> torch.nn.Module:
+    """The reference weights, sharded like the policy under ZeRO-3, in eval mode."""
+    import deepspeed
+
+    from engine.modeling import build_base_model, resolve_init_from
+
+    source = resolve_init_from(cfg.pref.ref_from) if cfg.pref.ref_from else plan.init_source
+    # The same seed as the policy's init (engine.builders.build_model), without moving the
+    # run's own random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = build_base_model(cfg, source, len(plan.tokenizer), plan.context)
+    model.requires_grad_(False)
+    model.eval()
+    if zero_stage(plan.ds_config) == 3:
+        ds = {k: v for k, v in copy.deepcopy(plan.ds_config).items() if k not in ("optimizer", "scheduler")}
+        ds["zero_optimization"] = {k: v for k, v in ds["zero_optimization"].items() if k != "offload_optimizer"}
+        ref_engine, *_ = deepspeed.initialize(model=model, config=ds)
+        ref_engine.eval()
+        return ref_engine.module
+    return model.to(device=engine.device, dtype=DTYPES[plan.precision])
+
+
+# --------------------------------------------------------------------------- precomputed
+
+def reference_key(cfg: Config, plan: RunPlan) -> str:
+    """What the cached log-probs depend on besides the prepared pairs: which reference (its
+    files' names, sizes and modification times, or the preset and seed of a random init), the
+    LoRA-disabled policy or a copy, the precision and the attention backend."""
+    from engine.modeling import resolve_init_from
+
+    source = resolve_init_from(cfg.pref.ref_from) if cfg.pref.ref_from else plan.init_source
+    if source is None:
+        what: Any = {"preset": cfg.model.preset, "seed": cfg.train.seed, "context": plan.context}
+    else:
+        root = source.path
+        files = sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
+        what = {"path": str(root.resolve()), "tag": source.tag,
+                "files": [(str(p.relative_to(root) if p != root else p.name), p.stat().st_size, p.stat().st_mtime_ns)
+                          for p in files]}
+    parts = {"reference": what, "precision": plan.precision, "attn": cfg.model.attn_implementation,
+             "vocab": len(plan.tokenizer)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _all_logps(reference: ReferenceLogps, dataset, collate, world: World, micro_batch_size: int,
+               device: torch.device) -> np.ndarray:
+    """[pairs, 2] (chosen, rejected) for every pair of `dataset`: rank r takes pairs r, r + world,
+    ...; every rank runs the same number of forwards (ZeRO-3's are collective)."""
+    import torch.distributed as dist
+
+    n = len(dataset)
+    mine = list(range(world.rank, n, world.size))
+    rounds = math.ceil(math.ceil(n / world.size) / micro_batch_size) if n else 0
+    values: list[tuple[int, float, float]] = []
+    for r in range(rounds):
+        indices = mine[r * micro_batch_size:(r + 1) * micro_batch_size]
+        batch = collate([dataset[i] for i in (indices or [0])])  # an idle rank still joins the forward
+        batch = {k: v.to(device) for k, v in batch.items()}
+        chosen, rejected = reference(batch).float().cpu().chunk(2)
+        values += [(i, float(c), float(j)) for i, c, j in zip(indices, chosen, rejected)]
+    gathered: list[Any] = [None] * world.size
+    dist.all_gather_object(gathered, values)
+    out = np.zeros((n, 2), dtype=np.float32)
+    for part in gathered:
+        for i, c, j in part:
+            out[i] = (c, j)
+    return out
+
+
+class WithReference(torch.utils.data.Dataset):
+    """A pair dataset whose items also carry the reference's log-probs (collate_pref turns them
+    into the batch's `ref_logps`)."""
+
+    def __init__(self, dataset, logps: np.ndarray):
+        if len(logps) != len(dataset):
+            raise ValueError(f"{len(logps)} reference log-probs for {len(dataset)} pairs")
+        self.dataset, self.logps = dataset, torch.from_numpy(logps)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**self.dataset[i], "ref_chosen_logps": self.logps[i, 0], "ref_rejected_logps": self.logps[i, 1]}
+
+
+def precompute(cfg: Config, plan: RunPlan, engine: Any, data: Data, prepared: Path, world: World,
+               log: Callable[[str], None]) -> None:
+    """Give `data`'s pairs their reference log-probs: from the cache beside the prepared
+    directory, else computed now (every rank its share) and cached, then the model is freed."""
+    cache = prepared / "reference" / f"{reference_key(cfg, plan)}.npz"
+    splits = {"train": data.train, "val": data.val}
+    if cache.is_file():
+        with np.load(cache) as saved:
+            logps = {split: saved[split] for split in splits}
+        log(f"reference log-probs from {cache}")
+    else:
+        reference = reference_logps(cfg, plan, engine)
+        logps = {split: _all_logps(reference, dataset, data.collate, world, cfg.train.micro_batch_size,
+                                   engine.device) if dataset is not None else np.zeros((0, 2), np.float32)
+                 for split, dataset in splits.items()}
+        del reference
+        gc.collect()
+        if world.local_rank == 0:  # every node, in case the cache is not shared
+            with publishing(cache) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **logps)
+        log(f"reference log-probs of {len(data.train)} training pairs computed once, cached in {cache}")
+    data.train = WithReference(data.train, logps["train"])
+    if data.val is not None:
+        data.val = WithReference(data.val, logps["val"])
+    data.loader.dataset = data.train

@@ -1,0 +1,209 @@
+"""Preference tuning in-process (world size 1 and 2, gloo, real DeepSpeed, the debug preset) and
+through launcher/dpo.py: a step's loss and rewards are means over every pair of the global
+batch whatever the split into micro-batches and ranks; a 2-rank ZeRO-3 run (reference
+partitioned like the policy) takes the same steps as a 1-rank ZeRO-0 run; the LoRA-disabled and
+precomputed references give the live copy's numbers; resume, adapters and the checkpoint
+tools work on DPO runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SAMPLES
+from tests.distributed.test_loop import peek, run_ranks
+from tests.helpers import metrics, run_launcher, train_losses
+
+pytestmark = pytest.mark.distributed
+PAIRS = SAMPLES / "pref_pairs.jsonl"
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+
+
+def dpo_flags(out: Path, **flags) -> dict:
+    values = {"data": PAIRS, "output-dir": out, "seq-len": 96, "micro-batch-size": 2, "grad-accum": 1,
+              "max-steps": 4, "warmup-steps": 0, "lr": 2e-3, "zero-stage": 2, "precision": "fp32", "seed": 3,
+              "eval-batches": 2, "val-fraction": 0.05, "log-interval": 1, "eval-interval": 100, "save-interval": 100}
+    values.update({k.replace("_", "-"): v for k, v in flags.items()})
+    return values
+
+
+def build(rank: int, world_size: int, out: Path, base_model_dir: Path, **flags):
+    from engine.config import parse_config
+    from engine.distributed import World
+    from engine.objectives.preference import DPO
+    from engine.train import setup
+
+    values = dpo_flags(out / f"run{world_size}", init_from=base_model_dir, **flags)
+    cfg = parse_config([x for k, v in values.items() for x in (f"--{k}", str(v))])
+    return setup(cfg, DPO, World(rank, rank, world_size))
+
+
+def _steps(rank, world_size, out, base_model_dir, name, steps, flags):
+    trainer = build(rank, world_size, out / name, base_model_dir, **flags)
+    records = []
+    for _ in range(steps):
+        record = trainer.train_step()
+        norm = trainer.engine.get_global_grad_norm()  # None for ZeRO-0's plain fp32 optimizer
+        record["grad_norm"] = None if norm is None else float(norm)
+        records.append(record)
+    if rank == 0:
+        (out / f"{name}.json").write_text(json.dumps(records))
+
+
+def run_steps(out: Path, base_model_dir: Path, name: str, world_size: int, steps: int, **flags) -> list[dict]:
+    run_ranks(_steps, world_size, out, base_model_dir, name, steps, flags)
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def same_records(a: list[dict], b: list[dict], rel: float) -> None:
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", *REWARDS):
+            if x[key] is None or y[key] is None:
+                continue
+            assert x[key] == pytest.approx(y[key], rel=rel, abs=1e-5), key
+
+
+def test_the_step_is_the_mean_over_every_pair(base_model_dir, tmp_path):
+    """micro-batch 1 x accum 4 == micro-batch 4 x accum 1 == 2 ranks x micro-batch 2: the same
+    loss, rewards and gradient (so the same next step). The first step's loss is log 2 (the
+    policy is its reference) and its rewards 0."""
+    one = run_steps(tmp_path, base_model_dir, "mb1x4", 1, 2, micro_batch_size=1, grad_accum=4)
+    four = run_steps(tmp_path, base_model_dir, "mb4x1", 1, 2, micro_batch_size=4, grad_accum=1)
+    ranks = run_steps(tmp_path, base_model_dir, "2x2", 2, 2, micro_batch_size=2, grad_accum=1)
+    assert one[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert one[0]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert abs(one[1]["loss"] - math.log(2)) > 1e-3  # the policy has moved from its reference
+    same_records(one, four, rel=1e-5)
+    same_records(one, ranks, rel=1e-5)
+
+
+def _direct(rank, world_size, out, base_model_dir, flags):
+    """The objective's step against pair_losses on log-probs computed straight from the module
+    and from an independent frozen copy of the init model."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.config import PrefConfig
+    from engine.objectives.preference import pair_losses, sequence_logps
+
+    trainer = build(rank, world_size, out, base_model_dir, **flags)
+    for _ in range(2):  # move the policy away from its reference first
+        trainer.train_step()
+    batch = peek(trainer.data.loader, 1)[0]
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "ref_logps")}
+    reference = AutoModelForCausalLM.from_pretrained(base_model_dir).eval()
+    with torch.no_grad():
+        logps, tokens = sequence_logps(trainer.engine.module(**inputs, use_cache=False).logits, batch["labels"])
+        ref, _ = sequence_logps(reference(**inputs, use_cache=False).logits, batch["labels"])
+    pref = PrefConfig(**{k.replace("-", "_"): v for k, v in flags.items() if k in ("pref_loss", "beta")})
+    terms = pair_losses(pref, *logps.chunk(2), *tokens.chunk(2), *ref.chunk(2))
+    result = trainer.train_step()
+    (out / "direct.json").write_text(json.dumps({"loss": result["loss"], "expected": float(terms.loss.mean()),
+                                                 "margin": result["rewards/margins"],
+                                                 "expected_margin": float((terms.chosen_rewards
+                                                                           - terms.rejected_rewards).mean())}))
+
+
+@pytest.mark.parametrize("flags", [dict(pref_loss="dpo", beta=0.2),
+                                   dict(pref_loss="ipo", beta=0.5, lora_r=4, lora_alpha=8, lora_dropout=0.0),
+                                   dict(pref_loss="dpo", precompute_ref="true")],
+                         ids=["dpo-frozen-copy", "ipo-lora-adapter-disabled", "dpo-precomputed"])
+def test_the_reference_is_the_init_model(base_model_dir, tmp_path, flags):
+    run_ranks(_direct, 1, tmp_path, base_model_dir, flags)
+    report = json.loads((tmp_path / "direct.json").read_text())
+    assert report["loss"] == pytest.approx(report["expected"], rel=1e-5)
+    assert report["margin"] == pytest.approx(report["expected_margin"], rel=1e-5, abs=1e-6)
+    assert abs(report["margin"]) > 1e-3  # the policy has moved: the reference matters
+
+
+def test_zero3_on_two_ranks_takes_the_steps_of_zero0_on_one(base_model_dir, tmp_path):
+    zero0 = run_steps(tmp_path, base_model_dir, "zero0", 1, 3, zero_stage=0, micro_batch_size=4)
+    zero3 = run_steps(tmp_path, base_model_dir, "zero3", 2, 3, zero_stage=3, micro_batch_size=2)
+    same_records(zero0, zero3, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- through the launcher
+
+def launcher_args(out: Path, **flags) -> list[str]:
+    values = dpo_flags(out, **flags)
+    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
+
+
+@pytest.fixture(scope="module")
+def lora_dpo_run(base_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo_lora") / "run"
+    proc = run_launcher("dpo.py", launcher_args(out, init_from=base_model_dir, zero_stage=3, lora_r=4, lora_alpha=8,
+                                                lora_dropout=0.0, max_steps=6, save_interval=3, eval_interval=3))
+    return out, proc
+
+
+def test_a_lora_dpo_run_logs_trl_metrics_and_writes_hf_and_peft_outputs(lora_dpo_run, base_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, proc = lora_dpo_run
+    records = metrics(out)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 7))
+    for r in train:
+        assert set(REWARDS) <= set(r) and 0.0 <= r["rewards/accuracies"] <= 1.0
+    val = [r for r in records if "val_loss" in r]
+    assert val and {f"val_{k}" for k in REWARDS} <= set(val[-1]) and "val_ppl" not in val[-1]
+    ids = torch.randint(3, 500, (2, 12))
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir).eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_dir), out / "final" / "adapter")
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=ids).logits, tuned.eval()(input_ids=ids).logits, atol=1e-4)
+    sidecar = json.loads((out / "checkpoints" / "global_step6" / "zerotrain.json").read_text())
+    assert sidecar["kind"] == "dpo"
+
+
+def test_a_dpo_run_resumes_bit_identical(lora_dpo_run, base_model_dir, tmp_path):
+    out, _ = lora_dpo_run
+    resumed = tmp_path / "run"
+    run_launcher("dpo.py", launcher_args(resumed, init_from=base_model_dir, zero_stage=3, lora_r=4, lora_alpha=8,
+                                         lora_dropout=0.0, max_steps=3, save_interval=3, eval_interval=3))
+    proc = run_launcher("dpo.py", launcher_args(resumed, init_from=base_model_dir, zero_stage=3, lora_r=4,
+                                                lora_alpha=8, lora_dropout=0.0, max_steps=6, save_interval=3,
+                                                eval_interval=3))
+    assert "resumed from" in proc.stdout
+    assert train_losses(resumed) == train_losses(out)
+    from safetensors.torch import load_file
+
+    a = load_file(out / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "final" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_tools_work_on_a_dpo_run(lora_dpo_run, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    out, _ = lora_dpo_run
+    zt = [sys.executable, "-m", "engine.cli"]
+    for cmd in (["extract-adapter", str(out), "--output", str(tmp_path / "adapter")],
+                ["consolidate", str(out), "--output", str(tmp_path / "merged"), "--format", "hf"],
+                ["inspect", str(out)]):
+        proc = subprocess.run(zt + cmd, cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-3000:])
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_pretrain_and_sft_refuse_preference_flags(tmp_path, base_model_dir):
+    proc = run_launcher("sft.py", ["--init-from", base_model_dir, "--data", SAMPLES / "sharegpt_identity_500.json",
+                                   "--output-dir", tmp_path / "run", "--beta", "0.2"], nproc=1, launcher="python",
+                        check=False)
+    assert proc.returncode == 2 and "--beta: not a flag of sft" in proc.stderr
+    proc = run_launcher("sft.py", ["--init-from", base_model_dir, "--data", PAIRS, "--output-dir", tmp_path / "run"],
+                        nproc=1, launcher="python", check=False)
+    assert proc.returncode == 2 and "preference pairs are for launcher/dpo.py" in proc.stderr
+    proc = run_launcher("dpo.py", ["--init-from", base_model_dir, "--data", SAMPLES / "sharegpt_identity_500.json",
+                                   "--output-dir", tmp_path / "run"], nproc=1, launcher="python", check=False)
+    assert proc.returncode == 2 and "(dpo was given sft data)" in proc.stderr
