@@ -163,23 +163,26 @@ def test_a_lora_dpo_run_logs_trl_metrics_and_writes_hf_and_peft_outputs(lora_dpo
 
 
 def test_a_dpo_run_resumes_bit_identical(lora_dpo_run, base_model_dir, tmp_path):
+    """The run's step-3 checkpoint, resumed to step 6: the same losses and adapter, bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
     out, _ = lora_dpo_run
     resumed = tmp_path / "run"
-    run_launcher("dpo.py", launcher_args(resumed, init_from=base_model_dir, zero_stage=3, lora_r=4, lora_alpha=8,
-                                         lora_dropout=0.0, max_steps=3, save_interval=3, eval_interval=3))
+    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("global_step6", "final"))
+    (resumed / "checkpoints" / "latest").write_text("global_step3")
     proc = run_launcher("dpo.py", launcher_args(resumed, init_from=base_model_dir, zero_stage=3, lora_r=4,
                                                 lora_alpha=8, lora_dropout=0.0, max_steps=6, save_interval=3,
                                                 eval_interval=3))
-    assert "resumed from" in proc.stdout
+    assert "at step 3" in proc.stdout
     assert train_losses(resumed) == train_losses(out)
-    from safetensors.torch import load_file
-
     a = load_file(out / "final" / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed / "final" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_checkpoint_tools_work_on_a_dpo_run(lora_dpo_run, tmp_path):
+def test_checkpoint_tools_work_on_a_dpo_run(lora_dpo_run, base_model_dir, tmp_path):
     import subprocess
     import sys
 
@@ -187,9 +190,10 @@ def test_checkpoint_tools_work_on_a_dpo_run(lora_dpo_run, tmp_path):
 
     out, _ = lora_dpo_run
     zt = [sys.executable, "-m", "engine.cli"]
-    for cmd in (["extract-adapter", str(out), "--output", str(tmp_path / "adapter")],
-                ["consolidate", str(out), "--output", str(tmp_path / "merged"), "--format", "hf"],
-                ["inspect", str(out)]):
+    for cmd in (["extract-adapter", str(out), str(tmp_path / "adapter")],
+                ["consolidate", str(out), str(tmp_path / "merged")],
+                ["inspect", str(out)],
+                ["generate", "--model", str(base_model_dir), "--adapter", str(out / "final" / "adapter"), "--prompt", "Who are you?", "--max-new-tokens", "4"]):
         proc = subprocess.run(zt + cmd, cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-3000:])
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
