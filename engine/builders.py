@@ -200,7 +200,8 @@ def build_data(cfg: Config, plan: RunPlan, world: World, log: Log) -> Data:
         trains.append(dataset(directory, "train", cfg.data.seq_len))
         vals.append(dataset(directory, "val", cfg.data.seq_len))
         skipped = {k: v for k, v in meta["stats"].items() if v}
-        log(f"{source.kind} data {directory}: {len(trains[-1])} training and {len(vals[-1])} validation samples, "
+        noun = "pairs" if source.kind == "pref" else "samples"
+        log(f"{source.kind} data {directory}: {len(trains[-1])} training and {len(vals[-1])} validation {noun}, "
             f"{meta['splits']['train']['tokens']:,} tokens" + (f"; while preparing: {skipped}" if skipped else "")
             + (f"; weight {source.weight}" if len(sources) > 1 else ""))
     if len(sources) == 1:

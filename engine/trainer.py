@@ -223,8 +223,10 @@ class Trainer:
             if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - window_start
                 record = self._metrics(out, window_tokens / max(elapsed, 1e-9))
-                bar.set_postfix(loss="nan" if record["loss"] is None else f"{record['loss']:.4f}",
-                                lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_sec']:.0f}")
+                shown = {"loss": "nan" if record["loss"] is None else f"{record['loss']:.4f}"}
+                if record.get("rewards/accuracies") is not None:  # preference tuning's headline
+                    shown["acc"] = f"{record['rewards/accuracies']:.2f}"
+                bar.set_postfix(**shown, lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_sec']:.0f}")
                 self.write_metrics(record)
                 window_start, window_tokens = time.perf_counter(), 0
             if (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or step == cfg.train.max_steps:
