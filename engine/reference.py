@@ -96,7 +96,12 @@ def _frozen_copy(cfg: Config, plan: RunPlan, engine: Any) -> torch.nn.Module:
         ref_engine, *_ = deepspeed.initialize(model=model, config=ds)
         ref_engine.eval()
         return ref_engine.module
-    return model.to(device=engine.device, dtype=DTYPES[plan.precision])
+    # Parameters only, as DeepSpeed casts the policy: buffers such as rotary frequencies stay
+    # fp32 (cast, they would shift every logit and the first step's loss from log 2).
+    model.to(engine.device)
+    for param in model.parameters():
+        param.data = param.data.to(DTYPES[plan.precision])
+    return model
 
 
 # --------------------------------------------------------------------------- precomputed

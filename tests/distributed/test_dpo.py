@@ -27,7 +27,9 @@ REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 def dpo_flags(out: Path, **flags) -> dict:
     values = {"data": PAIRS, "output-dir": out, "seq-len": 96, "micro-batch-size": 2, "grad-accum": 1,
               "max-steps": 4, "warmup-steps": 0, "lr": 2e-3, "zero-stage": 2, "precision": "fp32", "seed": 3,
-              "eval-batches": 2, "val-fraction": 0.05, "log-interval": 1, "eval-interval": 100, "save-interval": 100}
+              "eval-batches": 2, "val-fraction": 0.05, "log-interval": 1, "eval-interval": 100, "save-interval": 100,
+              # a cache per test: the precomputed reference is really computed where a test asks for it
+              "data-cache-dir": Path(out).parent / "cache"}
     values.update({k.replace("_", "-"): v for k, v in flags.items()})
     return values
 
@@ -80,6 +82,15 @@ def test_the_step_is_the_mean_over_every_pair(base_model_dir, tmp_path):
     assert abs(one[1]["loss"] - math.log(2)) > 1e-3  # the policy has moved from its reference
     same_records(one, four, rel=1e-5)
     same_records(one, ranks, rel=1e-5)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_in_bf16_the_reference_is_the_policy_at_the_start(base_model_dir, tmp_path, zero_stage):
+    """The frozen copy runs in the policy's precision with the policy's buffers (rotary
+    frequencies stay fp32, as DeepSpeed leaves them): the first step's loss is log 2 exactly."""
+    first = run_steps(tmp_path, base_model_dir, "bf16", 1, 1, precision="bf16", zero_stage=zero_stage)[0]
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
 
 
 def _direct(rank, world_size, out, base_model_dir, flags):
