@@ -197,6 +197,23 @@ def test_a_dpo_run_resumes_bit_identical(lora_dpo_run, base_model_dir, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_dpo_run_resumes_on_another_world_size(lora_dpo_run, base_model_dir, tmp_path):
+    """Saved on 2 ranks, resumed on 1 (DeepSpeed's universal format), the same global batch: the
+    losses after the resume are the unbroken run's up to float summation order."""
+    import shutil
+
+    out, _ = lora_dpo_run
+    resumed = tmp_path / "run"
+    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("global_step6", "final"))
+    (resumed / "checkpoints" / "latest").write_text("global_step3")
+    proc = run_launcher("dpo.py", launcher_args(resumed, init_from=base_model_dir, zero_stage=3, lora_r=4,
+                                                lora_alpha=8, lora_dropout=0.0, max_steps=6, save_interval=3,
+                                                eval_interval=3, micro_batch_size=4), nproc=1, launcher="python")
+    assert "saved on 2 ranks, now 1" in proc.stdout
+    straight, after = train_losses(out), train_losses(resumed)
+    assert [after[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-4)
+
+
 def test_checkpoint_tools_work_on_a_dpo_run(lora_dpo_run, base_model_dir, tmp_path):
     import subprocess
     import sys
