@@ -31,6 +31,12 @@ def test_yaml_nested_and_flat_then_flags_win(tmp_path):
     (["--seq-len", "abc"], "data.seq_len: expected int, got 'abc'"),
     (["--val-fraction", "0.7"], "data.val_fraction (--val-fraction) must be a number in [0, 0.5)"),
     (["stray"], "unexpected argument 'stray'"),
+    (["--pref-loss", "kto"], "pref.pref_loss (--pref-loss) must be one of dpo, ipo, orpo, simpo, got 'kto'"),
+    (["--beta", "0"], "pref.beta (--beta) must be a positive number"),
+    (["--pref-loss", "ipo", "--label-smoothing", "0.1"], "must be 0 with --pref-loss ipo (dpo and simpo only)"),
+    (["--label-smoothing", "0.5"], "pref.label_smoothing (--label-smoothing) must be a number in [0, 0.5)"),
+    (["--pref-loss", "orpo", "--precompute-ref"], "--pref-loss orpo uses no reference model"),
+    (["--pref-loss", "simpo", "--ref-from", "x"], "--pref-loss simpo uses no reference model"),
 ])
 def test_bad_flags_are_named(argv, message):
     with pytest.raises(ZerotrainError) as e:
@@ -92,3 +98,15 @@ def test_boolean_flags_take_an_optional_value():
     assert parse_config(["--lora-r", "4", "--merge-lora-at-end", "yes"]).lora.merge_lora_at_end is True
     with pytest.raises(ZerotrainError, match=r"data.pack: expected bool, got 'maybe'"):
         parse_config(["--pack", "maybe"])
+
+
+def test_flags_of_another_stage_are_refused():
+    from engine.builders import check_stage_sections
+    from engine.objectives.causal_lm import SFT
+    from engine.objectives.preference import DPO
+
+    cfg = parse_config(["--beta", "0.2", "--precompute-ref"])
+    check_stage_sections(cfg, DPO)
+    with pytest.raises(ZerotrainError, match=r"--beta, --precompute-ref: not a flag of sft \(pref section\)"):
+        check_stage_sections(cfg, SFT)
+    check_stage_sections(parse_config([]), SFT)
