@@ -106,7 +106,7 @@ def _direct(rank, world_size, out, base_model_dir, flags):
         trainer.train_step()
     batch = peek(trainer.data.loader, 1)[0]
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "ref_logps")}
-    reference = AutoModelForCausalLM.from_pretrained(base_model_dir).eval()
+    reference = AutoModelForCausalLM.from_pretrained(flags.get("ref_from", base_model_dir)).eval()
     with torch.no_grad():
         logps, tokens = sequence_logps(trainer.engine.module(**inputs, use_cache=False).logits, batch["labels"])
         ref, _ = sequence_logps(reference(**inputs, use_cache=False).logits, batch["labels"])
@@ -121,9 +121,19 @@ def _direct(rank, world_size, out, base_model_dir, flags):
 
 @pytest.mark.parametrize("flags", [dict(pref_loss="dpo", beta=0.2),
                                    dict(pref_loss="ipo", beta=0.5, lora_r=4, lora_alpha=8, lora_dropout=0.0),
-                                   dict(pref_loss="dpo", precompute_ref="true")],
-                         ids=["dpo-frozen-copy", "ipo-lora-adapter-disabled", "dpo-precomputed"])
-def test_the_reference_is_the_init_model(base_model_dir, tmp_path, flags):
+                                   dict(pref_loss="dpo", precompute_ref="true"),
+                                   dict(pref_loss="dpo", lora_r=4, lora_alpha=8, lora_dropout=0.0, ref_from="OTHER")],
+                         ids=["dpo-frozen-copy", "ipo-lora-adapter-disabled", "dpo-precomputed", "lora-ref-from"])
+def test_the_reference_is_the_init_model_or_ref_from(base_model_dir, tmp_path, flags):
+    if flags.get("ref_from") == "OTHER":  # another model of the same shape: the init model, perturbed
+        from transformers import AutoModelForCausalLM
+
+        other = AutoModelForCausalLM.from_pretrained(base_model_dir)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        other.save_pretrained(tmp_path / "other")
+        flags = {**flags, "ref_from": str(tmp_path / "other")}
     run_ranks(_direct, 1, tmp_path, base_model_dir, flags)
     report = json.loads((tmp_path / "direct.json").read_text())
     assert report["loss"] == pytest.approx(report["expected"], rel=1e-5)
