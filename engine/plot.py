@@ -1,5 +1,7 @@
 """Training curves of one or several runs in one PNG: loss, validation loss, learning rate and
 tokens/s against the step, one line per run (`zerotrain plot RUN_DIR... [--out FILE.png]`).
+When a run logged preference metrics (launcher/dpo.py), a third column shows its reward accuracy
+and reward margin, training and validation (dashed, with markers) in the same panel and colour.
 
 Reads each run's metrics.jsonl as the trainer writes it: step records (loss, lr, tokens_per_sec,
 ...) and validation records (val_loss). A step logged twice (a run resumed from an earlier
@@ -23,6 +25,11 @@ PANELS = (("loss", "training loss", "loss"),
           ("val_loss", "validation loss", "loss"),
           ("lr", "learning rate", "lr"),
           ("tokens_per_sec", "throughput", "tokens/s"))
+# A third column, drawn only when some run has them: (training key, panel title, y-axis label, a
+# gray reference line: chance accuracy, zero margin). The val_ series of the key shares the panel.
+PREF_PANELS = (("rewards/accuracies", "reward accuracy", "chosen reward > rejected", 0.5),
+               ("rewards/margins", "reward margin", "chosen - rejected reward", 0.0))
+VAL = "val_"
 
 
 @dataclass
@@ -67,7 +74,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def run_curves(records: list[dict], label: str) -> RunCurves:
     """Series per panel key; a step's latest value wins, missing/null/non-finite values are gaps."""
     curves = RunCurves(label)
-    for key, _, _ in PANELS:
+    keys = [key for key, _, _ in PANELS] + [k for key, *_ in PREF_PANELS for k in (key, VAL + key)]
+    for key in keys:
         by_step: dict[int, float] = {}
         for record in records:
             if key in record:
@@ -92,8 +100,9 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = None) -> list[RunCurves]:
-    """Draw the four panels for `run_dirs` into the PNG `out` (written to a temporary name, then
-    renamed); return the curves drawn."""
+    """Draw the panels for `run_dirs` into the PNG `out` (written to a temporary name, then
+    renamed); return the curves drawn. Four panels (2 x 2, 1200 x 800 pixels), six (2 x 3,
+    1800 x 800) when some run has preference metrics."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -104,11 +113,13 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
         raise ZerotrainError(f"--out {out}: the plot is a PNG image, give a name ending in .png")
     dirs = [Path(d) for d in run_dirs]
     runs = [run_curves(read_metrics(d), label) for d, label in zip(dirs, run_labels(dirs))]
+    pref = any(k in run.series for run in runs for key, *_ in PREF_PANELS for k in (key, VAL + key))
 
-    fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
+    columns = 3 if pref else 2
+    fig = Figure(figsize=(6 * columns, 8), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)  # the Agg canvas: no display needed, whatever matplotlib's default backend
-    axes = fig.subplots(2, 2, sharex=True).flat
-    for ax, (key, panel_title, ylabel) in zip(axes, PANELS):
+    grid = fig.subplots(2, columns, sharex=True)
+    for ax, (key, panel_title, ylabel) in zip(list(grid[:, :2].flat), PANELS):
         drawn = 0
         for index, run in enumerate(runs):
             if key not in run.series:
@@ -118,19 +129,39 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
             ax.plot(steps, values, label=run.label, color=f"C{index % 10}",
                     marker="o" if key == "val_loss" or len(steps) < 2 else None, markersize=3, linewidth=1.5)
             drawn += 1
-        ax.set_title(panel_title)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
+        _finish_panel(ax, panel_title, ylabel, drawn)
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        if drawn:
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
-    for ax in list(fig.axes)[2:]:
+    if pref:
+        for ax, (key, panel_title, ylabel, reference) in zip(grid[:, 2], PREF_PANELS):
+            ax.axhline(reference, color="gray", linestyle=":", linewidth=1, label="_reference")
+            drawn = 0
+            for index, run in enumerate(runs):
+                for series_key, val in ((key, False), (VAL + key, True)):
+                    if series_key not in run.series:
+                        continue
+                    steps, values = run.series[series_key]
+                    ax.plot(steps, values, label=run.label + (" (val)" if val else ""), color=f"C{index % 10}",
+                            linestyle="--" if val else "-", marker="o" if val or len(steps) < 2 else None,
+                            markersize=3, linewidth=1.5)
+                    drawn += 1
+            if key == "rewards/accuracies":
+                ax.set_ylim(-0.05, 1.05)
+            _finish_panel(ax, panel_title, ylabel, drawn)
+    for ax in grid[-1]:
         ax.set_xlabel("step")
     fig.suptitle(title or ("training curves: " + ", ".join(r.label for r in runs)))
 
     with publishing(out) as tmp:
         fig.savefig(tmp, format="png")
     return runs
+
+
+def _finish_panel(ax, title: str, ylabel: str, drawn: int) -> None:
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if drawn:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")

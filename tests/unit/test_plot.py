@@ -1,4 +1,5 @@
-"""`zerotrain plot`: hand-written metrics.jsonl files -> one PNG with four panels, one line per run."""
+"""`zerotrain plot`: hand-written metrics.jsonl files -> one PNG with four panels, one line per run;
+six when a run logged preference metrics (reward accuracy and margin, training and validation)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,30 @@ def two_runs(tmp_path) -> list[Path]:
     return [a, b]
 
 
+def pref_step(s: int, accuracy: float, margin: float) -> dict:
+    return {**step(s, 0.69), "rewards/chosen": margin / 2, "rewards/rejected": -margin / 2,
+            "rewards/accuracies": accuracy, "rewards/margins": margin, "logps/chosen": -50.0, "logps/rejected": -60.0}
+
+
+def pref_val(s: int, accuracy: float, margin: float) -> dict:
+    return {"step": s, "val_loss": 0.6, "val_rewards/accuracies": accuracy, "val_rewards/margins": margin}
+
+
+def drawn_figures(monkeypatch) -> list:
+    """The figures plot_runs saves, kept for inspection."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    savefig = Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
 def image_size(path: Path) -> tuple[int, int]:
     from matplotlib.image import imread
 
@@ -52,16 +77,7 @@ def test_two_runs_make_one_valid_png(two_runs, tmp_path):
 
 
 def test_panels_draw_one_line_per_run_labelled_by_dir_name(two_runs, tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
-
-    figures = []
-    savefig = Figure.savefig
-
-    def keep(self, *args, **kwargs):
-        figures.append(self)
-        return savefig(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
+    figures = drawn_figures(monkeypatch)
     plot_runs(two_runs, tmp_path / "x.png")
     axes = figures[0].axes
     assert [ax.get_title() for ax in axes] == ["training loss", "validation loss", "learning rate", "throughput"]
@@ -69,6 +85,33 @@ def test_panels_draw_one_line_per_run_labelled_by_dir_name(two_runs, tmp_path, m
     assert [line.get_label() for line in axes[1].get_lines()] == ["a/pretrain"]
     assert list(axes[3].get_lines()[1].get_ydata()) == [800.0, 900.0]
     assert axes[2].get_xlabel() == axes[3].get_xlabel() == "step"
+
+
+def test_preference_runs_add_reward_accuracy_and_margin_panels(two_runs, tmp_path, monkeypatch):
+    """A DPO run's rewards/accuracies and rewards/margins get a third column, its val_ series in the
+    same panel and colour (dashed, with markers); a run without them draws nothing there."""
+    dpo = write_run(tmp_path / "dpo", [pref_step(1, 0.0, 0.0), pref_step(2, 0.5, 0.1), pref_val(2, 0.5, 0.05),
+                                       pref_step(3, 0.75, 0.4), pref_val(3, 0.8, 0.3)])
+    figures = drawn_figures(monkeypatch)
+    out = tmp_path / "dpo.png"
+    runs = plot_runs([two_runs[0], dpo], out)
+    assert image_size(out) == (1800, 800)
+    assert runs[1].series["rewards/accuracies"] == ([1, 2, 3], [0.0, 0.5, 0.75])
+    assert runs[1].series["val_rewards/margins"] == ([2, 3], [0.05, 0.3])
+    assert "rewards/accuracies" not in runs[0].series
+
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes] == ["training loss", "validation loss", "reward accuracy",
+                                               "learning rate", "throughput", "reward margin"]
+    accuracy, margin = axes[2], axes[5]
+    lines = {line.get_label(): line for line in accuracy.get_lines()}
+    assert list(lines) == ["_reference", "dpo", "dpo (val)"]  # the pretrain run has no rewards
+    assert list(lines["_reference"].get_ydata()) == [0.5, 0.5]  # chance
+    assert list(lines["dpo (val)"].get_ydata()) == [0.5, 0.8]
+    assert lines["dpo"].get_color() == lines["dpo (val)"].get_color() and lines["dpo (val)"].get_linestyle() == "--"
+    assert accuracy.get_ylim() == (-0.05, 1.05)
+    assert list(margin.get_lines()[1].get_ydata()) == [0.0, 0.1, 0.4]
+    assert [ax.get_xlabel() for ax in axes] == [""] * 3 + ["step"] * 3
 
 
 def test_repeated_steps_keep_the_latest_record_and_null_losses_are_gaps(tmp_path):
