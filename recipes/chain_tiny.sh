@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pretrain -> LoRA SFT -> more (mixed) pretraining -> full SFT, each phase starting from the
+# Pretrain -> LoRA SFT -> more (mixed) pretraining -> full SFT -> DPO, each phase starting from the
 # previous one's output. Needs runs/tok (zerotrain train-tokenizer ... --output runs/tok).
 #   bash recipes/chain_tiny.sh [NUM_RANKS]
 set -euo pipefail
@@ -10,4 +10,6 @@ run launcher/pretrain.py --config recipes/pretrain_tiny.yaml
 run launcher/sft.py --config recipes/sft_lora_tiny.yaml
 run launcher/pretrain.py --config recipes/pretrain_more_tiny.yaml
 run launcher/sft.py --config recipes/sft_full_tiny.yaml
+run launcher/dpo.py --config recipes/dpo_tiny.yaml
 zerotrain eval --model runs/sft-full-tiny --data data/samples/sharegpt_identity_500.json --seq-len 256
+zerotrain eval --model runs/dpo-tiny --data data/samples/sharegpt_identity_500.json --seq-len 256
