@@ -5,9 +5,8 @@ same seeded random init when there is none). How it runs, holding the least memo
 
 - LoRA, no --ref-from: the policy itself with its adapter disabled (peft's disable_adapter), so
   there is no second copy at all.
-- ZeRO-3: a DeepSpeed engine of its own with no optimizer, partitioned like the policy, as TRL
-  does for its reference.
-- ZeRO 0-2: a plain module in the run's precision on every rank (no optimizer state, no grads).
+- Full fine-tuning: a frozen copy (engine.frozen), partitioned like the policy under ZeRO-3, whole
+  on every rank in the run's precision under ZeRO 0-2.
 
 With --precompute-ref the reference runs once over the prepared pairs before training; the
 summed response log-probs are cached beside the prepared data under a key of the reference's
@@ -17,7 +16,6 @@ is freed before the first step, so training holds one model.
 
 from __future__ import annotations
 
-import copy
 import gc
 import hashlib
 import json
@@ -31,8 +29,10 @@ import torch
 from common.publish import publishing
 from engine.distributed import World
 from engine.ds_config import zero_stage
+from engine.frozen import frozen_model
 from engine.objectives import Batch
 from engine.objectives.preference import sequence_logps
+from engine.run_dir import Resolved
 
 if TYPE_CHECKING:
     from engine.builders import Data, RunPlan
@@ -41,7 +41,12 @@ if TYPE_CHECKING:
 ReferenceLogps = Callable[[Batch], torch.Tensor]
 """Batch -> the reference's summed response log-probs per row ([2 x pairs], fp32)."""
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+def _source(cfg: Config, plan: RunPlan) -> Resolved | None:
+    """--ref-from, else the policy's own starting point."""
+    from engine.modeling import resolve_init_from
+
+    return resolve_init_from(cfg.pref.ref_from) if cfg.pref.ref_from else plan.init_source
 
 
 def _model_inputs(batch: Batch) -> Batch:
@@ -67,7 +72,7 @@ def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
 
         return adapter_disabled
 
-    module = _frozen_copy(cfg, plan, engine)
+    module = frozen_model(cfg, plan, engine.device, _source(cfg, plan), zero3=zero_stage(plan.ds_config) == 3)
 
     @torch.no_grad()
     def frozen(batch: Batch) -> torch.Tensor:
@@ -76,43 +81,13 @@ def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
     return frozen
 
 
-def _frozen_copy(cfg: Config, plan: RunPlan, engine: Any) -> torch.nn.Module:
-    """The reference weights, sharded like the policy under ZeRO-3, in eval mode."""
-    import deepspeed
-
-    from engine.modeling import build_base_model, resolve_init_from
-
-    source = resolve_init_from(cfg.pref.ref_from) if cfg.pref.ref_from else plan.init_source
-    # The same seed as the policy's init (engine.builders.build_model), without moving the
-    # run's own random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)
-        model = build_base_model(cfg, source, len(plan.tokenizer), plan.context)
-    model.requires_grad_(False)
-    model.eval()
-    if zero_stage(plan.ds_config) == 3:
-        ds = {k: v for k, v in copy.deepcopy(plan.ds_config).items() if k not in ("optimizer", "scheduler")}
-        ds["zero_optimization"] = {k: v for k, v in ds["zero_optimization"].items() if k != "offload_optimizer"}
-        ref_engine, *_ = deepspeed.initialize(model=model, config=ds)
-        ref_engine.eval()
-        return ref_engine.module
-    # Parameters only, as DeepSpeed casts the policy: buffers such as rotary frequencies stay
-    # fp32 (cast, they would shift every logit and the first step's loss from log 2).
-    model.to(engine.device)
-    for param in model.parameters():
-        param.data = param.data.to(DTYPES[plan.precision])
-    return model
-
-
 # --------------------------------------------------------------------------- precomputed
 
 def reference_key(cfg: Config, plan: RunPlan) -> str:
     """What the cached log-probs depend on besides the prepared pairs: which reference (its
     files' names, sizes and modification times, or the preset and seed of a random init), the
     LoRA-disabled policy or a copy, the precision and the attention backend."""
-    from engine.modeling import resolve_init_from
-
-    source = resolve_init_from(cfg.pref.ref_from) if cfg.pref.ref_from else plan.init_source
+    source = _source(cfg, plan)
     if source is None:
         what: Any = {"preset": cfg.model.preset, "seed": cfg.train.seed, "context": plan.context}
     else:
