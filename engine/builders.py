@@ -24,9 +24,9 @@ from common.errors import ZerotrainError
 from common.publish import publishing
 from engine import checkpoint
 from engine.config import SECTIONS, STAGE_SECTIONS, Config
-from engine.data import (BatchLoader, DataSource, MixedDataset, PretrainDataset, SFTDataset, ShardedSampler,
-                         collate_pad, collate_packed, collate_stack, detect_kind, parse_data_sources, prepare_cached,
-                         read_meta)
+from engine.data import (DATA_KINDS, BatchLoader, DataSource, MixedDataset, PretrainDataset, SFTDataset,
+                         ShardedSampler, collate_pad, collate_packed, collate_stack, detect_kind, parse_data_sources,
+                         prepare_cached, read_meta)
 from engine.distributed import World, init_distributed, on_rank0
 from engine.ds_config import fill_ds_config, load_ds_config, resolve_precision, zero_stage
 from engine.modeling import build_base_model, lora_record, resolve_init_from, tokenizer_path, wrap_lora
@@ -99,6 +99,15 @@ def check_stage_sections(cfg: Config, stage: Stage) -> None:
                                  "launcher it belongs to")
 
 
+def _default_kind(entries: list[str]) -> str:
+    """What plain --data entries hold: a prepared directory says so in its meta.json, raw files
+    by their first record."""
+    plain = [e for e in entries if e.split(":")[0] not in DATA_KINDS]
+    if len(plain) == 1 and Path(plain[0]).is_dir():
+        return read_meta(plain[0])["kind"]
+    return detect_kind(plain) if plain else "pretrain"
+
+
 def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
     """Check everything that can be checked on one process, fail early with a clear message."""
     from model.presets import preset_config
@@ -113,7 +122,8 @@ def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
     ds_config = fill_ds_config(raw_ds, cfg, world_size=world_size, precision=precision, device_type=device_type,
                                source=ds_source)
     check_stage_sections(cfg, stage)
-    sources = parse_data_sources(cfg.data.data, stage.data_kind)
+    sources = parse_data_sources(cfg.data.data, _default_kind(cfg.data.data) if stage.data_kind == "auto"
+                                 else stage.data_kind)
     if stage.data_kind == "pref" and (len(sources) > 1 or sources[0].kind != "pref"):
         raise ZerotrainError(f"{stage.name} trains on preference pairs only, from one source: got "
                              + ", ".join(f"{s.kind}:{' '.join(s.paths)}" for s in sources))

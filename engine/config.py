@@ -270,6 +270,40 @@ class PrefConfig:
         return self.pref_loss in ("dpo", "ipo")
 
 
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class DistillConfig:
+    """Distillation (launcher/distill.py): loss = kd_alpha x CE + (1 - kd_alpha) x T^2 x D(teacher, student)."""
+
+    teacher: str = ""
+    """The teacher: what --init-from takes (HF dir, run dir, .pth/.safetensors shaped like --preset, DeepSpeed
+    checkpoint); it must use the student's tokenizer."""
+    kd_loss: str = "forward_kl"
+    """D: forward_kl KL(teacher || student) (MiniMind, classic KD), reverse_kl KL(student || teacher) (MiniLLM),
+    or jsd, GKD's generalised Jensen-Shannon divergence with --kd-beta."""
+    kd_beta: float = 0.5
+    """jsd only: the mixture weight (0 gives forward KL, 1 reverse KL, as in TRL's GKD)."""
+    kd_temperature: float = 1.0
+    """T: both distributions are softened by it; D is scaled by T^2 (Hinton et al.)."""
+    kd_alpha: float = 0.5
+    """A: the weight of the cross-entropy on the data; 1 - A weighs the divergence."""
+    teacher_zero_stage: int | None = None
+    """3 partitions the teacher over the ranks (no optimizer state), so a teacher larger than one device fits;
+    default: 3 when the run is ZeRO-3, else a whole copy per rank."""
+
+    def __post_init__(self) -> None:
+        if self.kd_loss not in KD_LOSSES:
+            _bad("kd_loss", self.kd_loss, "one of " + ", ".join(KD_LOSSES))
+        for name in ("kd_beta", "kd_alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                _bad(name, getattr(self, name), "a number in [0, 1]")
+        _positive("kd_temperature", self.kd_temperature)
+        if self.teacher_zero_stage is not None and self.teacher_zero_stage not in (0, 3):
+            _bad("teacher_zero_stage", self.teacher_zero_stage, "0 (a whole copy per rank) or 3 (partitioned)")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "lora": LoraConfig,
@@ -279,8 +313,9 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "distributed": DistributedConfig,
     "pref": PrefConfig,
+    "distill": DistillConfig,
 }
-STAGE_SECTIONS = ("pref",)
+STAGE_SECTIONS = ("pref", "distill")
 """Sections only some stages read (engine.objectives.Stage.config_sections)."""
 
 
@@ -296,6 +331,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     pref: PrefConfig = field(default_factory=PrefConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         if self.optim.warmup_steps > self.train.max_steps:

@@ -31,6 +31,7 @@ from common.publish import publishing
 
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
+DATA_KINDS = ("pretrain", "sft", "pref")
 PRETRAIN_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SFT_SUFFIXES = (".json", ".jsonl", ".parquet")
 ROLE_ALIASES = {
@@ -511,7 +512,7 @@ def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, 
     The directory is built under a temporary name and put in place once complete
     (common.publish), so a crash never leaves a half-written one behind.
     """
-    if kind not in ("pretrain", "sft", "pref"):
+    if kind not in DATA_KINDS:
         raise ZerotrainError(f"unknown data kind '{kind}': use pretrain, sft or pref")
     if not inputs:
         raise ZerotrainError("no input files given (--input / --data)")
@@ -692,7 +693,7 @@ def parse_data_sources(entries: list[str], default_kind: str) -> list[DataSource
     plain: list[str] = []
     for entry in entries:
         parts = entry.split(":")
-        if parts[0] in ("pretrain", "sft", "pref") and len(parts) in (2, 3):
+        if parts[0] in DATA_KINDS and len(parts) in (2, 3):
             try:
                 weight = float(parts[2]) if len(parts) == 3 else None
             except ValueError:

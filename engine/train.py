@@ -20,11 +20,12 @@ from engine.trainer import Hooks, Trainer, log_on_rank0
 def setup(cfg: Config, stage: Stage, here: World, hooks: Hooks | None = None) -> Trainer:
     """Check, then build data, model, objective and engine, and restore a checkpoint if resuming."""
     plan = plan_run(cfg, stage, here.size)
+    objective = stage.objective(cfg)
+    objective.check(cfg, plan)
     resume_tag = start(plan, cfg, here)
     data = build_data(cfg, plan, here, lambda message: log_on_rank0(here.rank, message))
     model = build_model(cfg, plan)
     engine = build_engine(cfg, plan, model)
-    objective = stage.objective(cfg)
     objective.build(cfg, plan, engine, data)
     trainer = Trainer(cfg, plan, here, data, model, engine, objective, hooks or Hooks())
     if resume_tag is not None:

@@ -45,6 +45,10 @@ class Objective(ABC):
     unit: ClassVar[Literal["token", "pair"]]
     """What the loss is averaged over."""
 
+    def check(self, cfg: Config, plan: RunPlan) -> None:
+        """Checks of the objective's own inputs (a teacher's tokenizer, say) that need no process
+        group, run with the plan's before any expensive work. Nothing by default."""
+
     def build(self, cfg: Config, plan: RunPlan, engine: Any, data: Data) -> None:
         """Build what the objective runs besides the trained model (a frozen reference, a
         teacher), once the trained model's DeepSpeed `engine` exists, sharded as the objective
@@ -70,6 +74,8 @@ class Stage:
 
     name: str
     data_kind: str
+    """pretrain, sft or pref; auto: plain --data files are taken as what they hold (pretraining
+    text or conversations)."""
     objective: Callable[[Config], Objective]
     config_sections: tuple[str, ...] = ()
     """The stage-specific config sections it reads (engine.config.STAGE_SECTIONS): flags of the

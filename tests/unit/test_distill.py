@@ -1,0 +1,113 @@
+"""Distillation's per-token divergences against implementations no one here wrote: TRL's GKD
+`generalized_jsd_loss` (beta 0, 0.5, 1) and MiniMind's `T^2 * kl_div(log_softmax(s/T),
+softmax(t/T))`; the objective's loss is A x CE + (1 - A) x T^2 x D over the same trained tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.config import DistillConfig, parse_config
+from engine.objectives.distill import Distill, token_divergence
+from common.errors import ZerotrainError
+
+VOCAB = 37
+
+
+@pytest.fixture(scope="module")
+def logits():
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 7, VOCAB, generator=g) * 2
+    teacher = torch.randn(3, 7, VOCAB, generator=g) * 2
+    labels = torch.randint(0, VOCAB, (3, 7), generator=g)
+    labels[0, :3] = -100  # a prompt
+    labels[2, 5:] = -100  # padding
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_jsd_equals_trl_gkd(logits, beta, temperature):
+    from trl.experimental.gkd import GKDTrainer
+
+    student, teacher, labels = logits
+    theirs = GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=temperature,
+                                             reduction="none").sum(-1)
+    ours = token_divergence(student, teacher, "jsd", beta=beta, temperature=temperature)[labels != -100]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert (ours > 0).all()
+
+
+def test_forward_and_reverse_kl_are_trl_beta_0_and_1(logits):
+    from trl.experimental.gkd import GKDTrainer
+
+    student, teacher, labels = logits
+    for kind, beta in (("forward_kl", 0.0), ("reverse_kl", 1.0)):
+        theirs = GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=1.5,
+                                                 reduction="batchmean")
+        ours = token_divergence(student, teacher, kind, temperature=1.5)[labels != -100].mean()
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_forward_kl_is_minimind_kd(logits):
+    """MiniMind's train_distillation.py: T^2 * kl_div(log_softmax(s/T), softmax(t/T), 'batchmean')
+    over the kept tokens (rows = tokens)."""
+    student, teacher, labels = logits
+    keep = labels != -100
+    s, t, temperature = student[keep], teacher[keep], 1.5
+    minimind = temperature ** 2 * F.kl_div(F.log_softmax(s / temperature, dim=-1),
+                                           F.softmax(t / temperature, dim=-1), reduction="batchmean")
+    ours = temperature ** 2 * token_divergence(s, t, "forward_kl", temperature=temperature).mean()
+    torch.testing.assert_close(ours, minimind, rtol=0, atol=1e-5)
+
+
+class _Fixed(torch.nn.Module):
+    """A 'model' that returns fixed logits (the shape transformers' outputs have)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_loss_is_alpha_ce_plus_t2_divergence_over_trained_tokens(logits, kind):
+    student, teacher, labels = logits
+    objective = Distill(DistillConfig(teacher="t", kd_loss=kind, kd_alpha=0.3, kd_temperature=2.0, kd_beta=0.4))
+    padded = torch.cat([teacher, torch.randn(3, 7, 5)], dim=-1)  # a teacher with padded vocabulary rows
+    objective.teacher = _Fixed(padded)
+    batch = {"input_ids": labels.clamp(min=0), "labels": labels}
+    out = objective.loss(_Fixed(student), batch)
+    trained = labels[:, 1:] != -100
+    assert objective.units(batch) == int(trained.sum())
+    ce = F.cross_entropy(student[:, :-1][trained], labels[:, 1:][trained], reduction="sum")
+    kd = token_divergence(student[:, :-1][trained], teacher[:, :-1][trained], kind, beta=0.4,
+                          temperature=2.0).sum()
+    torch.testing.assert_close(out.metrics["ce"], ce)
+    torch.testing.assert_close(out.metrics["kd"], kd)
+    torch.testing.assert_close(out.loss, 0.3 * ce + 0.7 * 4.0 * kd)
+
+
+def test_a_teacher_with_fewer_tokens_is_refused(logits):
+    student, teacher, labels = logits
+    objective = Distill(DistillConfig(teacher="t"))
+    objective.teacher = _Fixed(teacher[..., :-1])
+    with pytest.raises(ZerotrainError, match="same tokenizer"):
+        objective.loss(_Fixed(student), {"input_ids": labels.clamp(min=0), "labels": labels})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kd-loss", "kl"], "distill.kd_loss (--kd-loss) must be one of forward_kl, reverse_kl, jsd"),
+    (["--kd-alpha", "1.5"], "distill.kd_alpha (--kd-alpha) must be a number in [0, 1]"),
+    (["--kd-temperature", "0"], "distill.kd_temperature (--kd-temperature) must be a positive number"),
+    (["--teacher-zero-stage", "2"], "must be 0 (a whole copy per rank) or 3 (partitioned)"),
+])
+def test_bad_distill_flags_are_named(argv, message):
+    with pytest.raises(ZerotrainError) as e:
+        parse_config(argv)
+    assert message in str(e.value)
