@@ -2,8 +2,8 @@
 # The whole zerotrain pipeline on CPU with the shipped sample data (`make demo`):
 #   tokenizer -> token files -> pretrain `tiny` on 2 ranks, ZeRO-2, through the deepspeed launcher
 #   -> consolidate its shards (.safetensors, .pth) -> LoRA SFT with modules_to_save
-#   -> extract the adapter from the SFT shards -> generate from the base and the SFT model
-#   -> curves (PNG) and runs/demo/REPORT.md
+#   -> extract the adapter from the SFT shards -> DPO of the SFT model on preference pairs
+#   -> generate from the base, the SFT and the DPO model -> curves (PNG) and runs/demo/REPORT.md
 #
 # Usage: scripts/demo.sh [--quick]
 #   --quick (or DEMO_QUICK=1): a few steps and a small vocabulary, for the tests (~2 minutes).
@@ -59,17 +59,20 @@ if [ "$QUICK" = 1 ]; then
                   --save-interval 10)
   SFT_FLAGS=(--seq-len $SEQ --max-steps 10 --warmup-steps 2 --log-interval 2 --eval-interval 5 --eval-batches 2
              --save-interval 5 --micro-batch-size 4)
+  DPO_FLAGS=(--max-steps 6 --warmup-steps 1 --eval-interval 3 --eval-batches 2 --save-interval 6)
 else
   VOCAB=6400 SEQ=256 MAX_NEW=48
   PRETRAIN_FLAGS=()
   SFT_FLAGS=()
+  DPO_FLAGS=()
 fi
+PREF_SEQ=128  # the seq_len of recipes/dpo_demo.yaml: preference pairs are prepared for it
 PROMPTS=("Who are you?" "Are you ChatGPT?" "What is up?" "ROMEO:" "床前明月光，")
 
 now() { local t; t=$(date +%s.%N); [[ $t == *N ]] && t=$(date +%s); echo "$t"; }  # BSD date: no %N
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-STEPS=9 STEP_TITLE="" DEMO_START=$(now)
+STEPS=10 STEP_TITLE="" DEMO_START=$(now)
 if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD="" PLAIN=""; fi
 step() {  # step N TITLE: close the previous step (its time goes to timings.tsv), print a header
   end_step
@@ -107,11 +110,13 @@ step 1 "tokenizer: byte-level BPE, $VOCAB tokens, on English and Chinese text"
 run zerotrain train-tokenizer --input $SAMPLES/tinyshakespeare.txt $SAMPLES/tang_poems_5k.jsonl \
   --vocab-size $VOCAB --output "$RUN/tokenizer"
 
-step 2 "prepare: pretraining tokens (memmap) and SFT conversations (assistant-only labels)"
+step 2 "prepare: pretraining tokens (memmap), SFT conversations (assistant-only labels), preference pairs"
 run zerotrain prepare --kind pretrain --input $SAMPLES/tinyshakespeare.txt $SAMPLES/tang_poems_5k.jsonl \
   --tokenizer "$RUN/tokenizer" --output "$RUN/data/pretrain"
 run zerotrain prepare --kind sft --input $SAMPLES/sharegpt_identity_500.json --val-fraction 0.05 \
   --tokenizer "$RUN/tokenizer" --output "$RUN/data/sft" --seq-len $SEQ
+run zerotrain prepare --kind pref --input $SAMPLES/pref_pairs.jsonl --val-fraction 0.05 \
+  --tokenizer "$RUN/tokenizer" --output "$RUN/data/pref" --seq-len $PREF_SEQ
 
 step 3 "pretrain: tiny preset, 2 ranks, ZeRO-2, deepspeed launcher (recipes/pretrain_demo.yaml)"
 run deepspeed --num_gpus 2 --master_port "$(free_port)" --log_level warning launcher/pretrain.py \
@@ -131,7 +136,13 @@ run deepspeed --num_gpus 2 --master_port "$(free_port)" --log_level warning laun
 step 6 "extract-adapter: the PEFT adapter straight from the SFT run's ZeRO-2 shards"
 run zerotrain extract-adapter "$RUN/sft/checkpoints" "$RUN/adapter"
 
-step 7 "generate: greedy, the same prompts to the base model (raw text) and the SFT model (chat)"
+# --init-from a LoRA run without a merged final/ model: its checkpoints, the adapter folded into the base.
+step 7 "DPO: every weight of the SFT model, reference a frozen copy, 2 ranks, ZeRO-2 (recipes/dpo_demo.yaml)"
+run deepspeed --num_gpus 2 --master_port "$(free_port)" --log_level warning launcher/dpo.py \
+  --config recipes/dpo_demo.yaml --init-from "$RUN/sft" --data "$RUN/data/pref" \
+  --output-dir "$RUN/dpo" ${DPO_FLAGS[@]+"${DPO_FLAGS[@]}"}
+
+step 8 "generate: greedy, the same prompts to the base model (raw text), the SFT and the DPO model (chat)"
 mkdir -p "$RUN/samples"
 echo "-- base model ($RUN/pretrain/final), --no-chat"
 run zerotrain generate --model "$RUN/pretrain" --no-chat --max-new-tokens $MAX_NEW --prompt "${PROMPTS[@]}" \
@@ -139,13 +150,17 @@ run zerotrain generate --model "$RUN/pretrain" --no-chat --max-new-tokens $MAX_N
 echo "-- SFT model ($RUN/pretrain/final + adapter $RUN/adapter), chat template"
 run zerotrain generate --model "$RUN/pretrain" --adapter "$RUN/adapter" --max-new-tokens $MAX_NEW \
   --prompt "${PROMPTS[@]}" | tee "$RUN/samples/sft.txt"
+echo "-- DPO model ($RUN/dpo/final), chat template"
+run zerotrain generate --model "$RUN/dpo" --max-new-tokens $MAX_NEW --prompt "${PROMPTS[@]}" \
+  | tee "$RUN/samples/dpo.txt"
 
-step 8 "plot: loss, val loss, lr and tokens/s"
+step 9 "plot: loss, val loss, lr and tokens/s; DPO's reward accuracy and margin"
 run zerotrain plot "$RUN/pretrain" --out "$RUN/plots/pretrain.png"
 run zerotrain plot "$RUN/sft" --out "$RUN/plots/sft.png"
+run zerotrain plot "$RUN/dpo" --out "$RUN/plots/dpo.png"
 run zerotrain plot "$RUN/pretrain" "$RUN/sft" --out "$RUN/plots/compare.png"
 
-step 9 "report"
+step 10 "report"
 python scripts/demo_report.py "$RUN" --total-seconds "$(elapsed "$DEMO_START")" $([ "$QUICK" = 1 ] && echo --quick)
 end_step
 printf '\n%sdemo finished in %ss%s: report %s/REPORT.md\n' "$BOLD" "$(elapsed "$DEMO_START")" "$PLAIN" "$RUN"

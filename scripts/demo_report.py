@@ -1,6 +1,6 @@
 """Write DEMO_DIR/REPORT.md after `scripts/demo.sh`: the machine, the time of every step, the
-configs, final losses and throughput of the pretrain and SFT runs, the curves, the sample
-generations, and every artifact with its size.
+configs, final losses and throughput of the pretrain, SFT and DPO runs, the DPO run's reward
+accuracy and margin, the curves, the sample generations, and every artifact with its size.
 
     python scripts/demo_report.py runs/demo [--total-seconds S] [--quick]
 """
@@ -22,7 +22,9 @@ import yaml
 
 from engine.run_dir import RunDir
 
-RUNS = (("pretrain", "pretrain"), ("sft", "LoRA SFT"))
+RUNS = (("pretrain", "pretrain"), ("sft", "LoRA SFT"), ("dpo", "DPO"))
+# The preference metrics the DPO run logs (TRL's names), as the report shows them.
+REWARDS = (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"))
 
 
 def human(n: float) -> str:
@@ -137,6 +139,33 @@ def timings(run_dir: Path, total_seconds: float | None) -> list[str]:
     return lines + [""]
 
 
+def objective(cfg: dict, kind: str | None) -> str:
+    """What a run minimised, in words."""
+    pref = cfg["pref"]
+    if kind != "dpo":
+        return "next-token loss on the assistant tokens" if kind == "sft" else "next-token loss"
+    if pref["pref_loss"] not in ("dpo", "ipo"):
+        return f"{pref['pref_loss'].upper()}, beta={pref['beta']:g}, no reference model"
+    if pref["ref_from"]:
+        reference = inline(pref["ref_from"])
+    elif cfg["lora"]["lora_r"]:
+        reference = "the init model (the policy with its adapter disabled)"
+    else:
+        reference = "a frozen copy of the init model"
+    cached = ", its log-probs computed once before training" if pref["precompute_ref"] else ""
+    return f"{pref['pref_loss'].upper()}, beta={pref['beta']:g}; reference: {reference}{cached}"
+
+
+def first_last(records: list[dict], key: str, bold_last: bool = True) -> str:
+    """A metric at its first and last logged step: `a (step i) -> **b** (step j)`."""
+    records = [r for r in records if r.get(key) is not None]
+    if not records:
+        return "-"
+    last = f"{records[-1][key]:.3f}"
+    return (f"{records[0][key]:.3f} (step {records[0]['step']}) -> {f'**{last}**' if bold_last else last} "
+            f"(step {records[-1]['step']})")
+
+
 def run_summary(run_dir: Path) -> list[str]:
     """One column per run: what it trained, on what, how it went."""
     columns = {}
@@ -158,10 +187,10 @@ def run_summary(run_dir: Path) -> list[str]:
             what = "every weight"
         init = inline(cfg["model"]["init_from"]) if cfg["model"]["init_from"] else f"random ({cfg['model']['preset']} preset)"
         speeds = [r["tokens_per_sec"] for r in train if r.get("tokens_per_sec")]
-        losses = [r for r in train if r.get("loss") is not None]
         rows = {
             "initialised from": init,
             "trained": what,
+            "objective": objective(cfg, side.kind if side else None),
             "data": "<br>".join(describe_data(d) for d in cfg["data"]["data"]),
             "ZeRO stage / ranks / precision": f"{side.zero_stage if side else '?'} / {world} / {side.precision if side else '?'}",
             "steps x (micro batch x accum x ranks) x seq len":
@@ -169,13 +198,16 @@ def run_summary(run_dir: Path) -> list[str]:
             "lr (peak, warmup, cosine floor)":
                 f"{cfg['optim']['lr']:g}, {cfg['optim']['warmup_steps']} steps, x{cfg['optim']['min_lr_ratio']:g}",
             "tokens seen": count(train[-1]["tokens_seen"]) if train else "-",
-            "train loss (first log -> last)":
-                f"{losses[0]['loss']:.3f} (step {losses[0]['step']}) -> **{losses[-1]['loss']:.3f}** "
-                f"(step {losses[-1]['step']})" if losses else "-",
+            "train loss (first log -> last)": first_last(train, "loss"),
             "val loss (ppl) at the end":
-                f"**{val[-1]['val_loss']:.3f}** ({val[-1]['val_ppl']:.1f}) at step {val[-1]['step']}" if val else "-",
+                f"**{val[-1]['val_loss']:.3f}**" + (f" ({val[-1]['val_ppl']:.1f})" if "val_ppl" in val[-1] else "")
+                + f" at step {val[-1]['step']}" if val else "-",
             "throughput (median over log windows, all ranks)": f"{statistics.median(speeds):,.0f} tokens/s" if speeds else "-",
         }
+        for key, name in REWARDS:
+            rows[f"{name} (first log -> last; val)"] = (
+                f"{first_last(train, key)}; val {first_last(val, 'val_' + key, bold_last=False)}"
+                if any(key in r for r in train) else "-")
         columns[title] = rows
     if not columns:
         return []
@@ -186,11 +218,54 @@ def run_summary(run_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def preference(run_dir: Path) -> list[str]:
+    """The DPO run's reward accuracy and margin along the run: step 1, where the policy is its
+    reference, then one row per evaluation, training values averaged over the steps since the row before."""
+    run = run_dir / "dpo"
+    if not RunDir(run).metrics.is_file():
+        return []
+    train, val = read_metrics(run)
+    if not any("rewards/accuracies" in r for r in train):
+        return []
+    ends = sorted({train[0]["step"], *(r["step"] for r in val), train[-1]["step"]})
+    val_at = {r["step"]: r for r in val}
+    lines = ["## Preference tuning (DPO)", "",
+             "The SFT model tuned on preference pairs (chosen: the real answer to the prompt, rejected: "
+             "the answer to another prompt). A pair's reward is beta times the log-probability ratio of "
+             "the policy to the reference model (the SFT model); the *reward accuracy* is the fraction of "
+             "pairs whose chosen reward is the higher (0 at step 1, where the policy is its reference, so "
+             "both rewards are 0; 0.5 is a coin toss), the *margin* the mean of chosen minus rejected "
+             "reward. Training columns: the mean over the logged steps of the row; validation: the held-out "
+             "pairs at the row's last step.", "",
+             "| steps | loss | reward accuracy | reward margin | val loss | val reward accuracy | val reward margin |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def mean(records: list[dict], key: str) -> str:
+        values = [r[key] for r in records if r.get(key) is not None]
+        return f"{statistics.fmean(values):.3f}" if values else ""
+
+    previous = None
+    for end in ends:
+        window = [r for r in train if (previous is None or r["step"] > previous) and r["step"] <= end]
+        previous = end
+        if not window and end not in val_at:
+            continue
+        first = window[0]["step"] if window else end
+        v = [val_at[end]] if end in val_at else []
+        lines.append(f"| {first if first == end else f'{first}-{end}'} | {mean(window, 'loss')} | "
+                     f"{mean(window, 'rewards/accuracies')} | {mean(window, 'rewards/margins')} | "
+                     f"{mean(v, 'val_loss')} | {mean(v, 'val_rewards/accuracies')} | {mean(v, 'val_rewards/margins')} |")
+    if (run_dir / "plots" / "dpo.png").is_file():
+        lines += ["", "![dpo](plots/dpo.png)"]
+    return lines + [""]
+
+
 def curves(run_dir: Path) -> list[str]:
     plots = sorted((run_dir / "plots").glob("*.png")) if (run_dir / "plots").is_dir() else []
     if not plots:
         return []
-    lines = ["## Curves", "", "Loss, validation loss, learning rate and tokens/s against the step "
+    lines = ["## Curves", "", "Loss, validation loss, learning rate and tokens/s against the step, and for a "
+             "preference run its reward accuracy and margin (training, and validation dashed) "
              "(`zerotrain plot RUN_DIR... --out FILE.png`).", ""]
     for plot in plots:
         lines += [f"### {plot.stem}", "", f"![{plot.stem}](plots/{plot.name})", ""]
@@ -198,19 +273,19 @@ def curves(run_dir: Path) -> list[str]:
 
 
 def generations(run_dir: Path) -> list[str]:
-    base = read_generations(run_dir / "samples" / "base.txt")
-    sft = dict(read_generations(run_dir / "samples" / "sft.txt"))
-    if not base and not sft:
+    models = [(label, read_generations(run_dir / "samples" / f"{name}.txt"))
+              for name, label in (("base", "base"), ("sft", "SFT"), ("dpo", "DPO"))]
+    if not any(outputs for _, outputs in models):
         return []
     lines = ["## Sample generations", "",
-             "Greedy decoding, the same prompts to both models: the base model continues the raw text "
-             "(`--no-chat`); the SFT model (base + the extracted adapter) gets each prompt as a user "
-             "message through the chat template.", ""]
-    prompts = [p for p, _ in base] + [p for p in sft if p not in dict(base)]
-    base = dict(base)
+             "Greedy decoding, the same prompts to every model: the base model continues the raw text "
+             "(`--no-chat`); the SFT model (base + the extracted adapter) and the DPO model (the SFT model "
+             "after preference tuning) get each prompt as a user message through the chat template, so "
+             "SFT and DPO show each prompt's answer before and after DPO.", ""]
+    prompts = list(dict.fromkeys(p for _, outputs in models for p, _ in outputs))
     for prompt in prompts:
         lines += [f"### {inline(prompt)}", ""]
-        for label, outputs in (("base", base), ("SFT", sft)):
+        for label, outputs in ((label, dict(outputs)) for label, outputs in models):
             if prompt in outputs:
                 completion = outputs[prompt] or "(nothing: the first token generated was end-of-text)"
                 lines += [f"{label}:", "", fence(completion, "text"), ""]
@@ -221,7 +296,9 @@ def artifacts(run_dir: Path) -> list[str]:
     """The notable outputs, then every file."""
     listed: list[tuple[str, Path]] = [("tokenizer (HF format)", run_dir / "tokenizer"),
                                       ("pretraining tokens (memmap)", run_dir / "data" / "pretrain"),
-                                      ("SFT conversations and label masks", run_dir / "data" / "sft")]
+                                      ("SFT conversations and label masks", run_dir / "data" / "sft"),
+                                      ("preference pairs (chosen and rejected tokens, label masks)",
+                                       run_dir / "data" / "pref")]
     for name, title in RUNS:
         run = RunDir(run_dir / name)
         listed += [(f"{title}: resolved config", run.config), (f"{title}: metrics", run.metrics)]
@@ -265,8 +342,8 @@ def configs(run_dir: Path) -> list[str]:
 def write_report(run_dir: Path, total_seconds: float | None = None, quick: bool = False) -> Path:
     lines = ["# zerotrain demo report", ""]
     lines += environment(total_seconds, quick) + [""]
-    for section in (timings(run_dir, total_seconds), run_summary(run_dir), curves(run_dir), generations(run_dir),
-                    artifacts(run_dir), configs(run_dir)):
+    for section in (timings(run_dir, total_seconds), run_summary(run_dir), preference(run_dir), curves(run_dir),
+                    generations(run_dir), artifacts(run_dir), configs(run_dir)):
         lines += section
     out = run_dir / "REPORT.md"
     from common.publish import write_text

@@ -1,6 +1,6 @@
 """`scripts/demo.sh --quick`: the whole pipeline (tokenizer, 2-rank ZeRO-2 pretraining through the
-deepspeed launcher, consolidation, LoRA SFT, adapter extraction, generation, plots, report) runs,
-and every artifact it reports exists and loads."""
+deepspeed launcher, consolidation, LoRA SFT, adapter extraction, DPO of the SFT model, generation,
+plots, report) runs, and every artifact it reports exists and loads."""
 
 from __future__ import annotations
 
@@ -48,9 +48,11 @@ def base_model(demo: Path):
 
 def test_every_step_printed_a_header_and_the_total_time(demo):
     timings = (demo / "timings.tsv").read_text().splitlines()
-    assert len(timings) == 1 + 9  # header + 9 steps
+    assert len(timings) == 1 + 10  # header + 10 steps
     commands = (demo / "commands.sh").read_text()
-    assert "deepspeed --num_gpus 2" in commands and "launcher/pretrain.py" in commands and "launcher/sft.py" in commands
+    assert "deepspeed --num_gpus 2" in commands
+    for launcher in ("pretrain", "sft", "dpo"):
+        assert f"launcher/{launcher}.py" in commands
     for tool in ("train-tokenizer", "prepare", "consolidate", "extract-adapter", "generate", "plot"):
         assert f"zerotrain {tool}" in commands
 
@@ -113,8 +115,31 @@ def test_extracted_adapter_loads_with_peft_on_the_base_and_matches_the_live_one(
     assert not torch.allclose(tuned, base, atol=1e-4)
 
 
-def test_generations_cover_every_prompt_for_both_models(demo):
-    for name in ("base", "sft"):
+def test_dpo_tuned_the_sft_model_on_two_ranks_and_logged_rewards(demo):
+    """Step 7: DPO from the SFT run (its checkpoints, the adapter folded in), every weight, ZeRO-2 on
+    2 ranks; TRL's reward metrics every step and at each evaluation; an HF model in final/."""
+    from transformers import AutoModelForCausalLM
+
+    sidecar = json.loads((demo / "dpo" / "checkpoints" / "global_step6" / "zerotrain.json").read_text())
+    assert (sidecar["kind"], sidecar["world_size"], sidecar["zero_stage"], sidecar["lora"]) == ("dpo", 2, 2, None)
+    records = [json.loads(line) for line in (demo / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 7))
+    assert all(0.0 <= r["rewards/accuracies"] <= 1.0 for r in train)
+    # the first step's policy is its reference: no margin yet; then the policy moves
+    assert train[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert abs(train[-1]["rewards/margins"]) > 1e-4
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [3, 6] and all("val_rewards/accuracies" in r for r in val)
+
+    tuned = AutoModelForCausalLM.from_pretrained(demo / "dpo" / "final").eval()
+    ids = torch.randint(3, 1000, (1, 16))
+    with torch.no_grad():
+        assert not torch.allclose(tuned(input_ids=ids).logits, base_model(demo)(input_ids=ids).logits, atol=1e-4)
+
+
+def test_generations_cover_every_prompt_for_every_model(demo):
+    for name in ("base", "sft", "dpo"):
         text = (demo / "samples" / f"{name}.txt").read_text()
         assert re.findall(r"^### prompt \d+\n(.*)$", text, re.M) == PROMPTS
         assert text.count("### completion") == len(PROMPTS)
@@ -123,11 +148,11 @@ def test_generations_cover_every_prompt_for_both_models(demo):
 def test_plots_are_valid_pngs(demo):
     from matplotlib.image import imread
 
-    for name in ("pretrain", "sft", "compare"):
+    for name in ("pretrain", "sft", "compare", "dpo"):
         path = demo / "plots" / f"{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         height, width = imread(path).shape[:2]
-        assert (width, height) == (1200, 800)
+        assert (width, height) == ((1800, 800) if name == "dpo" else (1200, 800))  # DPO: reward panels added
 
 
 def test_report_names_every_artifact(demo):
@@ -138,17 +163,27 @@ def test_report_names_every_artifact(demo):
                  demo / "pretrain" / "final", demo / "consolidated" / "pretrain.safetensors",
                  demo / "consolidated" / "pretrain.pth", demo / "sft" / "config.yaml", demo / "sft" / "metrics.jsonl",
                  demo / "sft" / "checkpoints" / "global_step10", demo / "sft" / "final" / "adapter", demo / "adapter",
-                 demo / "samples" / "base.txt", demo / "samples" / "sft.txt", demo / "plots" / "pretrain.png",
-                 demo / "plots" / "sft.png", demo / "plots" / "compare.png"]
+                 demo / "data" / "pref", demo / "dpo" / "config.yaml", demo / "dpo" / "metrics.jsonl",
+                 demo / "dpo" / "checkpoints" / "global_step6", demo / "dpo" / "final",
+                 demo / "samples" / "base.txt", demo / "samples" / "sft.txt", demo / "samples" / "dpo.txt",
+                 demo / "plots" / "pretrain.png", demo / "plots" / "sft.png", demo / "plots" / "compare.png",
+                 demo / "plots" / "dpo.png"]
     for path in artifacts:
         assert path.exists(), path
         assert f"`{path}`" in report, f"REPORT.md does not mention {path}"
-    for section in ("## Steps", "## Runs", "## Curves", "## Sample generations", "## Artifacts", "## Configs"):
+    for section in ("## Steps", "## Runs", "## Preference tuning (DPO)", "## Curves", "## Sample generations",
+                    "## Artifacts", "## Configs"):
         assert section in report
-    assert "(plots/pretrain.png)" in report  # the curves are embedded
+    assert "(plots/pretrain.png)" in report and "(plots/dpo.png)" in report  # the curves are embedded
     assert "tokens/s" in report and re.search(r"-> \*\*\d+\.\d+\*\*", report)  # throughput, final loss
+    assert re.search(r"^\| reward accuracy \(first log -> last; val\) \| - \| - \| [01]\.\d{3} \(step 1\) -> ", report, re.M)
+    # the DPO table: step 1, then a row per evaluation (steps 3 and 6) with its val reward accuracy
+    rows = re.findall(r"^\| ([\d-]+) \| [\d.]+ \| [\d.]+ \| -?[\d.]+ \| [\d.]* \| ([\d.]*) \|", report, re.M)
+    assert [steps for steps, _ in rows] == ["1", "2-3", "4-6"] and all(val for _, val in rows[1:])
     for prompt in PROMPTS:
         assert f"`{prompt}`" in report
+    generations = report.split("## Sample generations")[1].split("## Artifacts")[0]
+    assert generations.count("\nSFT:\n") == generations.count("\nDPO:\n") == len(PROMPTS)  # before and after DPO
 
 
 def test_a_directory_the_demo_did_not_make_is_refused(tmp_path):
