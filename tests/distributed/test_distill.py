@@ -74,3 +74,67 @@ def test_a_teacher_with_another_tokenizer_is_refused(base_model_dir, tmp_path, t
                         nproc=1, launcher="python", check=False)
     assert proc.returncode == 2 and "uses another tokenizer" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()  # refused before any work
+
+
+# --------------------------------------------------------------------------- through the launcher
+
+def launcher_args(out: Path, base_model_dir: Path, teacher_dir: Path, **flags) -> list[str]:
+    values = {"init-from": base_model_dir, "teacher": teacher_dir, "data": SAMPLES / "sharegpt_identity_500.json",
+              "output-dir": out, "seq-len": 64, "micro-batch-size": 2, "max-steps": 4, "warmup-steps": 0, "lr": 2e-3,
+              "precision": "fp32", "seed": 3, "zero-stage": 2, "lora-r": 4, "lora-alpha": 8, "lora-dropout": 0.0,
+              "log-interval": 1, "eval-interval": 2, "eval-batches": 2, "save-interval": 2,
+              "data-cache-dir": Path(out).parent / "cache"}
+    values.update({k.replace("_", "-"): v for k, v in flags.items()})
+    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
+
+
+@pytest.fixture(scope="module")
+def lora_distill_run(base_model_dir, teacher_dir, tmp_path_factory):
+    from tests.helpers import run_launcher
+
+    out = tmp_path_factory.mktemp("distill_lora") / "run"
+    run_launcher("distill.py", launcher_args(out, base_model_dir, teacher_dir))
+    return out
+
+
+def test_a_distill_run_logs_its_terms_and_resumes_exactly_and_on_one_rank(lora_distill_run, base_model_dir,
+                                                                         teacher_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tests.helpers import metrics, run_launcher, train_losses
+
+    out = lora_distill_run
+    records = metrics(out)
+    assert all(set(KEYS) <= set(r) for r in records if "loss" in r)
+    assert {"val_loss", "val_ce", "val_kd"} <= set([r for r in records if "val_loss" in r][-1])
+    for nproc, launcher in ((2, "torchrun"), (1, "python")):
+        resumed = tmp_path / f"run{nproc}"
+        shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("global_step4", "final"))
+        (resumed / "checkpoints" / "latest").write_text("global_step2")
+        proc = run_launcher("distill.py", launcher_args(resumed, base_model_dir, teacher_dir,
+                                                        micro_batch_size=4 // nproc), nproc=nproc, launcher=launcher)
+        assert "at step 2" in proc.stdout
+        straight, after = train_losses(out), train_losses(resumed)
+        if nproc == 2:  # the same ranks: bit for bit
+            assert after == straight
+            a = load_file(out / "final" / "adapter" / "adapter_model.safetensors")
+            b = load_file(resumed / "final" / "adapter" / "adapter_model.safetensors")
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        else:  # through the universal format: up to float summation order
+            assert [after[s] for s in (3, 4)] == pytest.approx([straight[s] for s in (3, 4)], rel=1e-4)
+
+
+def test_checkpoint_tools_work_on_a_distill_run(lora_distill_run, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    for cmd in (["extract-adapter", str(lora_distill_run), str(tmp_path / "adapter")],
+                ["consolidate", str(lora_distill_run), str(tmp_path / "merged")]):
+        proc = subprocess.run([sys.executable, "-m", "engine.cli", *cmd], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, (cmd, proc.stderr[-3000:])
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "merged" / "config.json").is_file()
