@@ -29,8 +29,8 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q
 
-# The whole pipeline on CPU with the shipped data (scripts/demo.sh), about 6 minutes on 2 cores;
-# the report is runs/demo/REPORT.md. DEMO_QUICK=1: the 2-minute version the tests run;
+# The whole pipeline on CPU with the shipped data (scripts/demo.sh), about 8 minutes on 2 cores;
+# the report is runs/demo/REPORT.md. DEMO_QUICK=1: the 3-minute version the tests run;
 # DEMO_DIR=DIR: write there instead of runs/demo.
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh
