@@ -4,12 +4,13 @@ from pathlib import Path
 import pytest
 
 from engine.config import parse_config
-from engine.data import parse_data_sources
+from engine.data import detect_kind, parse_data_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 # The launcher a recipe is written for, by its name, and the data kind of that launcher's --data.
-KINDS = {"pretrain": "pretrain", "sft": "sft", "dpo": "pref"}
+# distill takes pretraining text or conversations, detected per file ("auto").
+KINDS = {"pretrain": "pretrain", "sft": "sft", "dpo": "pref", "distill": "auto"}
 
 
 def recipe_kind(recipe: Path) -> str:
@@ -22,7 +23,10 @@ def test_every_recipe_is_a_valid_config(recipe, monkeypatch):
     cfg = parse_config(["--config", str(recipe)])
     assert cfg.train.output_dir.startswith("runs/")
     if cfg.data.data:
-        parse_data_sources(cfg.data.data, recipe_kind(recipe))  # files exist, kinds and weights are well formed
+        kind = recipe_kind(recipe)
+        if kind == "auto":
+            kind = detect_kind(cfg.data.data)
+        parse_data_sources(cfg.data.data, kind)  # files exist, kinds and weights are well formed
 
 
 def test_the_chain_starts_each_phase_from_the_previous_one(monkeypatch):
@@ -38,3 +42,28 @@ def test_the_chain_starts_each_phase_from_the_previous_one(monkeypatch):
         cfg = parse_config(["--config", recipe])
         assert cfg.model.init_from == (previous or ""), recipe
         previous = cfg.train.output_dir
+
+
+def test_the_minillm_chain_sfts_teacher_and_student_then_distills_with_reverse_kl(monkeypatch):
+    """recipes/chain_minillm_tiny.sh: pretrain tiny and debug, SFT each on the same data, then
+    distill the SFT student from the SFT teacher (reverse KL) on that data."""
+    monkeypatch.chdir(ROOT)
+    phases = re.findall(r"^run launcher/(\w+)\.py --config (recipes/\S+\.yaml)(.*)$",
+                        (ROOT / "recipes" / "chain_minillm_tiny.sh").read_text(), re.M)
+    assert [launcher for launcher, _, _ in phases] == ["pretrain", "pretrain", "sft", "sft", "distill"]
+    cfgs = [parse_config(["--config", recipe, *flags.split()]) for _, recipe, flags in phases]
+    tiny, debug, teacher_sft, student_sft, distill = cfgs
+    assert (tiny.model.preset, debug.model.preset) == ("tiny", "debug")
+    assert teacher_sft.model.init_from == tiny.train.output_dir
+    assert student_sft.model.init_from == debug.train.output_dir
+    assert teacher_sft.data.data == student_sft.data.data == distill.data.data
+    assert distill.model.init_from == student_sft.train.output_dir
+    assert distill.distill.teacher == teacher_sft.train.output_dir
+    assert distill.distill.kd_loss == "reverse_kl"
+    assert len({c.train.output_dir for c in cfgs}) == len(cfgs)
+
+
+def test_the_gpu_minillm_recipe_is_gpt2_sized_with_reverse_kl(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = parse_config(["--config", "recipes/distill_minillm_gpt2.yaml"])
+    assert cfg.model.preset == "gpt2-124m" and cfg.distill.kd_loss == "reverse_kl"
