@@ -129,9 +129,10 @@ def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
                              + ", ".join(f"{s.kind}:{' '.join(s.paths)}" for s in sources))
     for source in sources:
         raw = [p for p in source.paths if not Path(p).is_dir()]
-        if raw and (stage.data_kind == "pref") != (detect_kind(raw) == "pref"):
+        held = detect_kind(raw) if raw else None
+        if held and (stage.data_kind == "pref") != (held == "pref"):
             raise ZerotrainError(f"{' '.join(raw)}: preference pairs are for launcher/dpo.py, and it trains on "
-                                 f"nothing else ({stage.name} was given {detect_kind(raw)} data)")
+                                 f"nothing else ({stage.name} was given {held} data)")
     check_output_dir(cfg, run.root)
     resume_tag = checkpoint.find_resume_tag(run.checkpoints, cfg.checkpoint.resume)
     saved = checkpoint.saved_world_size(resume_tag) if resume_tag is not None else None

@@ -31,7 +31,7 @@ from engine.distributed import World
 from engine.ds_config import zero_stage
 from engine.frozen import frozen_model
 from engine.objectives import Batch
-from engine.objectives.preference import sequence_logps
+from engine.objectives.preference import model_inputs, sequence_logps
 from engine.run_dir import Resolved
 
 if TYPE_CHECKING:
@@ -49,10 +49,6 @@ def _source(cfg: Config, plan: RunPlan) -> Resolved | None:
     return resolve_init_from(cfg.pref.ref_from) if cfg.pref.ref_from else plan.init_source
 
 
-def _model_inputs(batch: Batch) -> Batch:
-    return {k: v for k, v in batch.items() if k not in ("labels", "ref_logps")}
-
-
 def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
     """The reference as a function of a batch, built as the module docstring says."""
     if cfg.lora.enabled and not cfg.pref.ref_from:
@@ -65,7 +61,7 @@ def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
             policy.eval()
             try:
                 with policy.disable_adapter():
-                    logits = policy(**_model_inputs(batch), use_cache=False).logits
+                    logits = policy(**model_inputs(batch), use_cache=False).logits
             finally:
                 policy.train(was_training)
             return sequence_logps(logits, batch["labels"])[0]
@@ -76,7 +72,7 @@ def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
 
     @torch.no_grad()
     def frozen(batch: Batch) -> torch.Tensor:
-        return sequence_logps(module(**_model_inputs(batch), use_cache=False).logits, batch["labels"])[0]
+        return sequence_logps(module(**model_inputs(batch), use_cache=False).logits, batch["labels"])[0]
 
     return frozen
 

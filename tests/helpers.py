@@ -19,6 +19,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cli_flags(values: dict, **overrides) -> list[str]:
+    """{"seq-len": 64, ...} with Python-style overrides (seq_len=128) -> ["--seq-len", "128", ...]."""
+    values = {**values, **{k.replace("_", "-"): v for k, v in overrides.items()}}
+    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
+
+
+def rewound_copy(run: Path, into: Path, step: int, later: tuple[str, ...]) -> Path:
+    """A copy of run directory `run` as it stood after saving `step`: the `later` tags and final/
+    left out, `latest` naming global_step{step} (what a crash after that save leaves)."""
+    import shutil
+
+    shutil.copytree(run, into, ignore=shutil.ignore_patterns(*later, "final"))
+    (into / "checkpoints" / "latest").write_text(f"global_step{step}")
+    return into
+
+
+def load_module(relative_path: str):
+    """A script of the repository (not a package module) imported by path, e.g. a benchmark."""
+    import importlib.util
+
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def launcher_env(cache_dir: Path | None = None, **extra: str) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"

@@ -48,6 +48,11 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (token_logps * mask).sum(dim=1), mask.sum(dim=1)
 
 
+def model_inputs(batch: Batch) -> Batch:
+    """What the model takes from a pair batch: not the labels, nor precomputed reference log-probs."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "ref_logps")}
+
+
 def _sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """-log sigmoid(logits), with the conservative (cDPO) mix of the flipped preference."""
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
@@ -121,8 +126,7 @@ class Preference(Objective):
         return batch["input_ids"].shape[0] // 2
 
     def loss(self, model: Callable[..., object], batch: Batch) -> LossSums:
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "ref_logps")}
-        logits = model(**inputs, use_cache=False).logits
+        logits = model(**model_inputs(batch), use_cache=False).logits
         logps, tokens = sequence_logps(logits, batch["labels"])
         del logits
         if "ref_logps" in batch:

@@ -12,9 +12,17 @@ import torch
 
 from tests.conftest import SAMPLES
 from tests.distributed.test_loop import run_ranks
+from tests.helpers import cli_flags
 
 pytestmark = pytest.mark.distributed
 KEYS = ("loss", "ce", "kd")
+
+
+def distill_args(out: Path, base_model_dir: Path, teacher_dir: Path, **flags) -> list[str]:
+    values = {"init-from": base_model_dir, "teacher": teacher_dir, "data": SAMPLES / "sharegpt_identity_500.json",
+              "output-dir": out, "seq-len": 64, "micro-batch-size": 2, "warmup-steps": 0, "lr": 2e-3,
+              "precision": "fp32", "seed": 3, "data-cache-dir": Path(out).parent / "cache"}
+    return cli_flags(values, **flags)
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +46,8 @@ def _steps(rank, world_size, out, base_model_dir, teacher_dir, name, flags):
     from engine.objectives.distill import DISTILL
     from engine.train import setup
 
-    values = {"init-from": base_model_dir, "teacher": teacher_dir, "data": SAMPLES / "sharegpt_identity_500.json",
-              "output-dir": out / name, "seq-len": 64, "micro-batch-size": 2, "max-steps": 3, "warmup-steps": 0,
-              "lr": 2e-3, "precision": "fp32", "seed": 3, "kd-loss": "reverse_kl", "kd-temperature": 1.5,
-              "data-cache-dir": out / "cache"}
-    values.update({k.replace("_", "-"): v for k, v in flags.items()})
-    cfg = parse_config([x for k, v in values.items() for x in (f"--{k}", str(v))])
+    cfg = parse_config(distill_args(out / name, base_model_dir, teacher_dir, max_steps=3, kd_loss="reverse_kl",
+                                    kd_temperature=1.5, **flags))
     trainer = setup(cfg, DISTILL, World(rank, rank, world_size))
     records = [trainer.train_step() for _ in range(3)]
     if rank == 0:
@@ -78,14 +82,9 @@ def test_a_teacher_with_another_tokenizer_is_refused(base_model_dir, tmp_path, t
 
 # --------------------------------------------------------------------------- through the launcher
 
-def launcher_args(out: Path, base_model_dir: Path, teacher_dir: Path, **flags) -> list[str]:
-    values = {"init-from": base_model_dir, "teacher": teacher_dir, "data": SAMPLES / "sharegpt_identity_500.json",
-              "output-dir": out, "seq-len": 64, "micro-batch-size": 2, "max-steps": 4, "warmup-steps": 0, "lr": 2e-3,
-              "precision": "fp32", "seed": 3, "zero-stage": 2, "lora-r": 4, "lora-alpha": 8, "lora-dropout": 0.0,
-              "log-interval": 1, "eval-interval": 2, "eval-batches": 2, "save-interval": 2,
-              "data-cache-dir": Path(out).parent / "cache"}
-    values.update({k.replace("_", "-"): v for k, v in flags.items()})
-    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
+LORA_RUN = dict(max_steps=4, zero_stage=2, lora_r=4, lora_alpha=8, lora_dropout=0.0, log_interval=1, eval_interval=2,
+                eval_batches=2, save_interval=2)
+"""The launcher tests' run: LoRA under ZeRO-2 on 2 ranks, a checkpoint at step 2 and at step 4."""
 
 
 @pytest.fixture(scope="module")
@@ -93,28 +92,24 @@ def lora_distill_run(base_model_dir, teacher_dir, tmp_path_factory):
     from tests.helpers import run_launcher
 
     out = tmp_path_factory.mktemp("distill_lora") / "run"
-    run_launcher("distill.py", launcher_args(out, base_model_dir, teacher_dir))
+    run_launcher("distill.py", distill_args(out, base_model_dir, teacher_dir, **LORA_RUN))
     return out
 
 
 def test_a_distill_run_logs_its_terms_and_resumes_exactly_and_on_one_rank(lora_distill_run, base_model_dir,
                                                                          teacher_dir, tmp_path):
-    import shutil
-
     from safetensors.torch import load_file
 
-    from tests.helpers import metrics, run_launcher, train_losses
+    from tests.helpers import metrics, rewound_copy, run_launcher, train_losses
 
     out = lora_distill_run
     records = metrics(out)
     assert all(set(KEYS) <= set(r) for r in records if "loss" in r)
     assert {"val_loss", "val_ce", "val_kd"} <= set([r for r in records if "val_loss" in r][-1])
     for nproc, launcher in ((2, "torchrun"), (1, "python")):
-        resumed = tmp_path / f"run{nproc}"
-        shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("global_step4", "final"))
-        (resumed / "checkpoints" / "latest").write_text("global_step2")
-        proc = run_launcher("distill.py", launcher_args(resumed, base_model_dir, teacher_dir,
-                                                        micro_batch_size=4 // nproc), nproc=nproc, launcher=launcher)
+        resumed = rewound_copy(out, tmp_path / f"run{nproc}", 2, later=("global_step4",))
+        proc = run_launcher("distill.py", distill_args(resumed, base_model_dir, teacher_dir, **LORA_RUN,
+                                                       micro_batch_size=4 // nproc), nproc=nproc, launcher=launcher)
         assert "at step 2" in proc.stdout
         straight, after = train_losses(out), train_losses(resumed)
         if nproc == 2:  # the same ranks: bit for bit

@@ -16,7 +16,7 @@ import torch
 
 from tests.conftest import SAMPLES
 from tests.distributed.test_loop import peek, run_ranks
-from tests.helpers import metrics, run_launcher, train_losses
+from tests.helpers import cli_flags, metrics, rewound_copy, run_launcher, train_losses
 
 pytestmark = pytest.mark.distributed
 PAIRS = SAMPLES / "pref_pairs.jsonl"
@@ -24,14 +24,13 @@ REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
            "logps/rejected")
 
 
-def dpo_flags(out: Path, **flags) -> dict:
+def dpo_args(out: Path, **flags) -> list[str]:
     values = {"data": PAIRS, "output-dir": out, "seq-len": 96, "micro-batch-size": 2, "grad-accum": 1,
               "max-steps": 4, "warmup-steps": 0, "lr": 2e-3, "zero-stage": 2, "precision": "fp32", "seed": 3,
               "eval-batches": 2, "val-fraction": 0.05, "log-interval": 1, "eval-interval": 100, "save-interval": 100,
               # a cache per test: the precomputed reference is really computed where a test asks for it
               "data-cache-dir": Path(out).parent / "cache"}
-    values.update({k.replace("_", "-"): v for k, v in flags.items()})
-    return values
+    return cli_flags(values, **flags)
 
 
 def build(rank: int, world_size: int, out: Path, base_model_dir: Path, **flags):
@@ -40,8 +39,7 @@ def build(rank: int, world_size: int, out: Path, base_model_dir: Path, **flags):
     from engine.objectives.preference import DPO
     from engine.train import setup
 
-    values = dpo_flags(out / f"run{world_size}", init_from=base_model_dir, **flags)
-    cfg = parse_config([x for k, v in values.items() for x in (f"--{k}", str(v))])
+    cfg = parse_config(dpo_args(out / f"run{world_size}", init_from=base_model_dir, **flags))
     return setup(cfg, DPO, World(rank, rank, world_size))
 
 
@@ -153,16 +151,14 @@ def test_zero3_on_two_ranks_takes_the_steps_of_zero0_on_one(base_model_dir, tmp_
 
 # --------------------------------------------------------------------------- through the launcher
 
-def launcher_args(out: Path, **flags) -> list[str]:
-    values = dpo_flags(out, **flags)
-    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
+LORA_RUN = dict(zero_stage=3, lora_r=4, lora_alpha=8, lora_dropout=0.0, max_steps=6, save_interval=3, eval_interval=3)
+"""The launcher tests' run: LoRA under ZeRO-3 on 2 ranks, a checkpoint at step 3 and at step 6."""
 
 
 @pytest.fixture(scope="module")
 def lora_dpo_run(base_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo_lora") / "run"
-    proc = run_launcher("dpo.py", launcher_args(out, init_from=base_model_dir, zero_stage=3, lora_r=4, lora_alpha=8,
-                                                lora_dropout=0.0, max_steps=6, save_interval=3, eval_interval=3))
+    proc = run_launcher("dpo.py", dpo_args(out, init_from=base_model_dir, **LORA_RUN))
     return out, proc
 
 
@@ -189,17 +185,11 @@ def test_a_lora_dpo_run_logs_trl_metrics_and_writes_hf_and_peft_outputs(lora_dpo
 
 def test_a_dpo_run_resumes_bit_identical(lora_dpo_run, base_model_dir, tmp_path):
     """The run's step-3 checkpoint, resumed to step 6: the same losses and adapter, bit for bit."""
-    import shutil
-
     from safetensors.torch import load_file
 
     out, _ = lora_dpo_run
-    resumed = tmp_path / "run"
-    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("global_step6", "final"))
-    (resumed / "checkpoints" / "latest").write_text("global_step3")
-    proc = run_launcher("dpo.py", launcher_args(resumed, init_from=base_model_dir, zero_stage=3, lora_r=4,
-                                                lora_alpha=8, lora_dropout=0.0, max_steps=6, save_interval=3,
-                                                eval_interval=3))
+    resumed = rewound_copy(out, tmp_path / "run", 3, later=("global_step6",))
+    proc = run_launcher("dpo.py", dpo_args(resumed, init_from=base_model_dir, **LORA_RUN))
     assert "at step 3" in proc.stdout
     assert train_losses(resumed) == train_losses(out)
     a = load_file(out / "final" / "adapter" / "adapter_model.safetensors")
@@ -210,15 +200,10 @@ def test_a_dpo_run_resumes_bit_identical(lora_dpo_run, base_model_dir, tmp_path)
 def test_a_dpo_run_resumes_on_another_world_size(lora_dpo_run, base_model_dir, tmp_path):
     """Saved on 2 ranks, resumed on 1 (DeepSpeed's universal format), the same global batch: the
     losses after the resume are the unbroken run's up to float summation order."""
-    import shutil
-
     out, _ = lora_dpo_run
-    resumed = tmp_path / "run"
-    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("global_step6", "final"))
-    (resumed / "checkpoints" / "latest").write_text("global_step3")
-    proc = run_launcher("dpo.py", launcher_args(resumed, init_from=base_model_dir, zero_stage=3, lora_r=4,
-                                                lora_alpha=8, lora_dropout=0.0, max_steps=6, save_interval=3,
-                                                eval_interval=3, micro_batch_size=4), nproc=1, launcher="python")
+    resumed = rewound_copy(out, tmp_path / "run", 3, later=("global_step6",))
+    proc = run_launcher("dpo.py", dpo_args(resumed, init_from=base_model_dir, **LORA_RUN, micro_batch_size=4),
+                        nproc=1, launcher="python")
     assert "saved on 2 ranks, now 1" in proc.stdout
     straight, after = train_losses(out), train_losses(resumed)
     assert [after[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-4)

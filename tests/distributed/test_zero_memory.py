@@ -7,27 +7,19 @@ matrix is above the shipped zero3.json's stage3_param_persistence_threshold, as 
 
 from __future__ import annotations
 
-import importlib.util
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_module
+
 pytestmark = pytest.mark.distributed
 
-ROOT = Path(__file__).resolve().parents[2]
 WIDE_DEBUG = ["hidden_size=512", "intermediate_size=1024"]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("zero_memory", ROOT / "scripts" / "bench" / "zero_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_stage3_model_state_per_rank_halves_on_two_ranks(tmp_path):
-    bench = load_bench()
+    bench = load_module("scripts/bench/zero_memory.py")
     with ThreadPoolExecutor(2) as pool:  # the two jobs side by side: each is mostly start-up
         jobs = {n: pool.submit(bench.measure, 3, n, "debug", WIDE_DEBUG, 32, tmp_path / f"n{n}.json", 300)
                 for n in (1, 2)}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, launcher_command, launcher_env, metrics, run_launcher
+from tests.helpers import ROOT, cli_flags, launcher_command, launcher_env, metrics, run_launcher
 
 pytestmark = pytest.mark.distributed
 STEPS = 12
@@ -25,8 +25,7 @@ def args(tokenizer_dir, data, out, **overrides) -> list[str]:
     values = {"tokenizer": tokenizer_dir, "data": data, "output-dir": out, "seq-len": 32, "micro-batch-size": 4,
               "max-steps": STEPS, "warmup-steps": 2, "lr": 3e-3, "log-interval": 1, "eval-interval": 100,
               "save-interval": 2, "keep-last": 0, "zero-stage": 2, "precision": "fp32", "seed": 11}
-    values.update({k.replace("_", "-"): v for k, v in overrides.items()})
-    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
+    return cli_flags(values, **overrides)
 
 
 @pytest.fixture(scope="module")

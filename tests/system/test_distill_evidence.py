@@ -5,24 +5,15 @@ weights on the same batches. The figures are in BENCHMARKS.md; this holds their 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import load_module
 
 pytestmark = pytest.mark.system
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("distill_evidence", ROOT / "scripts" / "bench" / "distill_evidence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_distillation_beats_ce_only_on_held_out_ce_and_kl_to_the_teacher(tmp_path):
-    script = load_script()
+    script = load_module("scripts/bench/distill_evidence.py")
     result = script.run(script.parse_args(["--quick", "--workdir", str(tmp_path)]))
     m = result["held_out"]
     assert m["teacher"]["ce"] < m["ce_only"]["ce"]  # the teacher knows more than the students
