@@ -171,6 +171,14 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {out}: " + ", ".join(f"{r.label} ({r.steps} steps)" for r in runs))
 
 
+def cmd_teacher_logits(args: argparse.Namespace) -> None:
+    from engine.teacher_logits import main as teacher_logits
+
+    if args.top_k < 1:
+        raise ZerotrainError(f"--top-k {args.top_k}: keep at least one log-prob per token")
+    teacher_logits(args.flags, args.top_k)
+
+
 def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
                    help="HF model directory, or a zerotrain run directory (its final/ is used)")
@@ -339,6 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("teacher-logits", allow_abbrev=False,
+                       help="store a distillation teacher's top-k log-probs beside the prepared data",
+                       description="Run the teacher of a distill run once over its data and store, for every "
+                                   "trained token, its top-k log-probs and the rest of its probability mass beside "
+                                   "the prepared data (PREPARED/teacher/KEY/). Takes the flags of launcher/distill.py "
+                                   "(--teacher, --data, --preset, --kd-temperature, --precision, --config ...); "
+                                   "a distill run with the same flags and --teacher-top-k K then trains with no "
+                                   "teacher loaded. Runs under torchrun too, the ranks sharing the examples.")
+    p.add_argument("--top-k", type=int, default=64, metavar="K", help="log-probs kept per token (default 64)")
+    p.set_defaults(func=cmd_teacher_logits)
+
     p = sub.add_parser("plot", allow_abbrev=False, help="loss, val loss, lr and tokens/s of runs in one PNG",
                        description="Four panels against the step (training loss, validation loss, learning "
                                    "rate, tokens/s) from each run's metrics.jsonl, one line per run labelled "
@@ -352,7 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "teacher-logits":  # it passes the distill launcher's flags on
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.flags = rest
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

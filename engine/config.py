@@ -292,6 +292,17 @@ class DistillConfig:
     teacher_zero_stage: int | None = None
     """3 partitions the teacher over the ranks (no optimizer state), so a teacher larger than one device fits;
     default: 3 when the run is ZeRO-3, else a whole copy per rank."""
+    on_policy_ratio: float = 0.0
+    """L: the fraction of steps on which the student samples the replies to the data's prompts itself and D is
+    taken on its samples (GKD's lambda; MiniLLM trains on the student's samples only). SFT data only."""
+    on_policy_max_new_tokens: int = 128
+    """Longest sampled reply (also capped by --seq-len)."""
+    on_policy_temperature: float = 1.0
+    """Sampling temperature of the student's replies (pure sampling otherwise: no top-k/top-p)."""
+    teacher_top_k: int = 0
+    """Offline teacher: train from the teacher's top-k log-probs of every trained token, stored beside the
+    prepared data (`zerotrain teacher-logits`, or computed at start when missing), with no teacher loaded
+    while training; 0 runs the teacher live."""
 
     def __post_init__(self) -> None:
         if self.kd_loss not in KD_LOSSES:
@@ -302,6 +313,15 @@ class DistillConfig:
         _positive("kd_temperature", self.kd_temperature)
         if self.teacher_zero_stage is not None and self.teacher_zero_stage not in (0, 3):
             _bad("teacher_zero_stage", self.teacher_zero_stage, "0 (a whole copy per rank) or 3 (partitioned)")
+        if not 0.0 <= self.on_policy_ratio <= 1.0:
+            _bad("on_policy_ratio", self.on_policy_ratio, "a number in [0, 1]")
+        _positive("on_policy_max_new_tokens", self.on_policy_max_new_tokens)
+        _positive("on_policy_temperature", self.on_policy_temperature)
+        if self.teacher_top_k < 0:
+            _bad("teacher_top_k", self.teacher_top_k, "0 (live teacher) or the number of log-probs kept per token")
+        if self.teacher_top_k and self.on_policy_ratio:
+            _bad("on_policy_ratio", self.on_policy_ratio, "0 with --teacher-top-k: stored teacher log-probs cover the "
+                 "data's replies, not the student's samples; run the teacher live for on-policy steps")
 
 
 SECTIONS: dict[str, type] = {

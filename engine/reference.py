@@ -17,9 +17,6 @@ is freed before the first step, so training holds one model.
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -29,9 +26,9 @@ import torch
 from common.publish import publishing
 from engine.distributed import World
 from engine.ds_config import zero_stage
-from engine.frozen import frozen_model
-from engine.objectives import Batch
-from engine.objectives.preference import model_inputs, sequence_logps
+from engine.frozen import frozen_key, frozen_model, over_dataset
+from engine.objectives import Batch, model_inputs
+from engine.objectives.preference import sequence_logps
 from engine.run_dir import Resolved
 
 if TYPE_CHECKING:
@@ -81,45 +78,19 @@ def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
 
 def reference_key(cfg: Config, plan: RunPlan) -> str:
     """What the cached log-probs depend on besides the prepared pairs: which reference (its
-    files' names, sizes and modification times, or the preset and seed of a random init), the
-    LoRA-disabled policy or a copy, the precision and the attention backend."""
-    source = _source(cfg, plan)
-    if source is None:
-        what: Any = {"preset": cfg.model.preset, "seed": cfg.train.seed, "context": plan.context}
-    else:
-        root = source.path
-        files = sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
-        what = {"path": str(root.resolve()), "tag": source.tag,
-                "files": [(str(p.relative_to(root) if p != root else p.name), p.stat().st_size, p.stat().st_mtime_ns)
-                          for p in files]}
-    parts = {"reference": what, "precision": plan.precision, "attn": cfg.model.attn_implementation,
-             "vocab": len(plan.tokenizer)}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    files, or the preset and seed of a random init), the precision and the attention backend."""
+    return frozen_key(cfg, plan, _source(cfg, plan))
 
 
 def _all_logps(reference: ReferenceLogps, dataset, collate, world: World, micro_batch_size: int,
                device: torch.device) -> np.ndarray:
-    """[pairs, 2] (chosen, rejected) for every pair of `dataset`: rank r takes pairs r, r + world,
-    ...; every rank runs the same number of forwards (ZeRO-3's are collective)."""
-    import torch.distributed as dist
-
-    n = len(dataset)
-    mine = list(range(world.rank, n, world.size))
-    rounds = math.ceil(math.ceil(n / world.size) / micro_batch_size) if n else 0
-    values: list[tuple[int, float, float]] = []
-    for r in range(rounds):
-        indices = mine[r * micro_batch_size:(r + 1) * micro_batch_size]
-        batch = collate([dataset[i] for i in (indices or [0])])  # an idle rank still joins the forward
-        batch = {k: v.to(device) for k, v in batch.items()}
+    """[pairs, 2] (chosen, rejected) for every pair of `dataset`."""
+    def per_pair(batch: Batch) -> list[tuple[float, float]]:
         chosen, rejected = reference(batch).float().cpu().chunk(2)
-        values += [(i, float(c), float(j)) for i, c, j in zip(indices, chosen, rejected)]
-    gathered: list[Any] = [None] * world.size
-    dist.all_gather_object(gathered, values)
-    out = np.zeros((n, 2), dtype=np.float32)
-    for part in gathered:
-        for i, c, j in part:
-            out[i] = (c, j)
-    return out
+        return list(zip(chosen.tolist(), rejected.tolist()))
+
+    values = over_dataset(per_pair, dataset, collate, world, micro_batch_size, device)
+    return np.array(values, dtype=np.float32).reshape(len(values), 2)
 
 
 class WithReference(torch.utils.data.Dataset):

@@ -103,6 +103,7 @@ class Trainer:
         engine, accum, ranks = self.engine, self.cfg.train.grad_accum, self.world.size
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
         batches = [self.data.loader.next_batch() for _ in range(accum)]
+        batches = self.objective.step_batches(engine, batches, self.state.step + 1)
         units = all_reduce_sums({"units": sum(self.objective.units(b) for b in batches)}, engine.device)["units"]
         # DeepSpeed divides by grad_accum and averages over ranks; this undoes both, so the
         # step's loss is (sum of every unit's loss) / (every unit counted).

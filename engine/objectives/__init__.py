@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 
 Batch = dict[str, torch.Tensor]
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+"""The batch keys the model takes; the others (labels, a reference's or teacher's stored
+log-probs, markers) are the objective's."""
+
+
+def model_inputs(batch: Batch) -> Batch:
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
 
 @dataclass
 class LossSums:
@@ -56,6 +64,13 @@ class Objective(ABC):
         Such models never enter the optimizer or the checkpoint and run under no_grad. It may
         also add to the data what is computed once (DPO's precomputed reference log-probs).
         Nothing by default."""
+
+    def step_batches(self, model: Any, batches: list[Batch], step: int) -> list[Batch]:
+        """The micro-batches of optimizer step `step` as they are trained on, before their units
+        are counted: an on-policy objective swaps the data's replies for `model`'s own samples.
+        Every rank calls it for the same step (ZeRO-3 generation is collective). As given, by
+        default."""
+        return batches
 
     @abstractmethod
     def units(self, batch: Batch) -> int:

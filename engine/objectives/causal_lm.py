@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.data import IGNORE_INDEX
-from engine.objectives import Batch, LossSums, Objective, Stage
+from engine.objectives import Batch, LossSums, Objective, Stage, model_inputs
 
 
 def trained_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -38,10 +38,9 @@ class CausalLM(Objective):
         return int(trained_tokens(batch["labels"]).sum())
 
     def loss(self, model: Callable[..., object], batch: Batch) -> LossSums:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
         # No labels for the model: the loss is computed here, summed, for the loop to normalise.
         # use_cache=False also keeps transformers' packed-sequence masking (from position_ids).
-        logits = model(**inputs, use_cache=False).logits
+        logits = model(**model_inputs(batch), use_cache=False).logits
         return LossSums(token_nll_sum(logits, batch["labels"]))
 
 

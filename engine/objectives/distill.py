@@ -12,6 +12,9 @@ D (--kd-loss): forward_kl = KL(teacher || student), the classic and MiniMind's; 
 KL(student || teacher), MiniLLM's; jsd = GKD's generalised Jensen-Shannon divergence
 beta KL(teacher || M) + (1 - beta) KL(student || M), M = beta teacher + (1 - beta) student, with
 beta = 0 and 1 meaning forward and reverse KL as in TRL.
+
+On-policy steps (--on-policy-ratio, engine.rollout) take D on the student's own sampled replies;
+an offline teacher (--teacher-top-k, engine.teacher_logits) gives D from stored top-k log-probs.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from common.errors import ZerotrainError
-from engine.objectives import Batch, LossSums, Objective, Stage
+from engine.objectives import Batch, LossSums, Objective, Stage, model_inputs
 from engine.objectives.causal_lm import token_nll_sum, trained_tokens
 
 if TYPE_CHECKING:
@@ -52,7 +56,15 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 class Distill(Objective):
-    """CE and the divergence to the teacher, summed over trained tokens; averaged per token by the loop."""
+    """CE and the divergence to the teacher, summed over trained tokens; averaged per token by the loop.
+
+    The teacher runs live (a frozen model beside the student, engine.frozen) or offline, from its
+    top-k log-probs stored beside the prepared data (engine.teacher_logits, --teacher-top-k).
+    With --on-policy-ratio L, a seeded draw per step (the same on every rank) makes a fraction L
+    of the steps on-policy: the student samples the replies (engine.rollout) and D is taken on
+    its samples. CE is left out on those steps: a sample of the student's own is no target for
+    it, so such a step's loss is (1 - A) x T^2 x D alone.
+    """
 
     unit = "token"
 
@@ -74,34 +86,100 @@ class Distill(Objective):
                 raise ZerotrainError(f"--teacher {self.kd.teacher} uses another tokenizer ({self.source.tokenizer}) than "
                                      "the student: distillation compares next-token distributions over one vocabulary, "
                                      "so both must use the same tokenizer")
+        if self.kd.on_policy_ratio:
+            kinds = sorted({s.kind for s in plan.sources})
+            if kinds != ["sft"]:
+                raise ZerotrainError(f"--on-policy-ratio samples replies to the data's prompts: it needs SFT "
+                                     f"conversations, got {', '.join(kinds)} data")
+            if cfg.data.pack:
+                raise ZerotrainError("--on-policy-ratio rebuilds every row from its prompt and the student's sample: "
+                                     "drop --pack")
+        if self.kd.teacher_top_k and len(plan.sources) > 1:
+            raise ZerotrainError("--teacher-top-k stores the teacher's log-probs beside one prepared data source; "
+                                 "distil a mixture with the live teacher (--teacher-top-k 0)")
+        self.seed, self.seq_len = cfg.train.seed, cfg.data.seq_len
+
+    def teacher_zero3(self, plan: RunPlan) -> bool:
+        """--teacher-zero-stage, by default the student's: 3 partitions the teacher too."""
+        from engine.ds_config import zero_stage
+
+        stage = self.kd.teacher_zero_stage
+        return stage == 3 or (stage is None and zero_stage(plan.ds_config) == 3)
 
     def build(self, cfg: Config, plan: RunPlan, engine: Any, data: Data) -> None:
         from engine.ds_config import zero_stage
         from engine.frozen import frozen_model
+        from engine.rollout import stop_ids
+        from engine.teacher_logits import attach, compute
 
-        stage = self.kd.teacher_zero_stage
-        zero3 = stage == 3 or (stage is None and zero_stage(plan.ds_config) == 3)
-        self.teacher = frozen_model(cfg, plan, engine.device, self.source, zero3=zero3)
+        if self.kd.teacher_top_k:
+            from engine.distributed import world
+            from engine.trainer import log_on_rank0
+
+            here = world()
+            attach(data, compute(cfg, plan, engine.device, data, data.directories[0], here, self.source,
+                                 self.teacher_zero3(plan), lambda message: log_on_rank0(here.rank, message)))
+            return
+        self.teacher = frozen_model(cfg, plan, engine.device, self.source, zero3=self.teacher_zero3(plan))
+        self.stop_ids, self.pad_id = stop_ids(plan.tokenizer), plan.tokenizer.pad_token_id
+        self.synced = zero_stage(plan.ds_config) == 3 and plan.world_size > 1
+
+    def on_policy(self, step: int) -> bool:
+        """Whether `step` trains on the student's samples: a draw seeded by the run's seed and the
+        step, so every rank agrees and a resumed run draws the same."""
+        ratio = self.kd.on_policy_ratio
+        return ratio > 0 and np.random.default_rng([self.seed, 0x6B64, step]).random() < ratio
+
+    def step_batches(self, model: Any, batches: list[Batch], step: int) -> list[Batch]:
+        if not self.on_policy(step):
+            return batches
+        import torch.distributed as dist
+
+        from engine.rollout import sample_replies
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        module = getattr(model, "module", model)  # generate() is the transformers model's, inside the engine
+        device = next(module.parameters()).device
+        return [sample_replies(module, {k: v.to(device) for k, v in batch.items()}, seq_len=self.seq_len,
+                               max_new_tokens=self.kd.on_policy_max_new_tokens,
+                               temperature=self.kd.on_policy_temperature, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                               seed=int(np.random.default_rng([self.seed, step, rank, i]).integers(2 ** 62)),
+                               synced=self.synced)
+                for i, batch in enumerate(batches)]
 
     def units(self, batch: Batch) -> int:
         return int(trained_tokens(batch["labels"]).sum())
 
-    def loss(self, model: Callable[..., Any], batch: Batch) -> LossSums:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs, use_cache=False).logits
+    def divergence(self, student: torch.Tensor, batch: Batch, inputs: Batch) -> torch.Tensor:
+        """D summed over the trained tokens, whose student logits are `student` [tokens, vocab]."""
+        kd, mask = self.kd, trained_tokens(batch["labels"])
+        if "teacher_logps" in batch:  # offline: both sides bucketed on the teacher's stored top-k
+            from engine.teacher_logits import bucketed
+
+            if len(batch["teacher_logps"]) != len(student):
+                raise ZerotrainError(f"the batch has {len(student)} trained tokens but {len(batch['teacher_logps'])} "
+                                     "stored teacher log-probs: the store does not match the prepared data; delete "
+                                     "its directory (<prepared>/teacher/) to compute it again")
+            ours = bucketed(F.log_softmax(student.float() / kd.kd_temperature, dim=-1), batch["teacher_ids"])
+            return token_divergence(ours, batch["teacher_logps"], kd.kd_loss, beta=kd.kd_beta).sum()
         with torch.no_grad():
             teacher = self.teacher(**inputs, use_cache=False).logits
-        vocab = logits.shape[-1]
+        vocab = student.shape[-1]
         if teacher.shape[-1] < vocab:
             raise ZerotrainError(f"the teacher scores {teacher.shape[-1]} tokens, the student {vocab}: both must use "
                                  "the same tokenizer")
         # A larger teacher embedding holds padding rows beyond the tokenizer (rounded-up vocab sizes).
-        teacher = teacher[..., :vocab]
-        mask = trained_tokens(batch["labels"])
-        ce = token_nll_sum(logits, batch["labels"])
-        kd = token_divergence(logits[:, :-1][mask], teacher[:, :-1][mask], self.kd.kd_loss, beta=self.kd.kd_beta,
-                              temperature=self.kd.kd_temperature).sum()
+        teacher = teacher[..., :vocab][:, :-1][mask]
+        return token_divergence(student, teacher, kd.kd_loss, beta=kd.kd_beta, temperature=kd.kd_temperature).sum()
+
+    def loss(self, model: Callable[..., Any], batch: Batch) -> LossSums:
+        inputs = model_inputs(batch)
+        logits = model(**inputs, use_cache=False).logits
+        kd = self.divergence(logits[:, :-1][trained_tokens(batch["labels"])], batch, inputs)
         a, t = self.kd.kd_alpha, self.kd.kd_temperature
+        if "on_policy" in batch:
+            return LossSums((1 - a) * t * t * kd, {"kd": kd.detach(), "on_policy": trained_tokens(batch["labels"]).sum()})
+        ce = token_nll_sum(logits, batch["labels"])
         return LossSums(a * ce + (1 - a) * t * t * kd, {"ce": ce.detach(), "kd": kd.detach()})
 
 

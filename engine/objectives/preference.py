@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.nn.functional as F
 
-from engine.objectives import Batch, LossSums, Objective, Stage
+from engine.objectives import Batch, LossSums, Objective, Stage, model_inputs
 from engine.objectives.causal_lm import trained_tokens
 
 if TYPE_CHECKING:
@@ -46,11 +46,6 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     token_logps = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                    reduction="none").view_as(targets)
     return (token_logps * mask).sum(dim=1), mask.sum(dim=1)
-
-
-def model_inputs(batch: Batch) -> Batch:
-    """What the model takes from a pair batch: not the labels, nor precomputed reference log-probs."""
-    return {k: v for k, v in batch.items() if k not in ("labels", "ref_logps")}
 
 
 def _sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
