@@ -12,11 +12,17 @@ same student trained with CE only, on CPU, in one script run.
    (launcher/distill.py --init-from INIT --teacher TEACHER) with the same seed, data, batches,
    steps, lr schedule and tokens, and differ only in --kd-alpha: 1 (CE only: the divergence is
    computed but weighs 0) against --kd-alpha A with --kd-loss and --kd-temperature.
+   A third run, distilled_top{K}, is the distilled one trained from the teacher's stored top-K
+   log-probs (--teacher-top-k K: computed once at its start, no teacher loaded while training).
 4. Held-out measures, by this script after training, on every --seq-len window of the held-out
    split (text none of the three models trained on): the student's CE (mean token NLL) and the
    KL(teacher || student) per token at temperature 1, i.e. how far the student's next-token
    distribution is from the teacher's. Both are means over the same tokens; ratios are distilled
    / CE-only (below 1: distillation helped).
+5. The top-k loss against the full loss, on the same held-out tokens, for the initial and the
+   distilled student and k = 8, K and 256: each divergence (forward KL, reverse KL, JSD with beta 0.5) at --kd-temperature,
+   computed on the full vocabulary and on the k + 1 buckets of engine.teacher_logits (the teacher's
+   k most likely tokens and the rest), as a distill run with --teacher-top-k k trains on.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,7 +43,8 @@ sys.path.insert(0, str(HERE))
 import hf_trainer as bench  # noqa: E402  (launch, run: torchrun / plain python with the same environment)
 
 TEXT = ROOT / "data" / "samples" / "tinyshakespeare.txt"
-RUNS = ("ce_only", "distilled")
+RUNS = ("ce_only", "distilled", "distilled_topk")
+KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kd-loss", default="forward_kl", choices=["forward_kl", "reverse_kl", "jsd"])
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--kd-alpha", type=float, default=0.1, help="the distilled run's CE weight (CE only: 1)")
+    p.add_argument("--top-k", type=int, default=64, help="log-probs a token of the distilled_topk run keeps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="OpenMP threads a rank")
@@ -125,14 +134,16 @@ def student_init(args, tok: Path, work: Path) -> Path:
 
 
 def train_students(args, init: Path, teacher: Path, data: Path, work: Path) -> dict[str, Path]:
-    """The two student runs, identical but for --kd-alpha."""
+    """The student runs, identical but for --kd-alpha and, for distilled_topk, --teacher-top-k."""
     runs = {}
-    for name, alpha in (("ce_only", 1.0), ("distilled", args.kd_alpha)):
+    for name, alpha, top_k in (("ce_only", 1.0, 0), ("distilled", args.kd_alpha, 0),
+                               ("distilled_topk", args.kd_alpha, args.top_k)):
         out = work / name
+        shutil.rmtree(out, ignore_errors=True)  # this script's own earlier run
         start = time.time()
         cmd = bench.launch([str(ROOT / "launcher" / "distill.py"), "--init-from", str(init), "--teacher", str(teacher),
                             "--data", str(data), "--kd-loss", args.kd_loss, "--kd-temperature", str(args.kd_temperature),
-                            "--kd-alpha", str(alpha)]
+                            "--kd-alpha", str(alpha), "--teacher-top-k", str(top_k)]
                            + common_flags(args, out, args.student_steps, args.student_lr), args.ranks)
         bench.run(cmd, args.threads, f"student {name}")
         print(f"student {name}: {args.student_steps} steps in {time.time() - start:.0f} s", flush=True)
@@ -175,6 +186,44 @@ def held_out(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, w
     return {name: {k: v / tokens for k, v in s.items()} | {"tokens": tokens} for name, s in sums.items()}
 
 
+def top_k_gap(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, ks: list[int], temperature: float,
+              windows: int = 0, batch_size: int = 16) -> dict[str, dict[str, dict[str, float]]]:
+    """Per k, model and divergence: its mean per held-out token on the full vocabulary and on the
+    teacher's top-k buckets (what --teacher-top-k trains on), and their ratio."""
+    import torch
+    import torch.nn.functional as F
+
+    from engine.data import PretrainDataset, collate_stack
+    from engine.objectives.distill import token_divergence
+    from engine.teacher_logits import bucketed, top_k
+    from transformers import AutoModelForCausalLM
+
+    dataset = PretrainDataset(data, "val", seq_len)
+    count = len(dataset) if windows <= 0 else min(windows, len(dataset))
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    teacher_model, students = load(teacher), {name: load(path) for name, path in models.items()}
+    sums = {(k, name): {kind: {"full": 0.0, "top_k": 0.0} for kind in KINDS} for k in ks for name in students}
+    tokens = 0
+    with torch.no_grad():
+        for start in range(0, count, batch_size):
+            batch = collate_stack([dataset[i] for i in range(start, min(start + batch_size, count))])
+            mask = batch["labels"][:, 1:] != -100
+            tokens += int(mask.sum())
+            soft = lambda logits: F.log_softmax(logits[:, :-1][mask] / temperature, dim=-1)  # noqa: E731
+            t = soft(teacher_model(input_ids=batch["input_ids"]).logits)
+            for name, model in students.items():
+                s = soft(model(input_ids=batch["input_ids"]).logits)
+                full = {kind: float(token_divergence(s, t, kind).sum()) for kind in KINDS}
+                for k in ks:
+                    ids, stored = top_k(t, k)
+                    for kind in KINDS:
+                        sums[k, name][kind]["full"] += full[kind]
+                        sums[k, name][kind]["top_k"] += float(token_divergence(bucketed(s, ids), stored, kind).sum())
+    return {f"top{k} {name}": {kind: {"full": v["full"] / tokens, "top_k": v["top_k"] / tokens,
+                                      "ratio": v["top_k"] / v["full"]} for kind, v in per.items()}
+            for (k, name), per in sums.items()}
+
+
 def run(args) -> dict:
     """Everything, in order; the result (also written to WORKDIR/result.json)."""
     work = Path(args.workdir)
@@ -184,11 +233,15 @@ def run(args) -> dict:
     start = time.time()
     tok, data = prepare(args, work)
     teacher = train_teacher(args, tok, data, work)
-    students = train_students(args, student_init(args, tok, work), teacher, data, work)
+    init = student_init(args, tok, work)
+    students = train_students(args, init, teacher, data, work)
     measures = held_out(students, teacher, data, args.seq_len, args.eval_windows)
+    gap = top_k_gap({"init": init, "distilled": students["distilled"]}, teacher, data, args.seq_len,
+                    sorted({8, args.top_k, 256}), args.kd_temperature, args.eval_windows)
     result = {"settings": {k: v for k, v in vars(args).items() if k != "workdir"}, "held_out": measures,
               "ratios": {m: measures["distilled"][m] / measures["ce_only"][m] for m in ("ce", "kl")},
-              "seconds": round(time.time() - start)}
+              "ratios_topk": {m: measures["distilled_topk"][m] / measures["ce_only"][m] for m in ("ce", "kl")},
+              "top_k_gap": gap, "seconds": round(time.time() - start)}
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -197,11 +250,16 @@ def print_result(result: dict) -> None:
     m = result["held_out"]
     print(f"\nheld-out tokens: {m['teacher']['tokens']:,}; teacher CE {m['teacher']['ce']:.4f} "
           f"(ppl {math.exp(m['teacher']['ce']):.1f})")
-    print(f"{'student':<10} {'val CE':>8} {'ppl':>8} {'KL(teacher||student)':>22}")
+    print(f"{'student':<14} {'val CE':>8} {'ppl':>8} {'KL(teacher||student)':>22}")
     for name in RUNS:
-        print(f"{name:<10} {m[name]['ce']:>8.4f} {math.exp(m[name]['ce']):>8.1f} {m[name]['kl']:>22.4f}")
-    r = result["ratios"]
-    print(f"{'ratio':<10} {r['ce']:>8.3f} {'':>8} {r['kl']:>22.3f}   (distilled / CE only; < 1: distillation helped)")
+        print(f"{name:<14} {m[name]['ce']:>8.4f} {math.exp(m[name]['ce']):>8.1f} {m[name]['kl']:>22.4f}")
+    for key, name in (("ratios", "distilled"), ("ratios_topk", "distilled_topk")):
+        r = result[key]
+        print(f"{'ratio':<14} {r['ce']:>8.3f} {'':>8} {r['kl']:>22.3f}   ({name} / CE only; < 1: distillation helped)")
+    print(f"\ntop-k divergence / full divergence, per held-out token (T = {result['settings']['kd_temperature']}):")
+    for name, per in result["top_k_gap"].items():
+        print(f"  {name:<15} " + "  ".join(f"{kind} {v['top_k']:.4f}/{v['full']:.4f} = {v['ratio']:.4f}"
+                                         for kind, v in per.items()))
     print(f"total {result['seconds']} s")
 
 

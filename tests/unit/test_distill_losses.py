@@ -1,6 +1,7 @@
 """Distillation's per-token divergences against implementations no one here wrote: TRL's GKD
 `generalized_jsd_loss` (beta 0, 0.5, 1) and MiniMind's `T^2 * kl_div(log_softmax(s/T),
-softmax(t/T))`; the objective's loss is A x CE + (1 - A) x T^2 x D over the same trained tokens."""
+softmax(t/T))`; the objective's loss is A x CE + (1 - A) x T^2 x D over the same trained tokens;
+the stored top-k divergence is a lower bound that reaches the full one; on-policy rows."""
 
 from __future__ import annotations
 
@@ -106,8 +107,97 @@ def test_a_teacher_with_fewer_tokens_is_refused(logits):
     (["--kd-alpha", "1.5"], "distill.kd_alpha (--kd-alpha) must be a number in [0, 1]"),
     (["--kd-temperature", "0"], "distill.kd_temperature (--kd-temperature) must be a positive number"),
     (["--teacher-zero-stage", "2"], "must be 0 (a whole copy per rank) or 3 (partitioned)"),
+    (["--on-policy-ratio", "1.5"], "distill.on_policy_ratio (--on-policy-ratio) must be a number in [0, 1]"),
+    (["--teacher-top-k", "-1"], "must be 0 (live teacher) or the number of log-probs kept per token"),
+    (["--teacher-top-k", "8", "--on-policy-ratio", "0.5"], "run the teacher live for on-policy steps"),
 ])
 def test_bad_distill_flags_are_named(argv, message):
     with pytest.raises(ZerotrainError) as e:
         parse_config(argv)
     assert message in str(e.value)
+
+
+# --------------------------------------------------------------------------- the stored top-k
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_top_k_divergence_rises_to_the_full_one(logits, kind):
+    from engine.teacher_logits import bucketed, top_k
+
+    student, teacher, _ = logits
+    s, t = F.log_softmax(student / 1.5, -1), F.log_softmax(teacher / 1.5, -1)
+    full = token_divergence(s, t, kind, beta=0.3)
+    previous = torch.zeros_like(full)
+    for k in range(1, VOCAB + 1):
+        ids, stored = top_k(t, k)
+        torch.testing.assert_close(stored.exp().sum(-1), torch.ones_like(full))  # k tokens + the rest: a distribution
+        ours = token_divergence(bucketed(s, ids), stored, kind, beta=0.3)
+        assert (ours <= full + 1e-5).all() and (ours >= previous - 1e-5).all()  # merging outcomes never raises D
+        previous = ours
+    torch.testing.assert_close(previous, full, rtol=0, atol=1e-5)  # k = vocabulary: the full divergence
+
+
+def test_the_objective_reads_stored_teacher_log_probs(logits):
+    from engine.teacher_logits import bucketed, top_k
+
+    student, teacher, labels = logits
+    objective = Distill(DistillConfig(teacher="t", kd_loss="jsd", kd_temperature=2.0, teacher_top_k=5))
+    trained = labels[:, 1:] != -100
+    ids, stored = top_k(F.log_softmax(teacher[:, :-1][trained] / 2.0, -1), 5)
+    batch = {"input_ids": labels.clamp(min=0), "labels": labels, "teacher_ids": ids, "teacher_logps": stored}
+    out = objective.loss(_Fixed(student), batch)  # no teacher model at all
+    expected = token_divergence(bucketed(F.log_softmax(student[:, :-1][trained] / 2.0, -1), ids), stored, "jsd").sum()
+    torch.testing.assert_close(out.metrics["kd"], expected)
+    with pytest.raises(ZerotrainError, match="does not match the prepared data"):
+        objective.loss(_Fixed(student), {**batch, "teacher_ids": ids[1:], "teacher_logps": stored[1:]})
+
+
+# --------------------------------------------------------------------------- on-policy
+
+def test_an_on_policy_row_trains_the_divergence_alone(logits):
+    student, teacher, labels = logits
+    objective = Distill(DistillConfig(teacher="t", kd_alpha=0.3, kd_temperature=2.0))
+    objective.teacher = _Fixed(teacher)
+    batch = {"input_ids": labels.clamp(min=0), "labels": labels}
+    data, sampled = objective.loss(_Fixed(student), batch), objective.loss(_Fixed(student), {**batch, "on_policy": torch.ones(())})
+    assert "ce" not in sampled.metrics and sampled.metrics["on_policy"] == objective.units(batch)
+    torch.testing.assert_close(sampled.loss, 0.7 * 4.0 * data.metrics["kd"])
+
+
+def test_a_fraction_of_the_steps_is_on_policy_the_same_on_every_rank():
+    a, b = (Distill(DistillConfig(teacher="t", on_policy_ratio=0.3)) for _ in range(2))
+    a.seed = b.seed = 5
+    draws = [a.on_policy(step) for step in range(1, 4001)]
+    assert draws == [b.on_policy(step) for step in range(1, 4001)]
+    assert abs(sum(draws) / len(draws) - 0.3) < 0.03
+    never = Distill(DistillConfig(teacher="t"))
+    never.seed = 5
+    assert not any(never.on_policy(step) for step in range(1, 100))
+
+
+def test_the_prompt_is_everything_before_the_last_reply():
+    from engine.rollout import prompts
+
+    ids = torch.arange(10, 22).unsqueeze(0)
+    labels = torch.full_like(ids, -100)
+    labels[0, 3:5] = ids[0, 3:5]  # an earlier reply: context of the sampled one
+    labels[0, 8:11] = ids[0, 8:11]  # the last reply (then padding)
+    assert prompts({"input_ids": ids, "labels": labels})[0].tolist() == list(range(10, 18))
+    with pytest.raises(ZerotrainError, match="end with an assistant reply"):
+        prompts({"input_ids": ids, "labels": torch.full_like(ids, -100)})
+
+
+def test_a_store_that_does_not_match_the_data_is_named(tmp_path):
+    import numpy as np
+
+    from engine.teacher_logits import WithTeacher
+
+    np.save(tmp_path / "train.offsets.npy", np.array([0, 2, 5, 6]))
+    np.save(tmp_path / "train.ids.npy", np.zeros((6, 4), np.int32))
+    np.save(tmp_path / "train.logps.npy", np.zeros((6, 5), np.float32))
+    examples = [{"input_ids": torch.zeros(3)}] * 3
+    assert len(WithTeacher(examples, tmp_path, "train")[1]["teacher_ids"]) == 3
+    with pytest.raises(ZerotrainError, match="for 3 examples, the prepared data has 4; delete the directory"):
+        WithTeacher(examples + examples[:1], tmp_path, "train")
+    (tmp_path / "train.logps.npy").write_bytes(b"not numpy")
+    with pytest.raises(ZerotrainError, match="unreadable teacher log-probs"):
+        WithTeacher(examples, tmp_path, "train")

@@ -59,11 +59,11 @@ def test_the_minillm_chain_sfts_teacher_and_student_then_distills_with_reverse_k
     assert teacher_sft.data.data == student_sft.data.data == distill.data.data
     assert distill.model.init_from == student_sft.train.output_dir
     assert distill.distill.teacher == teacher_sft.train.output_dir
-    assert distill.distill.kd_loss == "reverse_kl"
+    assert distill.distill.kd_loss == "reverse_kl" and distill.distill.on_policy_ratio > 0
     assert len({c.train.output_dir for c in cfgs}) == len(cfgs)
 
 
 def test_the_gpu_minillm_recipe_is_gpt2_sized_with_reverse_kl(monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = parse_config(["--config", "recipes/distill_minillm_gpt2.yaml"])
-    assert cfg.model.preset == "gpt2-124m" and cfg.distill.kd_loss == "reverse_kl"
+    assert cfg.model.preset == "gpt2-124m" and cfg.distill.kd_loss == "reverse_kl" and cfg.distill.on_policy_ratio > 0
