@@ -30,6 +30,9 @@ from common.errors import ZerotrainError
 from common.publish import publishing
 
 FORMAT_VERSION = 1
+# Part of an SFT preparation's key: raised when the same raw files come to read as other
+# conversations, so that cached preparations are made again (2: Alpaca's `history` is read).
+SFT_READER_VERSION = 2
 IGNORE_INDEX = -100
 DATA_KINDS = ("pretrain", "sft", "pref")
 PRETRAIN_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -182,24 +185,31 @@ def _detect_sft_format(record: Any) -> str | None:
         return "openai"
     if "instruction" in record and "output" in record:
         return "alpaca"
+    if "instruction" in record and "response" in record:
+        return "dolly"
     if "instruction" in record and isinstance(record.get("instances"), list):
         return "alpaca-seed"
     return None
 
 
 SFT_SHAPES = ("ShareGPT {conversations: [{from, value}], system?}, OpenAI {messages: [{role, content}]}, "
-              "MiniMind {conversations: [{role, content}]}, Alpaca {instruction, input?, output}, "
-              "Alpaca seed {instruction, instances: [{input, output}]}")
+              "MiniMind {conversations: [{role, content}]}, Alpaca {instruction, input?, output, system?, "
+              "history?: [[user, assistant]...]}, Dolly {instruction, context?, response}, "
+              "Alpaca seed {instruction, instances: [{input, output}]}; anything else: --columns")
 
 
-def detect_kind(paths: list[str]) -> str:
+def detect_kind(paths: list[str], columns: str = "") -> str:
     """pref for .json/.jsonl/.parquet whose first record is a preference pair; sft for other .json
-    files and .jsonl/.parquet whose first record is a conversation; else pretrain."""
+    files and .jsonl/.parquet whose first record is a conversation; else pretrain. A --columns
+    mapping says what its records are (pairs or conversations) instead."""
     from engine.pref_data import detect_pref_format
 
+    mapping = parse_columns(columns)
     kinds = set()
     for path in map(Path, paths):
-        if path.suffix in (".json", ".jsonl", ".parquet") and path.is_file() and path.stat().st_size:
+        if mapping and path.suffix in (".json", ".jsonl", ".parquet"):
+            kinds.add(mapping.kind)
+        elif path.suffix in (".json", ".jsonl", ".parquet") and path.is_file() and path.stat().st_size:
             first = next(_json_records(path, True, ReadStats()), (None, None))[1]
             # Pairs first: a ShareGPT pair also has "conversations".
             if detect_pref_format(first):
@@ -241,11 +251,27 @@ def _turns(record: dict, key: str, role_key: str, text_key: str, where: str) -> 
                                      for i, turn in enumerate(record.get(key) or [])]
 
 
-def _alpaca(instruction: Any, inp: Any, output: Any, system: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(inp or "", str):
-        raise ZerotrainError(f"{where}: Alpaca 'instruction', 'input' and 'output' must be strings")
-    prompt = instruction if not inp else f"{instruction}\n\n{inp}"
+ALPACA_FIELDS = ("instruction", "input", "output", "history")
+DOLLY_FIELDS = ("instruction", "context", "response", "history")
+
+
+def _alpaca(instruction: Any, inp: Any, output: Any, system: Any, history: Any, where: str,
+            names: tuple[str, ...] = ALPACA_FIELDS) -> list[dict[str, str]]:
+    """A single-turn record as messages: system, the `history` turns ([[user, assistant]...], as
+    Chinese-LLaMA-Alpaca and BELLE have them), then the instruction (with its input, when there
+    is one, after a blank line) and the output. `names` are the record's field names, for errors."""
+    for value, name in ((instruction, names[0]), (inp or "", names[1]), (output, names[2])):
+        if not isinstance(value, str):
+            raise ZerotrainError(f"{where}: '{name}' must be a string, not {type(value).__name__}")
+    if not isinstance(history or [], list):
+        raise ZerotrainError(f"{where}: '{names[3]}' must be a list of [user, assistant] pairs, "
+                             f"not {type(history).__name__}")
     messages = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+    for i, pair in enumerate(history or []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise ZerotrainError(f"{where}: '{names[3]}[{i}]' must be a [user, assistant] pair of strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    prompt = instruction if not inp else f"{instruction}\n\n{inp}"
     return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
@@ -261,9 +287,129 @@ def to_messages(record: Any, fmt: str, where: str) -> list[list[dict[str, str]]]
     if fmt == "openai":
         return [_turns(record, "messages", "role", "content", where)]
     if fmt == "alpaca":
-        return [_alpaca(record["instruction"], record.get("input"), record["output"], record.get("system"), where)]
-    return [_alpaca(record["instruction"], inst.get("input"), inst.get("output"), None, f"{where}.instances[{i}]")
-            for i, inst in enumerate(record["instances"]) if isinstance(inst, dict)]
+        return [_alpaca(record["instruction"], record.get("input"), record["output"], record.get("system"),
+                        record.get("history"), where)]
+    if fmt == "dolly":
+        return [_alpaca(record["instruction"], record.get("context"), record["response"], record.get("system"),
+                        None, where, DOLLY_FIELDS)]
+    return [_alpaca(record["instruction"], inst.get("input"), inst.get("output"), None, None,
+                    f"{where}.instances[{i}]") for i, inst in enumerate(record["instances"]) if isinstance(inst, dict)]
+
+
+# --------------------------------------------------------------------------- --columns mappings
+
+# Each shape's (required, optional) keys. Keys name record fields, except user/assistant/system
+# in a message-list mapping and user/assistant in a pair mapping: those are role values.
+COLUMN_SHAPES = {
+    "single-turn": (("prompt", "response"), ("input", "system", "history")),
+    "message-list": (("messages",), ("role", "content", "user", "assistant", "system")),
+    "pair": (("chosen", "rejected"), ("prompt", "system", "role", "content", "user", "assistant")),
+}
+_ROLE_VALUE_KEYS = {"single-turn": (), "message-list": ("user", "assistant", "system"), "pair": ("user", "assistant")}
+COLUMNS_HELP = ("single-turn SFT: prompt=FIELD,response=FIELD[,input=FIELD,system=FIELD,history=FIELD]; "
+                "message lists: messages=FIELD[,role=FIELD,content=FIELD,user=VALUE,assistant=VALUE,system=VALUE]; "
+                "preference pairs: chosen=FIELD,rejected=FIELD[,prompt=FIELD,system=FIELD,role=FIELD,content=FIELD,"
+                "user=VALUE,assistant=VALUE]")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A checked --columns mapping: which record fields (and, in message lists, which role values)
+    hold the parts of a conversation or a preference pair (LLaMA-Factory's dataset_info.json idea)."""
+
+    shape: str  # a key of COLUMN_SHAPES
+    fields: dict[str, str]
+
+    @property
+    def kind(self) -> str:
+        """The data kind the mapping reads: pref for pairs, sft for conversations."""
+        return "pref" if self.shape == "pair" else "sft"
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Mapped role values (lower case) -> user / assistant / system."""
+        return {self.fields[k].lower(): k for k in _ROLE_VALUE_KEYS[self.shape] if k in self.fields}
+
+    def spec(self) -> str:
+        """The mapping as sorted KEY=VALUE text: equal mappings give equal text (the cache key)."""
+        return ",".join(f"{k}={v}" for k, v in sorted(self.fields.items()))
+
+
+def parse_columns(spec: str) -> Columns | None:
+    """The checked mapping of a --columns KEY=VALUE,... string (None when empty); its shape is
+    told by its keys (chosen/rejected: pairs; messages: message lists; else single-turn)."""
+    if not spec.strip():
+        return None
+    known = sorted({k for required, optional in COLUMN_SHAPES.values() for k in required + optional})
+    fields: dict[str, str] = {}
+    for entry in spec.split(","):
+        key, equals, value = (part.strip() for part in entry.partition("="))
+        if not equals or not key or not value:
+            raise ZerotrainError(f"--columns {spec!r}: {entry.strip()!r} is not KEY=VALUE; {COLUMNS_HELP}")
+        if key not in known:
+            raise ZerotrainError(f"--columns {spec!r}: unknown key '{key}' (valid keys: {', '.join(known)}); "
+                                 f"{COLUMNS_HELP}")
+        if key in fields:
+            raise ZerotrainError(f"--columns {spec!r}: '{key}' is given twice; give each key once")
+        fields[key] = value
+    shape = ("pair" if {"chosen", "rejected"} & fields.keys() else
+             "message-list" if "messages" in fields else "single-turn")
+    required, optional = COLUMN_SHAPES[shape]
+    stray = [k for k in fields if k not in required + optional]
+    if stray:
+        raise ZerotrainError(f"--columns {spec!r}: '{stray[0]}' is not a key of a {shape} mapping (its keys: "
+                             f"{', '.join(required + optional)}); {COLUMNS_HELP}")
+    missing = [k for k in required if k not in fields]
+    if missing:
+        raise ZerotrainError(f"--columns {spec!r}: missing '{missing[0]}': a {shape} mapping needs "
+                             f"{' and '.join(required)}; {COLUMNS_HELP}")
+    return Columns(shape, fields)
+
+
+def columns_for(kind: str, spec: str) -> Columns | None:
+    """The checked --columns mapping for raw data of `kind` (None without one)."""
+    mapping = parse_columns(spec)
+    if mapping is None or mapping.kind == kind:
+        return mapping
+    if kind == "pretrain":
+        raise ZerotrainError(f"--columns {spec!r} maps SFT conversations or preference pairs; pretraining "
+                             "records are read from their \"text\" field: drop --columns for pretraining data")
+    raise ZerotrainError(f"--columns {spec!r} is a {mapping.shape} mapping, for {mapping.kind} data, but the data "
+                         f"is {kind}; {COLUMNS_HELP}")
+
+
+def mapped_field(record: Any, name: str, where: str, what: str = "the record") -> Any:
+    """record[name] for a field that --columns names; a record without it is an error naming the
+    fields it has."""
+    if not isinstance(record, dict):
+        raise ZerotrainError(f"{where}: {what} must be a JSON object, not {type(record).__name__}")
+    if name not in record:
+        raise ZerotrainError(f"{where}: {what} has no field '{name}' (named by --columns); it has "
+                             f"{sorted(record)}: fix the record or the mapping")
+    return record[name]
+
+
+def mapped_turn(turn: Any, columns: Columns, where: str, name: str) -> dict[str, str]:
+    """One {role, content} message from a turn read through a mapping's role/content names and
+    role values (other role values go through ROLE_ALIASES)."""
+    role = mapped_field(turn, columns.fields.get("role", "role"), where, name)
+    content = mapped_field(turn, columns.fields.get("content", "content"), where, name)
+    role = columns.roles.get(str(role).lower(), role)
+    return message({"role": role, "content": content}, "role", "content", where, name)
+
+
+def mapped_messages(record: Any, columns: Columns, where: str) -> list[dict[str, str]]:
+    """The conversation in a record read through a single-turn or message-list mapping."""
+    fields = columns.fields
+    if columns.shape == "message-list":
+        turns = mapped_field(record, fields["messages"], where)
+        if not isinstance(turns, list):
+            raise ZerotrainError(f"{where}: '{fields['messages']}' must be a list of turns, "
+                                 f"not {type(turns).__name__}")
+        return [mapped_turn(turn, columns, where, f"{fields['messages']}[{i}]") for i, turn in enumerate(turns)]
+    get = {key: mapped_field(record, name, where) for key, name in fields.items()}
+    return _alpaca(get["prompt"], get.get("input"), get["response"], get.get("system"), get.get("history"), where,
+                   tuple(fields.get(k, k) for k in ("prompt", "input", "response", "history")))
 
 
 def read_shaped(path: str | Path, suffixes: tuple[str, ...], what: str, detect: Callable[[Any], str | None],
@@ -290,12 +436,17 @@ def read_shaped(path: str | Path, suffixes: tuple[str, ...], what: str, detect: 
         yield where, parsed
 
 
-def read_conversations(path: str | Path, skip_bad_lines: bool = False,
-                       stats: ReadStats | None = None) -> Iterator[tuple[str, list[dict[str, str]]]]:
-    """(location, messages) for each conversation of an SFT file; the format is detected per file."""
+def read_conversations(path: str | Path, skip_bad_lines: bool = False, stats: ReadStats | None = None,
+                       columns: Columns | None = None) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """(location, messages) for each conversation of an SFT file; the format is detected per file,
+    or read through a --columns mapping."""
     stats = stats if stats is not None else ReadStats()
-    for where, conversations in read_shaped(path, SFT_SUFFIXES, "SFT", _detect_sft_format, to_messages,
-                                            SFT_SHAPES, skip_bad_lines, stats):
+    detect, parse = _detect_sft_format, to_messages
+    if columns:
+        detect = lambda record: columns.shape
+        parse = lambda record, fmt, where: [mapped_messages(record, columns, where)]
+    for where, conversations in read_shaped(path, SFT_SUFFIXES, "SFT", detect, parse, SFT_SHAPES,
+                                            skip_bad_lines, stats):
         for messages in conversations:
             yield where, messages
 
@@ -373,7 +524,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def preparation_key(kind: str, inputs: list[str], tokenizer, *, seq_len: int, val_fraction: float,
-                    skip_bad_lines: bool) -> tuple[str, list[dict[str, Any]]]:
+                    skip_bad_lines: bool, columns: Columns | None = None) -> tuple[str, list[dict[str, Any]]]:
     """A hash of everything a prepared directory depends on, and the source records it came from."""
     from model.tokenizer import tokenizer_fingerprint
 
@@ -382,6 +533,11 @@ def preparation_key(kind: str, inputs: list[str], tokenizer, *, seq_len: int, va
     parts = {"version": FORMAT_VERSION, "kind": kind, "tokenizer": tokenizer_fingerprint(tokenizer),
              "sources": [s["sha256"] for s in sources], "val_fraction": val_fraction,
              "skip_bad_lines": skip_bad_lines, "seq_len": seq_len if kind != "pretrain" else None}
+    # Parts added only where they apply, so that other preparations keep their keys.
+    if kind == "sft":
+        parts["sft_reader"] = SFT_READER_VERSION
+    if columns:
+        parts["columns"] = columns.spec()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], sources
 
 
@@ -486,10 +642,10 @@ def write_examples(groups: Iterable[list[tuple[list[int], list[int]]]], tokenize
 
 
 def _write_sft(inputs: list[str], tokenizer, out: Path, seq_len: int, val_fraction: float,
-               skip_bad_lines: bool, stats: ReadStats, progress) -> dict[str, dict[str, int]]:
+               skip_bad_lines: bool, stats: ReadStats, progress, columns: Columns | None) -> dict[str, dict[str, int]]:
     def conversations() -> Iterator[list[tuple[list[int], list[int]]]]:
         for path in inputs:
-            for where, messages in read_conversations(path, skip_bad_lines, stats):
+            for where, messages in read_conversations(path, skip_bad_lines, stats, columns):
                 ids, labels, truncated = encode_chat(messages, tokenizer, seq_len, where)
                 stats.truncated += truncated
                 progress(1)
@@ -506,8 +662,11 @@ def _write_sft(inputs: list[str], tokenizer, out: Path, seq_len: int, val_fracti
 
 
 def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, seq_len: int = 512,
-            val_fraction: float = 0.01, skip_bad_lines: bool = False, show_progress: bool = True) -> dict[str, Any]:
+            val_fraction: float = 0.01, skip_bad_lines: bool = False, show_progress: bool = True,
+            columns: str = "") -> dict[str, Any]:
     """Tokenize `inputs` into `output_dir` (reused as is when nothing changed); return its meta.
+    `columns` is a --columns mapping (KEY=FIELD,...) that says where SFT or pair records keep
+    their parts, for every input file, instead of detecting each file's shape.
 
     The directory is built under a temporary name and put in place once complete
     (common.publish), so a crash never leaves a half-written one behind.
@@ -516,9 +675,10 @@ def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, 
         raise ZerotrainError(f"unknown data kind '{kind}': use pretrain, sft or pref")
     if not inputs:
         raise ZerotrainError("no input files given (--input / --data)")
+    mapping = columns_for(kind, columns)
     check_inputs(kind, inputs)
     key, sources = preparation_key(kind, inputs, tokenizer, seq_len=seq_len, val_fraction=val_fraction,
-                                   skip_bad_lines=skip_bad_lines)
+                                   skip_bad_lines=skip_bad_lines, columns=mapping)
     output_dir = Path(output_dir)
     existing = read_meta(output_dir) if (output_dir / "meta.json").is_file() else None
     if existing and existing.get("key") == key:
@@ -534,17 +694,20 @@ def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, 
         # Another rank or node preparing the same data at once is harmless: the two results are
         # identical, and whichever lands last replaces the other in one step.
         with publishing(output_dir, directory=True) as tmp:
-            if kind == "pref":
-                from engine.pref_data import write_pref as writer  # pref_data imports this module
+            files = list(map(str, inputs))
+            if kind == "pretrain":
+                splits = _write_pretrain(files, tokenizer, tmp, val_fraction, skip_bad_lines, stats, bar.update)
             else:
-                writer = _write_pretrain if kind == "pretrain" else _write_sft
-            args = (seq_len,) if kind != "pretrain" else ()
-            splits = writer(list(map(str, inputs)), tokenizer, tmp, *args, val_fraction, skip_bad_lines,
-                            stats, bar.update)
+                from engine.pref_data import write_pref  # pref_data imports this module
+
+                writer = write_pref if kind == "pref" else _write_sft
+                splits = writer(files, tokenizer, tmp, seq_len, val_fraction, skip_bad_lines, stats, bar.update,
+                                mapping)
             meta = {"format_version": FORMAT_VERSION, "key": key, "kind": kind,
                     "dtype": str(_token_dtype(len(tokenizer))), "vocab_size": len(tokenizer),
                     "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                     "seq_len": seq_len if kind != "pretrain" else None, "val_fraction": val_fraction,
+                    "columns": mapping.spec() if mapping else "",
                     "sources": sources, "splits": splits, "stats": stats.to_dict()}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     finally:
@@ -553,13 +716,14 @@ def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, 
 
 
 def prepare_cached(kind: str, inputs: list[str], tokenizer, cache_dir: str | Path, *, seq_len: int,
-                   val_fraction: float, skip_bad_lines: bool, show_progress: bool = True) -> Path:
-    """Prepare into `cache_dir/<kind>-<key>/`, keyed by the inputs' contents and the tokenizer."""
+                   val_fraction: float, skip_bad_lines: bool, show_progress: bool = True, columns: str = "") -> Path:
+    """Prepare into `cache_dir/<kind>-<key>/`, keyed by the inputs' contents, the tokenizer and the
+    --columns mapping."""
     key, _ = preparation_key(kind, inputs, tokenizer, seq_len=seq_len, val_fraction=val_fraction,
-                             skip_bad_lines=skip_bad_lines)
+                             skip_bad_lines=skip_bad_lines, columns=columns_for(kind, columns))
     target = Path(cache_dir) / f"{kind}-{key}"
     prepare(kind, inputs, tokenizer, target, seq_len=seq_len, val_fraction=val_fraction,
-            skip_bad_lines=skip_bad_lines, show_progress=show_progress)
+            skip_bad_lines=skip_bad_lines, show_progress=show_progress, columns=columns)
     return target
 
 

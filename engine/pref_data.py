@@ -20,15 +20,15 @@ from typing import Any, Iterator
 import torch
 
 from common.errors import ZerotrainError
-from engine.data import (IGNORE_INDEX, ReadStats, SFTDataset, assistant_spans, collate_pad, label_tokens, message,
-                         read_shaped, system_message, write_examples)
+from engine.data import (IGNORE_INDEX, Columns, ReadStats, SFTDataset, assistant_spans, collate_pad, label_tokens,
+                         mapped_field, mapped_turn, message, read_shaped, system_message, write_examples)
 
 PREF_SUFFIXES = (".json", ".jsonl", ".parquet")
 PREF_SHAPES = ("MiniMind {chosen: [{role, content}...], rejected: [{role, content}...]} (the same prompt turns, then "
                "the final assistant reply; UltraFeedback's {prompt, chosen: [...], rejected: [...]} too), "
                "{prompt: str or [{role, content}], chosen: str, rejected: str, system?} (HH-RLHF, UltraFeedback "
                "style), ShareGPT {conversations: [{from, value}], chosen: {from, value}, rejected: {from, value}, "
-               "system?} (LLaMA-Factory)")
+               "system?} (LLaMA-Factory); anything else: --columns chosen=FIELD,rejected=FIELD,prompt=FIELD,...")
 _REQUIRED = {"messages": ("chosen", "rejected"), "prompt": ("prompt", "chosen", "rejected"),
              "sharegpt": ("conversations", "chosen", "rejected")}
 
@@ -127,12 +127,44 @@ def to_pair(record: Any, fmt: str, where: str) -> PrefPair:
     return PrefPair(prompt, chosen["content"], rejected["content"])
 
 
-def read_pairs(path: str | Path, skip_bad_lines: bool = False,
-               stats: ReadStats | None = None) -> Iterator[tuple[str, PrefPair]]:
-    """(location, pair) for each record of a preference file; the shape is detected per file."""
+def mapped_pair(record: Any, columns: Columns, where: str) -> PrefPair:
+    """The pair in a record read through a --columns pair mapping. Its fields are renamed into
+    the native shapes (turns into {role, content}; a single reply turn {role, content} into a
+    one-message list) and read as those are: a string or message-list prompt, string replies or
+    message lists that share their prompt turns."""
+    fields = columns.fields
+
+    def native(key: str) -> Any:
+        value = mapped_field(record, fields[key], where)
+        if isinstance(value, dict):
+            return [mapped_turn(value, columns, where, fields[key])]
+        if isinstance(value, list):
+            return [mapped_turn(turn, columns, where, f"{fields[key]}[{i}]") for i, turn in enumerate(value)]
+        return value
+
+    renamed = {key: native(key) for key in ("prompt", "chosen", "rejected") if key in fields}
+    if "system" in fields:
+        renamed["system"] = mapped_field(record, fields["system"], where)
+    fmt = detect_pref_format(renamed)
+    if fmt is None:
+        raise ZerotrainError(f"{where}: '{fields['chosen']}' holds a {type(renamed['chosen']).__name__}, not a message "
+                             "list, so the prompt must come from a field of its own: add prompt=FIELD to --columns")
+    try:
+        return to_pair(renamed, fmt, where)
+    except ZerotrainError as e:
+        raise ZerotrainError(f"{e} (fields read through --columns {columns.spec()})") from None
+
+
+def read_pairs(path: str | Path, skip_bad_lines: bool = False, stats: ReadStats | None = None,
+               columns: Columns | None = None) -> Iterator[tuple[str, PrefPair]]:
+    """(location, pair) for each record of a preference file; the shape is detected per file, or
+    read through a --columns pair mapping."""
     stats = stats if stats is not None else ReadStats()
-    yield from read_shaped(path, PREF_SUFFIXES, "preference", detect_pref_format, to_pair, PREF_SHAPES,
-                           skip_bad_lines, stats)
+    detect, parse = detect_pref_format, to_pair
+    if columns:
+        detect = lambda record: columns.shape
+        parse = lambda record, fmt, where: mapped_pair(record, columns, where)
+    yield from read_shaped(path, PREF_SUFFIXES, "preference", detect, parse, PREF_SHAPES, skip_bad_lines, stats)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -175,12 +207,12 @@ def encode_pair(pair: PrefPair, tokenizer, seq_len: int,
 
 
 def write_pref(inputs: list[str], tokenizer, out: Path, seq_len: int, val_fraction: float,
-               skip_bad_lines: bool, stats: ReadStats, progress) -> dict[str, dict[str, int]]:
+               skip_bad_lines: bool, stats: ReadStats, progress, columns: Columns | None) -> dict[str, dict[str, int]]:
     """engine.data.prepare's writer for kind "pref": two examples a pair, chosen then rejected."""
 
     def pairs() -> Iterator[list[Example]]:
         for path in inputs:
-            for where, pair in read_pairs(path, skip_bad_lines, stats):
+            for where, pair in read_pairs(path, skip_bad_lines, stats, columns):
                 progress(1)
                 if pair.chosen == pair.rejected:
                     stats.dropped_identical += 1
