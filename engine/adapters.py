@@ -13,17 +13,19 @@ import torch
 
 from common.errors import ZerotrainError
 from engine.consolidate import (Written, check_against_config, load_config_json, output_dtype, plan_output,
-                                tokenizer_source, write_extras)
+                                tokenizer_source, write_extras, write_tokenizer)
 from engine.ds_checkpoint import load_checkpoint, resolve_tag
 from engine.lora import fold_lora, lora_module, lora_name_in_model, lora_settings, peft_adapter, strip_peft
-from engine.run_dir import has_tokenizer, resolve
+from engine.run_dir import ADAPTER, FINAL, has_tokenizer, resolve
 from engine.tensor_io import Entry, model_entries, source_entries, staged, state_dict_entries, write_safetensors
 
 
 def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora_alpha: float | None = None,
                     adapter_config: str | None = None, dtype: str = "fp32", trust_pickle: bool = False,
                     overwrite: bool = False) -> Written:
-    """Write the LoRA adapter of a checkpoint in PEFT format (adapter_model.safetensors + adapter_config.json)."""
+    """Write the LoRA adapter of a checkpoint in PEFT format (adapter_model.safetensors + adapter_config.json),
+    with the tokenizer the run trained it with (merge-adapter takes it from there: the run's may
+    extend the base model's vocabulary)."""
     out = Path(out_dir)
     target = output_dtype(dtype)
     if out.exists() and not overwrite:
@@ -41,11 +43,15 @@ def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora
     from peft import LoraConfig
 
     known = set(LoraConfig.__dataclass_fields__)
+    tokenizer = tokenizer_source(tag_dir.parent, ckpt)
     with staged(out, overwrite, is_dir=True) as tmp:
         total = write_safetensors(adapter_entries, tmp / "adapter_model.safetensors", target)
         LoraConfig(**{k: v for k, v in peft_config.items() if k in known}).save_pretrained(str(tmp))
+        if tokenizer is not None:
+            write_tokenizer(tmp, tokenizer)
     params = sum(e.numel for e in adapter_entries)
-    return Written(out, len(adapter_entries), params, total, [f"lora_alpha from {settings.source}"])
+    notes = [f"lora_alpha from {settings.source}"] + ([f"tokenizer from {tokenizer}"] if tokenizer else [])
+    return Written(out, len(adapter_entries), params, total, notes)
 
 
 def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", max_shard_size: str | int = "5GB",
@@ -70,18 +76,25 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
     merged: dict[str, Entry] = {e.name: e for e in base_entries}
     lora: list[Entry] = []
     replaced = 0
+    grown: dict[str, tuple[int, int]] = {}  # embeddings trained over an extended vocabulary: rows before, after
     for e in adapter_entries:
         name = strip_peft(e.name)
         if (lora_name := lora_name_in_model(name)) is not None:
             lora.append(Entry(lora_name, e.shape, e.dtype, e.produce))
             continue
         if name in merged and merged[name].shape != e.shape:
-            raise ZerotrainError(f"adapter tensor {e.name} has shape {e.shape}, the base's {merged[name].shape}")
+            before = merged[name].shape
+            if len(e.shape) != 2 or before[1:] != e.shape[1:] or before[0] > e.shape[0]:
+                raise ZerotrainError(f"adapter tensor {e.name} has shape {e.shape}, the base's {before}")
+            grown[name] = (before[0], e.shape[0])
         merged[name] = Entry(name, e.shape, e.dtype, e.produce)  # modules_to_save: the trained copy wins
         base_aliases.pop(name, None)
         replaced += 1
     if not lora and not replaced:
         raise ZerotrainError(f"{weights} holds no LoRA weights")
+    if len(set(grown.values())) > 1:
+        raise ZerotrainError("the adapter's embeddings grow to different sizes: "
+                             + ", ".join(f"{n} {a} -> {b}" for n, (a, b) in grown.items()))
     missing = [e.name for e in lora if lora_module(e.name) + ".weight" not in merged]
     if missing:
         raise ZerotrainError(f"the adapter targets {lora_module(missing[0])}, which the base "
@@ -97,12 +110,30 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
             raise ZerotrainError(f"no config.json beside {base_path}: an HF directory output needs one; "
                                  f"write a .pth or .safetensors file instead")
         model_config = load_config_json(config_dir / "config.json")
+        trained_with = _adapter_tokenizer(adapter_path)
+        if grown:
+            old_rows, model_config.vocab_size = next(iter(grown.values()))  # all alike, checked above
+            if trained_with is None:
+                raise ZerotrainError(f"the adapter's {', '.join(grown)} have {model_config.vocab_size} rows, the base "
+                                     f"model's {old_rows}: it was trained with an extended tokenizer, which is not "
+                                     f"in {adapter_path}; copy that tokenizer's files there")
         check_against_config(entries, model_config, str(config_dir / "config.json"))
-        tokenizer = adapter_path if has_tokenizer(adapter_path) else tokenizer_source(config_dir, None)
+        tokenizer = trained_with or tokenizer_source(config_dir, None)
         extras = lambda d: write_extras(d, model_config, plan.target, entries, config_dir, tokenizer)  # noqa: E731
     total = plan.write(entries, aliases, extras)
-    return Written(plan.path, len(entries), sum(e.numel for e in entries), total,
-                   [f"{len(lora) // 2} LoRA pairs folded, {replaced} modules_to_save tensors replaced"])
+    notes = [f"{len(lora) // 2} LoRA pairs folded, {replaced} modules_to_save tensors replaced"]
+    notes += [f"vocabulary grown {a} -> {b} rows ({', '.join(grown)})" for a, b in set(grown.values())]
+    return Written(plan.path, len(entries), sum(e.numel for e in entries), total, notes)
+
+
+def _adapter_tokenizer(adapter: Path) -> Path | None:
+    """The tokenizer an adapter was trained with: in its directory (extract-adapter writes it there),
+    or beside it in a run's final/."""
+    if has_tokenizer(adapter):
+        return adapter
+    if (adapter.parent.name, adapter.name) == (FINAL, ADAPTER) and has_tokenizer(adapter.parent):
+        return adapter.parent
+    return None
 
 
 def _cast_to(e: Entry, dtype: torch.dtype | None) -> Entry:

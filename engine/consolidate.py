@@ -155,14 +155,21 @@ def write_extras(out: Path, model_config: PretrainedConfig, target: torch.dtype 
         shutil.copy2(generation_dir / "generation_config.json", out / "generation_config.json")
     else:
         GenerationConfig.from_model_config(model_config).save_pretrained(out)
-    if tokenizer is not None and tokenizer.is_file():
+    if tokenizer is not None:
+        write_tokenizer(out, tokenizer)
+
+
+def write_tokenizer(out: Path, tokenizer: Path) -> None:
+    """The files of tokenizer directory `tokenizer` copied into `out`; a sentencepiece .model file
+    saved there in HF format."""
+    if tokenizer.is_file():
         from model.tokenizer import load_tokenizer
 
         load_tokenizer(str(tokenizer)).save_pretrained(out)
-    elif tokenizer is not None:
-        for name in COPIED_TOKENIZER_FILES:
-            if (tokenizer / name).is_file():
-                shutil.copy2(tokenizer / name, out / name)
+        return
+    for name in COPIED_TOKENIZER_FILES:
+        if (tokenizer / name).is_file():
+            shutil.copy2(tokenizer / name, out / name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def frozen_model(cfg: Config, plan: RunPlan, device: torch.device, source: Resol
     # run's own random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        model = build_base_model(cfg, source, len(plan.tokenizer), plan.context)
+        model = build_base_model(cfg, source, plan.tokenizer, plan.context)
     model.requires_grad_(False)
     model.eval()
     if zero3:

@@ -31,9 +31,13 @@ def tokenizer_path(cfg: Config, source: Resolved | None) -> str:
         return cfg.model.tokenizer
     if source is not None and source.tokenizer is not None:
         return str(source.tokenizer)
-    where = f" ({source.path} has none)" if source is not None else ""
-    raise ZerotrainError(f"--tokenizer is required{where}: an HF tokenizer directory or sentencepiece .model "
-                         "(train one with `zerotrain train-tokenizer`)")
+    if source is None:  # from scratch: the tokenizer zerotrain ships, as MiniMind ships its own
+        from model.tokenizer import DEFAULT_TOKENIZER
+
+        return str(DEFAULT_TOKENIZER)
+    # A model without its tokenizer: guessing one could silently mis-map every id.
+    raise ZerotrainError(f"--tokenizer is required ({source.path} has none): the HF tokenizer directory or "
+                         "sentencepiece .model the model was trained with")
 
 
 def lora_target_modules(model: torch.nn.Module) -> list[str]:
@@ -46,24 +50,55 @@ def lora_target_modules(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def build_base_model(cfg: Config, source: Resolved | None, vocab_size: int, context: int) -> torch.nn.Module:
-    """The (not yet LoRA-wrapped) model: random from the preset, or loaded from the source."""
+def build_base_model(cfg: Config, source: Resolved | None, tokenizer: Any, context: int) -> torch.nn.Module:
+    """The (not yet LoRA-wrapped) model: random from the preset, or loaded from the source, its
+    embeddings resized when `tokenizer` extends the source's own (fit_vocabulary)."""
     from model.build import build_model
+    from model.tokenizer import load_tokenizer
 
     attn = cfg.model.attn_implementation
     if source is None:
-        return build_model(cfg.model.preset, vocab_size=vocab_size, max_seq_len=context, attn_implementation=attn)
+        return build_model(cfg.model.preset, vocab_size=len(tokenizer), max_seq_len=context, attn_implementation=attn)
     if source.kind == "state_dict":
-        return build_model(str(source.path), preset=cfg.model.preset, vocab_size=vocab_size, max_seq_len=context,
-                           attn_implementation=attn)
-    if source.kind == "hf":
+        # shaped by the tokenizer it was trained with (the one beside it), which --tokenizer may extend
+        own = load_tokenizer(str(source.tokenizer)) if cfg.model.tokenizer and source.tokenizer else tokenizer
+        model = build_model(str(source.path), preset=cfg.model.preset, vocab_size=len(own), max_seq_len=context,
+                            attn_implementation=attn)
+    elif source.kind == "hf":
         model = build_model(str(source.path), attn_implementation=attn)
     else:
         model = _model_from_checkpoint(cfg, source)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if rows < vocab_size:
-        raise ZerotrainError(f"--init-from {source.path} has {rows} token embeddings but the tokenizer has {vocab_size} "
-                             "tokens: use the tokenizer that model was trained with")
+    return fit_vocabulary(model, tokenizer, source)
+
+
+def fit_vocabulary(model: torch.nn.Module, tokenizer: Any, source: Resolved) -> torch.nn.Module:
+    """`model` with room for every token of `tokenizer`: unchanged when it has an embedding row for
+    each; grown with transformers' resize_token_embeddings (input and output embeddings, new rows
+    initialised as it does by default) when `tokenizer` extends the source's own tokenizer, keeping
+    each of its tokens' ids (zerotrain extend-tokenizer); any other tokenizer is refused.
+
+    Called on the whole model on every rank, before deepspeed.initialize (ZeRO-3 included), with the
+    same seed everywhere, so every rank holds the same new rows when DeepSpeed partitions them."""
+    from engine.distributed import world
+    from engine.trainer import log_on_rank0
+    from model.tokenizer import id_changes, load_tokenizer
+
+    rows, size, name = model.get_input_embeddings().weight.shape[0], len(tokenizer), tokenizer.name_or_path
+    if rows >= size:
+        return model
+    problem = f"--init-from {source.path} has {rows} token embeddings but tokenizer {name} has {size} tokens"
+    own = load_tokenizer(str(source.tokenizer)) if source.tokenizer is not None else None
+    if own is None:
+        raise ZerotrainError(f"{problem}, and no tokenizer of its own beside it to check that {name} extends it: "
+                             "use the tokenizer that model was trained with, or put it beside the model")
+    changed = id_changes(own, tokenizer)
+    if changed:
+        raise ZerotrainError(f"{problem} and does not keep the ids of the model's own tokenizer {source.tokenizer} "
+                             f"({len(changed)} of its {len(own)} tokens differ: {', '.join(changed[:3])}): use the "
+                             "tokenizer that model was trained with, or one made from it with `zerotrain "
+                             "extend-tokenizer`")
+    model.resize_token_embeddings(size)
+    log_on_rank0(world().rank, f"resized embeddings {rows} -> {size} for tokenizer {name}")
     return model
 
 
@@ -96,7 +131,6 @@ def _model_from_checkpoint(cfg: Config, source: Resolved) -> torch.nn.Module:
 def wrap_lora(cfg: Config, model: torch.nn.Module, base_path: str | None) -> torch.nn.Module:
     """get_peft_model with the run's LoRA settings (base weights frozen)."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
     lora = cfg.lora
     targets = lora.lora_target_modules or lora_target_modules(model)
@@ -108,7 +142,20 @@ def wrap_lora(cfg: Config, model: torch.nn.Module, base_path: str | None) -> tor
     peft_config = PeftLoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                                  target_modules=targets, modules_to_save=lora.lora_modules_to_save or None,
                                  task_type="CAUSAL_LM", base_model_name_or_path=base_path)
-    return get_peft_model(model, peft_config)
+    return _peft_model(model, peft_config)
+
+
+def _peft_model(model: torch.nn.Module, peft_config) -> torch.nn.Module:
+    """get_peft_model without its tied-embeddings warning: tied embed_tokens/lm_head in
+    modules_to_save are trained as separate copies on purpose and exported untied (merged_model,
+    consolidate), where peft's ensure_weight_tying would train one copy for both."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Model has `tie_word_embeddings=True`", category=UserWarning)
+        return get_peft_model(model, peft_config)
 
 
 def lora_record(model: torch.nn.Module) -> dict[str, Any] | None:
@@ -139,12 +186,11 @@ def save_adapter(peft_model, state_dict: dict[str, torch.Tensor], out_dir: Path)
 
 def merged_model(peft_model, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain transformers model with the LoRA update folded in, built on the CPU from gathered weights."""
-    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     base_config = peft_model.get_base_model().config
     with torch.device("meta"):
-        skeleton = get_peft_model(AutoModelForCausalLM.from_config(base_config), peft_model.peft_config["default"])
+        skeleton = _peft_model(AutoModelForCausalLM.from_config(base_config), peft_model.peft_config["default"])
     skeleton.load_state_dict(state_dict, strict=False, assign=True)
     model = skeleton.merge_and_unload()
     # modules_to_save trains embed_tokens and lm_head as separate copies: keep them untied.
