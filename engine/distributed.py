@@ -32,8 +32,51 @@ def comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def quiet_output(rank: int, verbose: bool) -> None:
+    """One copy of a run's output: Python warnings, the libraries' log records (transformers, peft,
+    datasets, DeepSpeed) and transformers' progress bars come from rank 0 alone, each distinct
+    warning once; the other ranks still print errors. `verbose` leaves every rank as it was.
+
+    Call it before DeepSpeed is imported: its import logs "Setting accelerator to CPU" on every rank.
+    """
+    import logging
+    import warnings
+
+    if verbose:
+        return
+    if rank == 0:
+        _show_each_warning_once()
+        return
+    warnings.simplefilter("ignore")
+    # Every logger at once, DeepSpeed's too (it sets its own level when imported); ERROR and above pass.
+    logging.disable(logging.WARNING)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
+def _show_each_warning_once() -> None:
+    """Python's own "default" and "once" actions forget what they showed whenever any code changes
+    the warning filters (every `warnings.catch_warnings` block does, in torch, transformers and
+    peft), so a warning raised again later is printed again; remember by message instead. The
+    filters (-W, PYTHONWARNINGS) still decide what is shown at all."""
+    import warnings
+
+    shown: set[tuple[str, type[Warning]]] = set()
+    show = warnings.showwarning
+
+    def show_once(message, category, filename, lineno, file=None, line=None) -> None:
+        if (str(message), category) not in shown:
+            shown.add((str(message), category))
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_once
+
+
 def init_distributed(local_rank: int) -> None:
     """Start the process group (DeepSpeed picks nccl or gloo)."""
+    import contextlib
+    import io
     import logging
 
     import deepspeed
@@ -46,7 +89,11 @@ def init_distributed(local_rank: int) -> None:
         os.environ.setdefault(key, value)  # plain `python launcher/...`: a world of one
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed()
+    # DeepSpeed print()s "... deepspeed_shm_comm_op built successfully" on every rank as it starts
+    # the CPU backend; it goes only where DeepSpeed's own warnings go (not to ranks quiet_output silenced).
+    shown = deepspeed.utils.logger.isEnabledFor(logging.WARNING)
+    with contextlib.nullcontext() if shown else contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed()
 
 
 def shutdown_distributed() -> None:

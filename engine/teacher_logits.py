@@ -184,12 +184,13 @@ def main(argv: list[str], top_k: int) -> int:
 
     from engine.builders import build_data, plan_run
     from engine.config import parse_config
-    from engine.distributed import init_distributed, shutdown_distributed, world
+    from engine.distributed import init_distributed, quiet_output, shutdown_distributed, world
     from engine.objectives.distill import DISTILL
     from engine.trainer import log_on_rank0
 
     here = world()
     cfg = parse_config([*argv, "--teacher-top-k", str(top_k)], description="zerotrain teacher-logits")
+    quiet_output(here.rank, cfg.train.verbose)
     with tempfile.TemporaryDirectory() as scratch:
         if not cfg.train.output_dir:  # the plan wants a run directory; nothing is written to it
             cfg.train.output_dir = str(Path(scratch) / "run")

@@ -12,7 +12,7 @@ import warnings
 from common.errors import ZerotrainError
 from engine.builders import build_data, build_engine, build_model, plan_run, start
 from engine.config import Config, parse_config
-from engine.distributed import World, shutdown_distributed, world
+from engine.distributed import World, quiet_output, shutdown_distributed, world
 from engine.objectives import Stage
 from engine.trainer import Hooks, Trainer, log_on_rank0
 
@@ -38,6 +38,8 @@ def main(argv: list[str] | None, stage: Stage, hooks: Hooks | None = None) -> in
     here = world()
     try:
         cfg = parse_config(argv, description=f"zerotrain {stage.name}")
+        # Before anything imports DeepSpeed (setup does): every rank would log its accelerator line.
+        quiet_output(here.rank, cfg.train.verbose)
         trainer: Trainer | None = None
         pending: list[int] = []
         # From here on SIGTERM/SIGUSR1 (SLURM preemption) mean: finish the step, save, exit 0.
