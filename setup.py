@@ -8,6 +8,7 @@ setup(
     description="DeepSpeed ZeRO 0-3 pretraining and SFT (full and LoRA) for GPT-style language models",
     python_requires=">=3.10",
     packages=["common", "engine", "model"],
+    package_data={"model": ["default_tokenizer/*"]},  # the tokenizer of runs from scratch
     # torch is installed first by `make install` (the CPU build here, CUDA on GPU machines);
     # a range it satisfies keeps pip from pulling another build.
     install_requires=[
@@ -25,7 +26,9 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        "fastapi",  # zerotrain serve
+        "uvicorn",
     ],
-    extras_require={"test": ["pytest>=8", "ninja", "trl==1.16.0"]},
+    extras_require={"test": ["pytest>=8", "ninja", "trl==1.16.0", "openai"]},
     entry_points={"console_scripts": ["zerotrain = engine.cli:main"]},
 )

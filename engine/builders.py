@@ -99,13 +99,13 @@ def check_stage_sections(cfg: Config, stage: Stage) -> None:
                                  "launcher it belongs to")
 
 
-def _default_kind(entries: list[str]) -> str:
+def _default_kind(entries: list[str], columns: str) -> str:
     """What plain --data entries hold: a prepared directory says so in its meta.json, raw files
-    by their first record."""
+    by their first record (or by the --columns mapping)."""
     plain = [e for e in entries if e.split(":")[0] not in DATA_KINDS]
     if len(plain) == 1 and Path(plain[0]).is_dir():
         return read_meta(plain[0])["kind"]
-    return detect_kind(plain) if plain else "pretrain"
+    return detect_kind(plain, columns) if plain else "pretrain"
 
 
 def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
@@ -122,14 +122,15 @@ def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
     ds_config = fill_ds_config(raw_ds, cfg, world_size=world_size, precision=precision, device_type=device_type,
                                source=ds_source)
     check_stage_sections(cfg, stage)
-    sources = parse_data_sources(cfg.data.data, _default_kind(cfg.data.data) if stage.data_kind == "auto"
-                                 else stage.data_kind)
+    sources = parse_data_sources(cfg.data.data, _default_kind(cfg.data.data, cfg.data.columns)
+                                 if stage.data_kind == "auto" else stage.data_kind)
     if stage.data_kind == "pref" and (len(sources) > 1 or sources[0].kind != "pref"):
         raise ZerotrainError(f"{stage.name} trains on preference pairs only, from one source: got "
                              + ", ".join(f"{s.kind}:{' '.join(s.paths)}" for s in sources))
     for source in sources:
         raw = [p for p in source.paths if not Path(p).is_dir()]
-        held = detect_kind(raw) if raw else None
+        # --columns maps the conversation or pair sources; pretraining text is always read from "text"
+        held = detect_kind(raw, cfg.data.columns if source.kind != "pretrain" else "") if raw else None
         if held and (stage.data_kind == "pref") != (held == "pref"):
             raise ZerotrainError(f"{' '.join(raw)}: preference pairs are for launcher/dpo.py, and it trains on "
                                  f"nothing else ({stage.name} was given {held} data)")
@@ -184,7 +185,8 @@ def prepare_sources(cfg: Config, sources: list[DataSource], tokenizer, local_ran
             return Path(source.paths[0])
         return prepare_cached(source.kind, source.paths, tokenizer, cfg.data.cache_dir, seq_len=cfg.data.seq_len,
                               val_fraction=cfg.data.val_fraction, skip_bad_lines=cfg.data.skip_bad_lines,
-                              show_progress=show_progress)
+                              show_progress=show_progress,
+                              columns=cfg.data.columns if source.kind != "pretrain" else "")
 
     directories = on_rank0(lambda: [prepared(s, show_progress=True) for s in sources], local_rank, "data preparation")
     if local_rank != 0:
@@ -197,7 +199,12 @@ def build_data(cfg: Config, plan: RunPlan, world: World, log: Log) -> Data:
     kind, and this rank's loader."""
     from model.tokenizer import tokenizer_fingerprint
 
+    from model.tokenizer import DEFAULT_TOKENIZER
+
     tokenizer, sources = plan.tokenizer, plan.sources
+    shipped = Path(tokenizer.name_or_path) == DEFAULT_TOKENIZER
+    log(f"tokenizer {tokenizer.name_or_path}: {len(tokenizer)} tokens"
+        + (" (zerotrain's default, for runs from scratch; --tokenizer to use another)" if shipped else ""))
     trains, vals = [], []
     directories = prepare_sources(cfg, sources, tokenizer, world.local_rank)
     for source, directory in zip(sources, directories):
@@ -256,7 +263,7 @@ def build_model(cfg: Config, plan: RunPlan) -> Model:
 
     tokenizer, source = plan.tokenizer, plan.init_source
     torch.manual_seed(cfg.train.seed)
-    model = build_base_model(cfg, source, len(tokenizer), plan.context)
+    model = build_base_model(cfg, source, tokenizer, plan.context)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model.config, name, getattr(tokenizer, name))
         setattr(model.generation_config, name, getattr(tokenizer, name))

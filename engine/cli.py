@@ -1,7 +1,8 @@
 """The `zerotrain` command: one subcommand per tool.
 
     zerotrain train-tokenizer --input FILE... --vocab-size 6400 --output DIR
-    zerotrain prepare --kind pretrain|sft|pref --input FILE... --tokenizer DIR --output DIR
+    zerotrain extend-tokenizer --base TOKENIZER --input FILE... --add-vocab N --output DIR
+    zerotrain prepare --kind pretrain|sft|pref --input FILE... --tokenizer DIR --output DIR [--columns K=FIELD,...]
     zerotrain consolidate CKPT_DIR OUTPUT [--tag global_stepN] [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
     zerotrain extract-adapter CKPT_DIR OUT_DIR [--tag global_stepN] [--lora-alpha A | --adapter-config FILE]
     zerotrain merge-adapter BASE ADAPTER OUTPUT
@@ -10,7 +11,9 @@
     zerotrain generate --model DIR [--adapter DIR] --prompt TEXT... [--no-chat] [--temperature T]
     zerotrain chat --model DIR [--adapter DIR] [--system TEXT]
     zerotrain eval --model DIR [--adapter DIR] --data FILE... [--kind auto|pretrain|sft] [--json]
+    zerotrain serve RUN_OR_MODEL [--adapter DIR] [--host 127.0.0.1] [--port 8000] [--model-name NAME]
     zerotrain plot RUN_DIR... [--out FILE.png]
+    zerotrain env [--output-dir DIR] [--json]
 """
 
 from __future__ import annotations
@@ -34,13 +37,26 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
           + (f" ({stats.bad_lines} bad lines skipped)" if stats.bad_lines else ""))
 
 
+def cmd_extend_tokenizer(args: argparse.Namespace) -> None:
+    from engine.data import ReadStats, read_documents
+    from model.tokenizer import extend_tokenizer
+
+    stats = ReadStats()
+    texts = (doc for path in args.input for doc in read_documents(path, args.skip_bad_lines, stats))
+    done = extend_tokenizer(args.base, texts, args.add_vocab, args.output)
+    print(f"tokenizer with {len(done.tokenizer)} tokens ({done.base_size} of {args.base} + {done.added} new) "
+          f"written to {args.output}" + (f" ({stats.bad_lines} bad lines skipped)" if stats.bad_lines else ""))
+    print(f"tokens per character of the input: {done.tokens_before / done.characters:.3f} before, "
+          f"{done.tokens_after / done.characters:.3f} after")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from engine.data import prepare
     from model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     meta = prepare(args.kind, args.input, tokenizer, args.output, seq_len=args.seq_len,
-                   val_fraction=args.val_fraction, skip_bad_lines=args.skip_bad_lines)
+                   val_fraction=args.val_fraction, skip_bad_lines=args.skip_bad_lines, columns=args.columns)
     splits = ", ".join(f"{name}: {json.dumps(counts)}" for name, counts in meta["splits"].items())
     skipped = {k: v for k, v in meta["stats"].items() if v}
     print(f"{args.kind} data in {args.output} ({meta['dtype']}) {splits}" + (f"; skipped {skipped}" if skipped else ""))
@@ -161,6 +177,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{'skipped':<10} {result['skipped']}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from transformers.utils import logging
+
+    from engine.serve import serve
+
+    logging.disable_progress_bar()  # "Loading weights" bars would interleave with the server's log
+    serve(args.model, adapter=args.adapter, tokenizer=args.tokenizer, host=args.host, port=args.port,
+          model_name=args.model_name)
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -169,6 +195,13 @@ def cmd_plot(args: argparse.Namespace) -> None:
     out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else Path("curves.png"))
     runs = plot_runs(args.run_dirs, out, title=args.title)
     print(f"wrote {out}: " + ", ".join(f"{r.label} ({r.steps} steps)" for r in runs))
+
+
+def cmd_env(args: argparse.Namespace) -> None:
+    from engine.env_report import collect, format_report
+
+    report = collect(args.output_dir)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
 
 
 def cmd_teacher_logits(args: argparse.Namespace) -> None:
@@ -225,6 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-lines", action="store_true")
     p.set_defaults(func=cmd_train_tokenizer)
 
+    p = sub.add_parser("extend-tokenizer", allow_abbrev=False,
+                       help="append new text's tokens to a tokenizer, every existing id kept",
+                       description="Train a tokenizer of the base's kind with --add-vocab pieces on the input and "
+                                   "append those the base lacks after its own (up to --add-vocab new tokens): a "
+                                   "byte-level BPE directory gets the new merges, a sentencepiece .model the new "
+                                   "pieces. Models trained with the base continue with --tokenizer DIR.")
+    p.add_argument("--base", required=True, metavar="TOKENIZER",
+                   help="byte-level BPE tokenizer directory or sentencepiece .model file")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".txt, .jsonl ({'text'}) or .parquet")
+    p.add_argument("--add-vocab", type=int, required=True, metavar="N", help="new tokens to learn (at most)")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--skip-bad-lines", action="store_true")
+    p.set_defaults(func=cmd_extend_tokenizer)
+
     p = sub.add_parser("prepare", allow_abbrev=False,
                        help="tokenize pretraining text, SFT conversations or preference pairs into token files")
     p.add_argument("--kind", choices=("pretrain", "sft", "pref"), required=True,
@@ -235,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="SFT and pref: truncate each sequence to this many tokens")
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines and report the count")
+    p.add_argument("--columns", default="", metavar="KEY=FIELD,...",
+                   help="sft and pref: read every file through this field mapping instead of detecting its shape, "
+                        "e.g. prompt=question,response=answer or messages=dialog,role=speaker,content=text,"
+                        "user=human,assistant=bot or chosen=good,rejected=bad,prompt=question")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("consolidate", allow_abbrev=False,
@@ -347,6 +398,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("serve", allow_abbrev=False, help="an OpenAI-compatible HTTP server for a model",
+                       description="Serves GET /v1/models, POST /v1/chat/completions and POST /v1/completions "
+                                   "(streaming too) for the OpenAI client or curl; one generation at a time, n=1. "
+                                   "Stops cleanly on SIGTERM or Ctrl-C.")
+    p.add_argument("model", metavar="RUN_OR_MODEL",
+                   help="HF model directory, or a zerotrain run directory (its final/ is used)")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory to put on top of the model")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the model directory's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", metavar="NAME",
+                   help="the model's id in the API (default: the name of RUN_OR_MODEL's directory)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("teacher-logits", allow_abbrev=False,
                        help="store a distillation teacher's top-k log-probs beside the prepared data",
                        description="Run the teacher of a distill run once over its data and store, for every "
@@ -367,6 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image to write (default: RUN_DIR/curves.png for one run, ./curves.png for several)")
     p.add_argument("--title", help="figure title (default: the run names)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("env", allow_abbrev=False, help="versions, accelerators, build tools and free disk: "
+                                                       "attach its output to a bug report",
+                       description="Python and library versions (torch with its CUDA/NCCL builds, deepspeed, "
+                                   "transformers, peft, trl, datasets, tokenizers, safetensors), the accelerator "
+                                   "DeepSpeed picks and the devices torch sees, whether DeepSpeed can JIT-build "
+                                   "its ops (ninja, a C++ compiler, CUDA_HOME), and the free disk of the data "
+                                   "cache and of --output-dir.")
+    p.add_argument("--output-dir", default=".", metavar="DIR",
+                   help="where runs will be written, for its free disk (default: the current directory)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=cmd_env)
     return parser
 
 

@@ -98,6 +98,11 @@ class DataConfig:
     """Share of documents (pretraining) or conversations (SFT) held out for validation."""
     skip_bad_lines: bool = False
     """Skip malformed input lines and report how many, instead of stopping at the first."""
+    columns: str = ""
+    """SFT and preference files in a shape of their own: KEY=FIELD,... naming the record fields
+    (prompt=q,response=a[,input,system,history]; messages=dialog,role=speaker,content=text,user=human,
+    assistant=bot; chosen=good,rejected=bad[,prompt,system]). Overrides shape detection for every raw
+    SFT/pref file of the run; empty: detect each file's shape."""
     pack: bool = False
     """SFT: pack several conversations into one row (boundaries kept through position_ids)."""
     data_cache_dir: str = ""
@@ -123,8 +128,9 @@ class OptimConfig:
     """Peak learning rate, reached after warmup_steps."""
     min_lr_ratio: float = 0.1
     """Learning rate at the end of the cosine decay, as a fraction of lr."""
-    warmup_steps: int = 100
-    """Optimizer steps of linear warmup from 0 to lr."""
+    warmup_steps: int | None = None
+    """Optimizer steps of linear warmup from 0 to lr; default min(100, max_steps // 10), so a short
+    smoke run warms up too."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay; never applied to norms, biases and embeddings."""
     adam_beta1: float = 0.9
@@ -137,7 +143,7 @@ class OptimConfig:
         _positive("lr", self.lr)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             _bad("min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
-        if self.warmup_steps < 0:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             _bad("warmup_steps", self.warmup_steps, "0 or more")
         if self.weight_decay < 0:
             _bad("weight_decay", self.weight_decay, "0 or more")
@@ -178,6 +184,9 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     """DeepSpeed monitors to log to as well, written under output_dir/monitor: tensorboard, csv, wandb.
     (Not `--monitor`: torchrun would take that as an abbreviation of its --monitor-interval.)"""
+    verbose: bool = False
+    """Every rank prints its library warnings, logs and progress bars (by default only rank 0 does,
+    each distinct warning once); add ZEROTRAIN_DS_LOG=info for DeepSpeed's engine details."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "log_interval", "eval_batches",
@@ -354,6 +363,8 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
+        if self.optim.warmup_steps is None:  # resolved once, so config.yaml records what the run used
+            self.optim.warmup_steps = min(100, self.train.max_steps // 10)
         if self.optim.warmup_steps > self.train.max_steps:
             raise ZerotrainError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) is larger than train.max_steps "

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from engine.data import MixedDataset, ShardedSampler
 from tests.conftest import SAMPLES

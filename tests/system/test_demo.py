@@ -5,7 +5,6 @@ plots, report) runs, and every artifact it reports exists and loads."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -110,3 +110,14 @@ def test_flags_of_another_stage_are_refused():
     with pytest.raises(ZerotrainError, match=r"--beta, --precompute-ref: not a flag of sft \(pref section\)"):
         check_stage_sections(cfg, SFT)
     check_stage_sections(parse_config([]), SFT)
+
+
+@pytest.mark.parametrize("argv, warmup", [
+    (["--max-steps", "16"], 1), (["--max-steps", "500"], 50), (["--max-steps", "5000"], 100),
+    (["--max-steps", "3"], 0), (["--max-steps", "16", "--warmup-steps", "16"], 16),
+])
+def test_the_default_warmup_fits_the_run(argv, warmup):
+    """min(100, max_steps // 10) unless given; resolved in the config, so config.yaml records it."""
+    cfg = parse_config(argv)
+    assert cfg.optim.warmup_steps == warmup
+    assert Config.from_dict(cfg.to_dict()).optim.warmup_steps == warmup
