@@ -25,8 +25,8 @@ from common.publish import publishing
 from engine import checkpoint
 from engine.config import SECTIONS, STAGE_SECTIONS, Config
 from engine.data import (DATA_KINDS, BatchLoader, DataSource, MixedDataset, PretrainDataset, SFTDataset,
-                         ShardedSampler, collate_pad, collate_packed, collate_stack, detect_kind, parse_data_sources,
-                         prepare_cached, read_meta)
+                         ShardedSampler, collate_pad, collate_packed, collate_stack, detect_kind, parse_columns,
+                         parse_data_sources, prepare_cached, read_meta)
 from engine.distributed import World, init_distributed, on_rank0
 from engine.ds_config import fill_ds_config, load_ds_config, resolve_precision, zero_stage
 from engine.modeling import build_base_model, lora_record, resolve_init_from, tokenizer_path, wrap_lora
@@ -134,6 +134,13 @@ def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
         if held and (stage.data_kind == "pref") != (held == "pref"):
             raise ZerotrainError(f"{' '.join(raw)}: preference pairs are for launcher/dpo.py, and it trains on "
                                  f"nothing else ({stage.name} was given {held} data)")
+        if cfg.data.columns and not raw and source.kind != "pretrain":
+            # A prepared directory is read as it was prepared: a mapping given now would be ignored.
+            given, used = parse_columns(cfg.data.columns).spec(), read_meta(source.paths[0]).get("columns", "")
+            if given != used:
+                raise ZerotrainError(f"--columns {cfg.data.columns!r} does not apply to {source.paths[0]}, prepared "
+                                     + (f"with --columns {used!r}" if used else "without --columns")
+                                     + ": drop --columns, or prepare the raw files again with it")
     check_output_dir(cfg, run.root)
     resume_tag = checkpoint.find_resume_tag(run.checkpoints, cfg.checkpoint.resume)
     saved = checkpoint.saved_world_size(resume_tag) if resume_tag is not None else None

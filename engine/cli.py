@@ -157,14 +157,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from engine.data import detect_kind
     from engine.generate import evaluate
 
-    kind = detect_kind(args.data) if args.kind == "auto" else args.kind
+    kind = detect_kind(args.data, args.columns) if args.kind == "auto" else args.kind
     if kind == "pref":
         raise ZerotrainError(f"{' '.join(args.data)}: preference pairs (chosen/rejected); eval measures language-model "
                              "loss on pretraining text or SFT conversations only. Evaluate on SFT data, or watch a "
                              "DPO run's val_rewards/* in its metrics.jsonl")
     model, tokenizer = _load_for_inference(args)
     result = evaluate(model, tokenizer, args.data, kind=kind, seq_len=args.seq_len, batch_size=args.batch_size,
-                      max_batches=args.max_batches, show_progress=not args.json)
+                      max_batches=args.max_batches, show_progress=not args.json, columns=args.columns)
     if args.json:
         print(json.dumps(result))
         return
@@ -395,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="window length (pretrain), truncation length (SFT)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, metavar="N", help="stop after N batches (default: all the data)")
+    p.add_argument("--columns", default="", metavar="KEY=FIELD,...",
+                   help="where the conversations' parts are, as training's --columns")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_eval)
 

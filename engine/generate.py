@@ -33,17 +33,24 @@ def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
     """(model in eval mode on the GPU if there is one, else the CPU; tokenizer).
 
     `model_dir` is an HF model directory or a run directory (RUN/final). The tokenizer comes from
-    `tokenizer`, else from the model directory. `adapter` is a PEFT adapter directory put on top.
+    `tokenizer`, else from the adapter directory when it holds one (extract-adapter writes the
+    run's), else from the model directory. `adapter` is a PEFT adapter directory put on top; one
+    trained with an extended tokenizer (its embeddings in modules_to_save) gets a base whose
+    embeddings are first grown to the tokenizer, as training grew them.
     """
     from model.build import build_model
-    from model.tokenizer import load_tokenizer
+    from model.tokenizer import id_changes, load_tokenizer
 
     model_dir = resolve_model_dir(model_dir)
-    tok = load_tokenizer(str(tokenizer or model_dir))
+    with_adapter = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+    tok = load_tokenizer(str(tokenizer or (adapter if with_adapter else model_dir)))
     model = build_model(str(model_dir))
     if len(tok) > model.config.vocab_size:
-        raise ZerotrainError(f"the tokenizer has {len(tok)} tokens but model {model_dir} only "
-                             f"{model.config.vocab_size}; pass the tokenizer it was trained with (--tokenizer)")
+        own = model_dir / "tokenizer_config.json"
+        if adapter is None or not own.is_file() or id_changes(load_tokenizer(str(model_dir)), tok):
+            raise ZerotrainError(f"the tokenizer has {len(tok)} tokens but model {model_dir} only "
+                                 f"{model.config.vocab_size}; pass the tokenizer it was trained with (--tokenizer)")
+        model.resize_token_embeddings(len(tok))  # the adapter's saved embeddings fill the new rows
     if adapter is not None:
         model = _load_adapter(model, Path(adapter), model_dir)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
@@ -198,8 +205,10 @@ def _fit_history(model: torch.nn.Module, tokenizer, history: Messages, keep: int
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokenizer, data: list[str], *, kind: str = "auto", seq_len: int = 512,
-             batch_size: int = 8, max_batches: int | None = None, show_progress: bool = False) -> dict[str, Any]:
-    """Loss (total token NLL / trained tokens) and perplexity of `model` on raw data files.
+             batch_size: int = 8, max_batches: int | None = None, show_progress: bool = False,
+             columns: str = "") -> dict[str, Any]:
+    """Loss (total token NLL / trained tokens) and perplexity of `model` on raw data files
+    (conversations read through a --columns mapping when one is given).
 
     Pretraining text: fixed windows of `seq_len` tokens (the tail that fills no window is left
     out), every next token counted. SFT: each conversation (truncated to `seq_len`), only the
@@ -211,7 +220,7 @@ def evaluate(model: torch.nn.Module, tokenizer, data: list[str], *, kind: str = 
     from engine.objectives.causal_lm import CausalLM
 
     objective = CausalLM()
-    kind = detect_kind(data) if kind == "auto" else kind
+    kind = detect_kind(data, columns) if kind == "auto" else kind
     limit = context_length(model)
     if limit is not None and seq_len > limit:
         raise ZerotrainError(f"--seq-len {seq_len} is longer than the model's context of {limit} tokens")
@@ -219,7 +228,7 @@ def evaluate(model: torch.nn.Module, tokenizer, data: list[str], *, kind: str = 
         raise ZerotrainError("--seq-len must be at least 2, --batch-size and --max-batches at least 1")
     with tempfile.TemporaryDirectory(prefix="zerotrain-eval-") as tmp:
         meta = prepare(kind, data, tokenizer, Path(tmp) / "data", seq_len=seq_len, val_fraction=0.0,
-                       show_progress=False)
+                       show_progress=False, columns=columns)
         if kind == "pretrain":
             dataset, collate = PretrainDataset(Path(tmp) / "data", "train", seq_len), collate_stack
         else:

@@ -118,6 +118,14 @@ def test_lora_adapter_carries_the_resized_embeddings(base_model_dir, tokenizer, 
     assert main(["generate", "--model", str(tmp_path / "merged"), "--prompt", "春眠不覺曉", "--no-chat",
                  "--max-new-tokens", "4"]) == 0
 
+    # unmerged: the base grown to the adapter's tokenizer, then the adapter, as PEFT's own loading above
+    from engine.generate import load_for_inference
+
+    unmerged, tok = load_for_inference(base_model_dir, tmp_path / "adapter")
+    assert len(tok) == size
+    with torch.no_grad():
+        torch.testing.assert_close(unmerged(input_ids=ids).logits, peft(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
 
 def test_non_prefix_tokenizer_refused(base_model_dir, tokenizer, chinese, tmp_path):
     from model.tokenizer import train_tokenizer

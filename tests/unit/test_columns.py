@@ -212,3 +212,36 @@ def test_a_record_without_a_mapped_field_names_file_line_and_the_fields_present(
     path = write_jsonl(tmp_path / "s.jsonl", [renamed_pair(PAIRS[0])])
     with pytest.raises(ZerotrainError, match=r"s.jsonl:1: 'good' holds a str, not a message list.*add prompt=FIELD"):
         list(read_pairs(path, columns=parse_columns("chosen=good,rejected=bad")))
+
+
+def test_eval_reads_a_mapped_file_as_training_does(base_model_dir, tmp_path, capsys):
+    import json
+
+    from engine.cli import main
+
+    native = write_jsonl(tmp_path / "dolly.jsonl", DOLLY)
+    renamed = write_jsonl(tmp_path / "renamed.jsonl", [renamed_dolly(r) for r in DOLLY])
+    results = []
+    for path, flags in ((native, []), (renamed, ["--columns", "prompt=q,input=ctx,response=a"])):
+        assert main(["eval", "--model", str(base_model_dir), "--data", str(path), "--seq-len", "64", "--json",
+                     *flags]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert results[0]["kind"] == results[1]["kind"] == "sft"
+    assert results[0]["tokens"] == results[1]["tokens"] > 0 and results[0]["loss"] == results[1]["loss"]
+
+
+def test_a_mapping_given_with_a_prepared_directory_must_be_the_one_it_was_prepared_with(tokenizer_dir, tmp_path):
+    from engine.builders import plan_run
+    from engine.objectives.causal_lm import SFT
+    from model.tokenizer import load_tokenizer
+
+    renamed = write_jsonl(tmp_path / "renamed.jsonl", [renamed_dolly(r) for r in DOLLY])
+    columns = "prompt=q,input=ctx,response=a"
+    prepare("sft", [str(renamed)], load_tokenizer(str(tokenizer_dir)), tmp_path / "p", seq_len=64,
+            show_progress=False, columns=columns)
+    argv = ["--data", str(tmp_path / "p"), "--tokenizer", str(tokenizer_dir), "--seq-len", "64",
+            "--output-dir", str(tmp_path / "run")]
+    for same in ([], ["--columns", "response=a,prompt=q,input=ctx"]):  # none, or the same in another order
+        plan_run(parse_config(argv + same), SFT, 1)
+    with pytest.raises(ZerotrainError, match="prepared with --columns 'input=ctx,prompt=q,response=a': drop"):
+        plan_run(parse_config(argv + ["--columns", "prompt=q,response=a"]), SFT, 1)
