@@ -105,17 +105,25 @@ def save(engine, ckpt_dir: Path, client_state: dict[str, Any], sidecar: Sidecar,
     if rank == 0:
         replace(sidecar, files=manifest(tag_dir)).write(tag_dir)
         write_text(ckpt_dir / LATEST, tag)
-        _prune(ckpt_dir, keep_last)
+        prune(ckpt_dir, keep_last, tag)
     dist.barrier()
     return tag_dir
 
 
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
+def prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
+    """Keep the newest `keep_last` complete tags (those with a sidecar) and `current`, the tag
+    just saved and named by `latest`; remove the rest, unfinished saves included. Counting only
+    complete tags means a leftover unfinished save (say a crash at another save interval) can
+    never push the only complete checkpoint out. keep_last <= 0 keeps everything."""
     if keep_last <= 0:
         return
-    for tag in zerotrain_tags(ckpt_dir)[:-keep_last]:
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-        shutil.rmtree(universal_dir(ckpt_dir / tag), ignore_errors=True)
+    tags = zerotrain_tags(ckpt_dir)
+    complete = [t for t in tags if (ckpt_dir / t / SIDECAR).is_file()]
+    keep = set(complete[-keep_last:]) | {current}
+    for tag in tags:
+        if tag not in keep:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+            shutil.rmtree(universal_dir(ckpt_dir / tag), ignore_errors=True)
 
 
 def tag_problems(tag_dir: Path) -> list[str]:
