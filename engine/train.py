@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import sys
 import warnings
+from typing import NoReturn
 
 from common.errors import ZerotrainError
 from engine.builders import build_data, build_engine, build_model, plan_run, start
@@ -31,6 +34,22 @@ def setup(cfg: Config, stage: Stage, here: World, hooks: Hooks | None = None) ->
     if resume_tag is not None:
         trainer.restore(resume_tag)
     return trainer
+
+
+def exit_process(status: int) -> NoReturn:
+    """End a launcher's process with `status` once its output is flushed, skipping interpreter
+    teardown. After a finished multi-rank run that teardown sometimes aborted in a C++ destructor
+    of the communication stack ("terminate called without an active exception", exit -6; seen in
+    ZeRO-3 CI runs even after the process group was destroyed), which torchrun and SLURM report as
+    a failed run although its final model is saved. A wandb run (DeepSpeed's monitor) is finished
+    first, as its exit hook would."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def main(argv: list[str] | None, stage: Stage, hooks: Hooks | None = None) -> int:

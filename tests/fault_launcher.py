@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.objectives.causal_lm import PRETRAIN  # noqa: E402
-from engine.train import main  # noqa: E402
+from engine.train import exit_process, main  # noqa: E402
 from engine.trainer import Hooks  # noqa: E402
 
 
@@ -39,4 +39,4 @@ def hooks(argv: list[str]) -> tuple[Hooks, list[str]]:
 
 if __name__ == "__main__":
     injected, argv = hooks(sys.argv[1:])
-    sys.exit(main(argv, PRETRAIN, injected))
+    exit_process(main(argv, PRETRAIN, injected))
