@@ -216,7 +216,7 @@ def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
                    help="HF model directory, or a zerotrain run directory (its final/ is used)")
     p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory to put on top of the model")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the model directory's)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the adapter directory's when it holds one, else the model directory's)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="RUN_OR_MODEL",
                    help="HF model directory, or a zerotrain run directory (its final/ is used)")
     p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory to put on top of the model")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the model directory's)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the adapter directory's when it holds one, else the model directory's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", metavar="NAME",
