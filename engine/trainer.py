@@ -73,7 +73,8 @@ class Trainer:
     hooks: Hooks = field(default_factory=Hooks)
     state: TrainState = field(default_factory=TrainState)
     resumed_from: Path | None = None
-    stop_signal: int | None = None
+    stop_signal: int | None = None  # set by this rank's signal handler
+    stopping: int | None = None  # the signal every rank agreed to stop on (see train_step)
     peak_flops: float | None = field(default_factory=device_peak_flops)
 
     @property
@@ -134,8 +135,11 @@ class Trainer:
         self.state.tokens_seen += int(totals["tokens"])
         self.state.nonfinite_steps += int(step_nonfinite)
         self.state.consecutive_nonfinite = self.state.consecutive_nonfinite + 1 if step_nonfinite else 0
-        if totals["signalled"] and self.stop_signal is None:  # another rank was signalled: stop with it
-            self.stop_signal = round(totals["signal"] / totals["signalled"])
+        # Stop on what the ranks agreed, never on this rank's own flag: a signal that lands after
+        # this reduction is seen by this rank alone, which would save while the others train on.
+        # It is counted at the next step's reduction instead.
+        if totals["signalled"] and self.stopping is None:
+            self.stopping = self.stop_signal or round(totals["signal"] / totals["signalled"])
         means = {k: None if step_nonfinite else v / max(1.0, units) for k, v in totals.items()
                  if k not in ("nonfinite", "tokens", "signalled", "signal")}
         return {**means, "tokens": int(totals["tokens"]), "lr": lr}
@@ -237,11 +241,11 @@ class Trainer:
             if step % cfg.checkpoint.save_interval == 0 or step == cfg.train.max_steps:
                 self.save()
                 last_saved = step
-            if self.stop_signal is not None:
+            if self.stopping is not None:
                 if last_saved != step:
                     self.save()
                 bar.close()
-                self.log(f"stopped by signal {signal.Signals(self.stop_signal).name} at step {step}; "
+                self.log(f"stopped by signal {signal.Signals(self.stopping).name} at step {step}; "
                          f"resume with --resume auto")
                 return 0
         bar.close()

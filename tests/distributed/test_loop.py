@@ -173,3 +173,36 @@ def test_any_exception_on_rank0_reaches_every_rank_at_once(tmp_path):
     assert r0["outcome"].startswith("KeyError")  # rank 0 raises its own exception
     assert r1["outcome"] == "ZerotrainError: the work failed on another rank; its log has the error"
     assert r1["seconds"] < 30  # not the process-group timeout
+
+
+def _late_signal(rank, world_size, out, base_model_dir):
+    import signal
+
+    import engine.trainer
+
+    trainer = build(rank, world_size, out, base_model_dir, "pretrain", seq_len=32, max_steps=5, save_interval=100,
+                    eval_interval=100, data=SAMPLES / "tinyshakespeare.txt")
+    reduce = engine.trainer.all_reduce_sums
+
+    def signal_after_the_step_reduction(sums, device):
+        totals = reduce(sums, device)
+        # rank 1's notice lands just after step 2's reduction: rank 0 cannot know of it yet
+        if rank == 1 and "signalled" in sums and trainer.state.step == 1:
+            trainer.stop_signal = signal.SIGUSR1
+        return totals
+
+    engine.trainer.all_reduce_sums = signal_after_the_step_reduction
+    status = trainer.fit()
+    (out / f"rank{rank}.json").write_text(json.dumps({"status": status, "step": trainer.state.step}))
+
+
+def test_a_signal_after_the_step_reduction_stops_every_rank_at_the_next_step(base_model_dir, tmp_path):
+    """A notice is acted on only once every rank knows of it: one that lands on rank 1 after step
+    2's reduction stops both ranks after step 3, the same step, with one checkpoint. (Acting on the
+    local flag at once made rank 1 save step 2 while rank 0 trained step 3: its collectives met
+    rank 0's training ones and a CI run aborted.)"""
+    run_ranks(_late_signal, 2, tmp_path, base_model_dir)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports == [{"status": 0, "step": 3}] * 2
+    tags = sorted(p.name for p in (tmp_path / "run2" / "checkpoints").iterdir() if p.name.startswith("global_step"))
+    assert tags == ["global_step3"]
