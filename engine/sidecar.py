@@ -3,7 +3,8 @@
 Written once, last, by rank 0 after every rank has saved (so its presence marks a complete
 save), and read by resume, consolidate, extract-adapter and inspect. It carries what the shards
 do not say: the run's config and model config, the LoRA settings, the training state, and a
-manifest of every file's fingerprint to catch truncated or foreign shards.
+manifest of every file's fingerprint to catch truncated or foreign shards. Whole-file digests,
+which come later from a background thread, live beside it in checksums/ (engine.checksums).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.checkpoint import tag_problems
+from engine.checksums import recorded_digests
+from engine.sidecar import Sidecar
 from tests.helpers import launcher_env, metrics, run_launcher, train_losses
 
 pytestmark = pytest.mark.distributed
@@ -43,6 +46,8 @@ def test_every_stage_and_precision_trains(tokenizer_dir, pretrain_data, tmp_path
     assert sorted(losses) == list(range(1, 17))
     assert sum(losses[s] for s in (14, 15, 16)) / 3 < losses[1] - 0.3, losses
     assert (out / "checkpoints" / "latest").read_text() == "global_step16"
+    tag = out / "checkpoints" / "global_step16"  # --verify-checkpoints full: every file hashed before the exit
+    assert set(recorded_digests(tag)[1]) == set(Sidecar.read(tag).files) and tag_problems(tag) == []
     assert any("val_loss" in r for r in metrics(out))
     assert final_weights(out)["model.embed_tokens.weight"].dtype == torch.float32
 
