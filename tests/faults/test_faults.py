@@ -71,13 +71,18 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(tokenizer_dir, pre
 
 
 def test_crash_in_the_middle_of_a_save_is_skipped(tokenizer_dir, pretrain_data, tmp_path, unbroken):
+    from engine.checkpoint import tag_problems
+
     out = tmp_path / "run"
-    proc = run_launcher("tests/fault_launcher.py", args(tokenizer_dir, pretrain_data, out, fault_kill_in_save=6),
-                        check=False)
+    proc = run_launcher("tests/fault_launcher.py", args(tokenizer_dir, pretrain_data, out, keep_last=1,
+                                                        fault_kill_at="6:save"), check=False)
     assert proc.returncode != 0
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text() == "global_step4"  # never the half-written one
+    assert tag_problems(ckpts / "global_step4") == []
     assert (ckpts / "global_step6").is_dir() and not (ckpts / "global_step6" / "zerotrain.json").exists()
+    # --keep-last 1 had pruned global_step2 at step 4's save; the failed save pruned nothing
+    assert sorted(p.name for p in ckpts.glob("global_step*")) == ["global_step4", "global_step6"]
     proc = run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, out))
     assert "skipped incomplete checkpoint(s) global_step6" in proc.stderr
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout

@@ -37,7 +37,14 @@ def test_resume_path_errors(tmp_path):
     assert find_resume_tag(tmp_path / "ckpts", "auto") is None and find_resume_tag(tmp_path, "never") is None
     half = tmp_path / "ckpts" / "global_step3"
     half.mkdir(parents=True)
-    with pytest.raises(ZerotrainError, match=r"no complete checkpoint .*global_step3 \(.*zerotrain.json is missing"):
+    # only an unfinished save (the job died in its first save): a warning, and the run starts over
+    with pytest.warns(UserWarning, match="only unfinished save.s. global_step3; starting from the beginning"):
+        assert find_resume_tag(tmp_path / "ckpts", "auto") is None
+    broken = tmp_path / "ckpts" / "global_step2"
+    broken.mkdir()
+    (broken / "zerotrain.json").write_text("{}")  # a tag that finished, then was damaged: never skipped silently
+    with pytest.raises(ZerotrainError, match=r"no complete checkpoint .*global_step3 \(.*zerotrain.json is missing"
+                                             r".*global_step2 \(no \*_model_states.pt file"):
         find_resume_tag(tmp_path / "ckpts", "auto")
 
 
