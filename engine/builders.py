@@ -156,7 +156,7 @@ def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
 def start(plan: RunPlan, cfg: Config, world: World) -> Path | None:
     """Join the process group, write config.yaml and tokenizer/ (rank 0), and return the tag to
     resume from, converted to the universal format when the number of ranks changed."""
-    init_distributed(world.local_rank)
+    init_distributed(world.local_rank, cfg.distributed.dist_timeout)
     if world.rank == 0:
         plan.run.root.mkdir(parents=True, exist_ok=True)
         cfg.save(plan.run.config)

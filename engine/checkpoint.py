@@ -4,7 +4,10 @@
 A checkpoint tag folder (`checkpoints/global_stepN/`) holds DeepSpeed's files (model, optimizer
 and scheduler state; the client state carries step, tokens seen, data position and config),
 one `rng_state_{rank}.pt` per rank, and `zerotrain.json`, written last by rank 0 once every
-rank has finished. Only then is `latest` replaced (temporary name, then rename).
+rank has finished. Only then is `latest` replaced (temporary name, then rename). With
+`--verify-checkpoints full` each rank then hashes its share of the files whole in the background
+and publishes the digests in `checksums/` (engine.checksums), whose `wait_for_checksums()` a
+launcher calls before the process exits.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import torch
 
 from common.errors import ZerotrainError
 from common.publish import put_in_place, remove, temporary_name, write_text
-from engine.distributed import comm_device
+from engine.checksums import start_digests
+from engine.distributed import comm_device, on_rank0
 from engine.run_dir import LATEST, SIDECAR, TAG_RE, tag_name, universal_dir, zerotrain_tags
 from engine.sidecar import Sidecar
 
@@ -72,11 +76,13 @@ def check_free_space(ckpt_dir: Path, needed: int) -> None:
 
 
 def save(engine, ckpt_dir: Path, client_state: dict[str, Any], sidecar: Sidecar, keep_last: int,
-         estimated_bytes: int, after_shards: Callable[[Path], None] | None = None) -> Path:
+         estimated_bytes: int, after_shards: Callable[[Path], None] | None = None, *, verify: str) -> Path:
     """Save a checkpoint of step `sidecar.step` on every rank (collective); returns the tag folder.
 
     `estimated_bytes` sizes the first checkpoint; later ones are assumed as big as the last.
     `after_shards(tag_dir)` runs on every rank once DeepSpeed's files are written (a test hook).
+    `verify` is --verify-checkpoints: with "full" this rank's share of the files is hashed in a
+    background thread once the save is complete, and the call returns without waiting for it.
     """
     import torch.distributed as dist
 
@@ -99,15 +105,30 @@ def save(engine, ckpt_dir: Path, client_state: dict[str, Any], sidecar: Sidecar,
         torch.save(rng_state(), tmp)
         os.replace(tmp, target)
     except OSError as e:
-        raise ZerotrainError(f"writing checkpoint {tag_dir} failed on rank {rank}: {e.strerror or e} "
-                             f"({e.filename or tag_dir}); the earlier checkpoints are intact") from e
+        raise write_failed(tag_dir, rank, e) from e
     dist.barrier()
-    if rank == 0:
-        replace(sidecar, files=manifest(tag_dir)).write(tag_dir)
-        write_text(ckpt_dir / LATEST, tag)
-        prune(ckpt_dir, keep_last, tag)
-    dist.barrier()
+
+    def complete() -> None:
+        try:
+            replace(sidecar, files=manifest(tag_dir)).write(tag_dir)
+            write_text(ckpt_dir / LATEST, tag)
+        except OSError as e:
+            # A tag with a sidecar counts as complete: none may stay behind a `latest` that failed.
+            (tag_dir / SIDECAR).unlink(missing_ok=True)
+            raise write_failed(tag_dir, rank, e) from e
+        prune(ckpt_dir, keep_last, tag)  # only once the new tag is complete and named
+
+    # A failure on rank 0 reaches every rank at once; they would otherwise wait in a barrier for it.
+    on_rank0(complete, rank, f"writing checkpoint {tag_dir}")
+    if verify == "full":
+        # on_rank0's collective is passed only once the sidecar (and its manifest) is written.
+        start_digests(tag_dir, list(Sidecar.read(tag_dir).files), rank, dist.get_world_size())
     return tag_dir
+
+
+def write_failed(tag_dir: Path, rank: int, e: OSError) -> ZerotrainError:
+    return ZerotrainError(f"writing checkpoint {tag_dir} failed on rank {rank}: {e.strerror or e} "
+                          f"({e.filename or tag_dir}); the earlier checkpoints are intact")
 
 
 def prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
@@ -168,6 +189,14 @@ def find_resume_tag(ckpt_dir: Path, resume: str) -> Path | None:
                 warnings.warn(f"skipped incomplete checkpoint(s) {', '.join(skipped)}; resuming from {tag}")
             return ckpt_dir / tag
         skipped.append(f"{tag} ({problems[0]})")
+    unfinished = [t for t in zerotrain_tags(ckpt_dir) if not (ckpt_dir / t / SIDECAR).is_file()]
+    if skipped and len(unfinished) == len(skipped):
+        # Only saves that never finished (the job died in its first save): nothing here was ever
+        # resumable, so the run starts over as it would have without them (an automatic requeue
+        # would otherwise fail on every start). A complete tag that is damaged stays an error.
+        warnings.warn(f"no complete checkpoint in {ckpt_dir}, only unfinished save(s) {', '.join(unfinished)}; "
+                      "starting from the beginning")
+        return None
     if skipped:
         raise ZerotrainError(f"no complete checkpoint in {ckpt_dir}: " + "; ".join(skipped)
                              + ". Remove the broken folders to start fresh, or pass --resume never with a new --output-dir")

@@ -184,6 +184,12 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     """DeepSpeed monitors to log to as well, written under output_dir/monitor: tensorboard, csv, wandb.
     (Not `--monitor`: torchrun would take that as an abbreviation of its --monitor-interval.)"""
+    hang_timeout: float | None = None
+    """Seconds a rank may go without finishing an optimizer step before the job is declared stalled:
+    every rank writes its threads' stacks to output_dir/hang/rankN.txt and the job exits (status 75)
+    so the launcher ends it. Default max(600, 20x the median step time once 3 steps are timed);
+    evaluation and checkpoint saves get max(this, 20x their own median; 600 the first time).
+    0 turns the watchdog off (the dead-rank check too)."""
     verbose: bool = False
     """Every rank prints its library warnings, logs and progress bars (by default only rank 0 does,
     each distinct warning once); add ZEROTRAIN_DS_LOG=info for DeepSpeed's engine details."""
@@ -194,6 +200,8 @@ class TrainConfig:
             _positive(name, getattr(self, name))
         if self.global_batch_size < 0:
             _bad("global_batch_size", self.global_batch_size, "0 (derived) or a positive integer")
+        if self.hang_timeout is not None and self.hang_timeout < 0:
+            _bad("hang_timeout", self.hang_timeout, "seconds, 0 (off), or unset for the default")
         if self.eval_interval < 0:
             _bad("eval_interval", self.eval_interval, "0 (only at the end) or a positive integer")
         if self.precision not in PRECISIONS:
@@ -213,9 +221,18 @@ class CheckpointConfig:
     """Checkpoints kept in output_dir/checkpoints; older ones are deleted (0 keeps all)."""
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint path."""
+    verify_checkpoints: str = "full"
+    """full: once a save is complete, each rank hashes its share of the tag's files whole (CRC-32) in a
+    background thread while training goes on, into TAG/checksums/; resume, consolidate, export,
+    extract-adapter and inspect re-hash and compare, so a flipped byte anywhere in a shard is caught. The
+    default, as it costs about a fifth (0.16-0.23x) of the time torch.save takes to write the same bytes, off
+    the critical path (BENCHMARKS.md). tail: each file's size and a hash of its last MiB only (truncation and
+    foreign files, not damage mid-file); also what a tag without digests gets."""
 
     def __post_init__(self) -> None:
         _positive("save_interval", self.save_interval)
+        if self.verify_checkpoints not in ("full", "tail"):
+            _bad("verify_checkpoints", self.verify_checkpoints, "full or tail")
         if self.keep_last < 0:
             _bad("keep_last", self.keep_last, "0 (keep all) or a positive integer")
         if not self.resume:
@@ -230,10 +247,15 @@ class DistributedConfig:
     """DeepSpeed JSON config; default ds_configs/zero{zero_stage}.json."""
     zero_stage: int | None = None
     """ZeRO stage 0-3; overrides the stage in ds_config (default 2 when neither says)."""
+    dist_timeout: int = 1800
+    """Seconds a collective (all-reduce, barrier; nccl and gloo alike) waits for the other ranks
+    before it fails. Raise it when rank 0 alone prepares a large corpus before training while the
+    others wait; a stall during training is caught sooner by --hang-timeout."""
 
     def __post_init__(self) -> None:
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             _bad("zero_stage", self.zero_stage, "0, 1, 2 or 3")
+        _positive("dist_timeout", self.dist_timeout)
 
 
 PREF_LOSSES = ("dpo", "ipo", "orpo", "simpo")

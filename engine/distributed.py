@@ -73,9 +73,11 @@ def _show_each_warning_once() -> None:
     warnings.showwarning = show_once
 
 
-def init_distributed(local_rank: int) -> None:
-    """Start the process group (DeepSpeed picks nccl or gloo)."""
+def init_distributed(local_rank: int, timeout_s: int) -> None:
+    """Start the process group (DeepSpeed picks nccl or gloo); a collective fails after `timeout_s`
+    seconds of waiting for the other ranks (--dist-timeout)."""
     import contextlib
+    import datetime
     import io
     import logging
 
@@ -93,7 +95,20 @@ def init_distributed(local_rank: int) -> None:
     # the CPU backend; it goes only where DeepSpeed's own warnings go (not to ranks quiet_output silenced).
     shown = deepspeed.utils.logger.isEnabledFor(logging.WARNING)
     with contextlib.nullcontext() if shown else contextlib.redirect_stdout(io.StringIO()):
-        deepspeed.init_distributed()
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def rendezvous_store(prefix: str):
+    """A client of the job's rendezvous store (MASTER_ADDR:MASTER_PORT: torchrun's agent, or rank
+    0's process under the deepspeed launcher and plain env:// starts), keys under `prefix`. Its own
+    connection, so a thread can use it while the process group is busy."""
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=30))
+    return dist.PrefixStore(prefix, store)
 
 
 def shutdown_distributed() -> None:

@@ -7,6 +7,7 @@
         global_stepN/zerotrain.json   the sidecar, written last (engine.sidecar)
     RUN/final/               the trained model in HF format, with the tokenizer
     RUN/final/adapter/       LoRA runs: the PEFT adapter
+    RUN/hang/rankN.txt       a stalled job's Python stacks, one file per rank (engine.watchdog)
 
 Every command that takes a model, an adapter or a checkpoint accepts a run directory for it, and
 `resolve` turns what the user passed into what the command reads.
@@ -29,6 +30,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FINAL = "final"
 ADAPTER = "adapter"
+HANG = "hang"
 SIDECAR = "zerotrain.json"
 UNIVERSAL_SUFFIX = "_universal"
 
@@ -70,6 +72,10 @@ class RunDir:
     @property
     def final_adapter(self) -> Path:
         return self.root / FINAL / ADAPTER
+
+    @property
+    def hang(self) -> Path:
+        return self.root / HANG
 
     def tag(self, step: int) -> Path:
         return self.checkpoints / tag_name(step)

@@ -197,7 +197,7 @@ def main(argv: list[str], top_k: int) -> int:
         plan = plan_run(cfg, DISTILL, here.size)
         objective = DISTILL.objective(cfg)
         objective.check(cfg, plan)
-        init_distributed(here.local_rank)
+        init_distributed(here.local_rank, cfg.distributed.dist_timeout)
         log = lambda message: log_on_rank0(here.rank, message)  # noqa: E731
         data = build_data(cfg, plan, here, log)
         device = torch.device("cuda", here.local_rank) if torch.cuda.is_available() else torch.device("cpu")

@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from common.errors import ZerotrainError
 from engine.builders import build_data, build_engine, build_model, plan_run, start
+from engine.checksums import wait_for_checksums
 from engine.config import Config, parse_config
 from engine.distributed import World, quiet_output, shutdown_distributed, world
 from engine.objectives import Stage
@@ -77,6 +78,7 @@ def main(argv: list[str] | None, stage: Stage, hooks: Hooks | None = None) -> in
         if pending:
             trainer.stop_signal = pending[-1]
         status = trainer.fit()
+        wait_for_checksums()  # the last checkpoint's digests, before exit_process' os._exit
         # The run is saved; a notice that comes now has nothing left to stop. Python restores the
         # default action (terminate) while the interpreter shuts down, which would turn a
         # finished run into a failed one for torchrun and SLURM.

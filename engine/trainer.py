@@ -31,6 +31,7 @@ from engine.export import export_final, write_adapter
 from engine.objectives import Batch, Objective
 from engine.run_dir import ADAPTER
 from engine.sidecar import Sidecar
+from engine.watchdog import Watchdog
 from model.flops import device_peak_flops, mfu
 
 
@@ -59,6 +60,8 @@ class Hooks:
     """(step being taken, micro-batch loss) -> the loss to backpropagate instead."""
     after_checkpoint_shards: Callable[[Path], None] | None = None
     """Runs on every rank once DeepSpeed has written a tag's files, before zerotrain's own."""
+    evaluate: Callable[[int], None] | None = None
+    """(step) runs on every rank as the evaluation after that step starts, in eval mode."""
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Trainer:
     resumed_from: Path | None = None
     stop_signal: int | None = None  # set by this rank's signal handler
     stopping: int | None = None  # the signal every rank agreed to stop on (see train_step)
+    watchdog: Watchdog = field(default_factory=Watchdog.off)  # started by fit
     peak_flops: float | None = field(default_factory=device_peak_flops)
 
     @property
@@ -103,14 +107,20 @@ class Trainer:
         unit over every rank), tokens processed and learning rate."""
         engine, accum, ranks = self.engine, self.cfg.train.grad_accum, self.world.size
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
+        mark = self.watchdog.mark  # where a stall report says this rank was
+        mark(f"step {self.state.step + 1}: loading its {accum} micro-batch(es)")
         batches = [self.data.loader.next_batch() for _ in range(accum)]
+        mark(f"step {self.state.step + 1}: preparing its batches")
         batches = self.objective.step_batches(engine, batches, self.state.step + 1)
+        mark(f"step {self.state.step + 1}: all-reduce of the trained units")
         units = all_reduce_sums({"units": sum(self.objective.units(b) for b in batches)}, engine.device)["units"]
         # DeepSpeed divides by grad_accum and averages over ranks; this undoes both, so the
         # step's loss is (sum of every unit's loss) / (every unit counted).
         scale = accum * ranks / max(1.0, units)
         sums: dict[str, float] = {"loss": 0.0, "nonfinite": 0.0, "tokens": 0.0}
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            what = f"step {self.state.step + 1}, micro-batch {i + 1} of {accum}"
+            mark(f"{what}: forward")
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             sums["tokens"] += batch_tokens(batch)
             out = self.objective.loss(engine, batch)
@@ -120,7 +130,9 @@ class Trainer:
             # A non-finite loss is backpropagated all the same: its gradients are non-finite on
             # every rank after the reduction, and the optimizer skips the whole step.
             finite = bool(torch.isfinite(loss.detach()))
+            mark(f"{what}: backward")
             engine.backward(loss)
+            mark(f"{what}: optimizer step" if i == accum - 1 else f"{what}: engine step")
             engine.step()
             sums["nonfinite"] += not finite
             if finite:
@@ -129,6 +141,7 @@ class Trainer:
                     sums[name] = sums.get(name, 0.0) + float(value)
         sums["signalled"] = float(self.stop_signal is not None)
         sums["signal"] = float(self.stop_signal or 0)
+        mark(f"step {self.state.step + 1}: all-reduce of its sums")
         totals = all_reduce_sums(sums, engine.device)
         step_nonfinite = totals["nonfinite"] > 0
         self.state.step += 1
@@ -157,6 +170,8 @@ class Trainer:
         if not batches:
             return None
         self.engine.eval()
+        if self.hooks.evaluate is not None:
+            self.hooks.evaluate(self.state.step)
         sums: dict[str, float] = {"units": 0.0, "loss": 0.0}
         for batch in batches:
             batch = {k: v.to(self.engine.device) for k, v in batch.items()}
@@ -188,7 +203,8 @@ class Trainer:
                           model_config=self.model.config.to_dict(), lora=self.model.lora)
         tag = checkpoint.save(self.engine, self.plan.run.checkpoints, client, sidecar, self.cfg.checkpoint.keep_last,
                               estimated_bytes=self.model.checkpoint_bytes,
-                              after_shards=self.hooks.after_checkpoint_shards)
+                              after_shards=self.hooks.after_checkpoint_shards,
+                              verify=self.cfg.checkpoint.verify_checkpoints)
         if self.model.lora:
             write_adapter(self.engine, tag / ADAPTER if self.world.rank == 0 else None, zero3=self.zero3,
                           precision=self.plan.precision)
@@ -208,9 +224,17 @@ class Trainer:
     # ----------------------------------------------------------------------- the loop
 
     def fit(self) -> int:
+        """Train to max_steps, or until the ranks agree on a stop signal (a checkpoint is saved
+        then); 0 when done. The hang watchdog (engine.watchdog) watches every step, evaluation
+        and save."""
+        self.watchdog = Watchdog(self.plan.run.hang, self.world.rank, self.world.size, self.cfg.train.hang_timeout)
+        with self.watchdog.start(self.state.step):
+            return self._fit()
+
+    def _fit(self) -> int:
         from tqdm import tqdm
 
-        cfg = self.cfg
+        cfg, watchdog = self.cfg, self.watchdog
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=self.world.rank != 0,
                    desc=self.plan.stage.name, unit="step", dynamic_ncols=True)
         window_start, window_tokens = time.perf_counter(), 0
@@ -219,6 +243,7 @@ class Trainer:
             out = self.train_step()
             window_tokens += out["tokens"]
             step = self.state.step
+            watchdog.beat(step)
             if self.state.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
                 raise ZerotrainError(
                     f"{self.state.consecutive_nonfinite} steps in a row had a NaN/inf loss (up to step {step}); "
@@ -235,23 +260,27 @@ class Trainer:
                 self.write_metrics(record)
                 window_start, window_tokens = time.perf_counter(), 0
             if (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or step == cfg.train.max_steps:
-                result = self.evaluate()
+                with watchdog.activity("eval"):
+                    result = self.evaluate()
                 if result is not None:
                     self.write_metrics({"step": step, **result})
             if step % cfg.checkpoint.save_interval == 0 or step == cfg.train.max_steps:
-                self.save()
+                with watchdog.activity("save"):
+                    self.save()
                 last_saved = step
             if self.stopping is not None:
                 if last_saved != step:
-                    self.save()
+                    with watchdog.activity("save"):
+                        self.save()
                 bar.close()
                 self.log(f"stopped by signal {signal.Signals(self.stopping).name} at step {step}; "
                          f"resume with --resume auto")
                 return 0
         bar.close()
-        final = export_final(self.engine, self.plan.run, self.plan.tokenizer, self.model.config,
-                             lora=bool(self.model.lora), merge_lora=cfg.lora.merge_lora_at_end, zero3=self.zero3,
-                             precision=self.plan.precision)
+        with watchdog.activity("save"):
+            final = export_final(self.engine, self.plan.run, self.plan.tokenizer, self.model.config,
+                                 lora=bool(self.model.lora), merge_lora=cfg.lora.merge_lora_at_end, zero3=self.zero3,
+                                 precision=self.plan.precision)
         self.log(f"final model in {final}")
         return 0
 

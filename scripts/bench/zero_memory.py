@@ -177,7 +177,7 @@ def worker(args) -> None:
     from model.presets import preset_config
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    init_distributed(int(os.environ.get("LOCAL_RANK", 0)))
+    init_distributed(int(os.environ.get("LOCAL_RANK", 0)), 1800)
     world_size, rank = dist.get_world_size(), dist.get_rank()
     cfg = parse_config(["--preset", args.preset, "--zero-stage", str(args.stage), "--precision", "bf16",
                         "--micro-batch-size", "1", "--grad-accum", "2", "--seq-len", str(args.seq_len),

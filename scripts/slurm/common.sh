@@ -10,6 +10,8 @@
 #                      --cpus-per-task, one CPU rank per CPU; else 1)
 #   ZT_MASTER_ADDR     rendezvous host (default: the first node of the allocation)
 #   ZT_MASTER_PORT     rendezvous port (default: 20000 + job id % 20000, so jobs sharing a node differ)
+#   ZT_MAX_REQUEUES    how often a job the hang watchdog ended (a stalled or lost rank) is requeued
+#                      to resume from its latest checkpoint (default 3; counts every restart)
 
 zt_log() { echo "[zerotrain slurm] $*"; }
 
@@ -79,7 +81,10 @@ zt_run() {
     fi
     MASTER_ADDR=${ZT_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
     MASTER_PORT=${ZT_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-    export PATH ZT_ROOT ZT_PYTHON ZT_NNODES ZT_NPROC_PER_NODE MASTER_ADDR MASTER_PORT
+    # The ranks on this node write it when the watchdog ends a stalled job or one that lost a rank.
+    ZEROTRAIN_REQUEUE_FILE=${TMPDIR:-/tmp}/zerotrain-requeue-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}
+    rm -f "$ZEROTRAIN_REQUEUE_FILE"
+    export PATH ZT_ROOT ZT_PYTHON ZT_NNODES ZT_NPROC_PER_NODE MASTER_ADDR MASTER_PORT ZEROTRAIN_REQUEUE_FILE
     # SLURM 22.05 to 23.02: srun no longer inherits --cpus-per-task from the batch allocation.
     if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
         export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
@@ -105,6 +110,21 @@ zt_run() {
             return 1
         fi
         return 0
+    fi
+    if [ "$status" != 0 ] && [ -f "$ZEROTRAIN_REQUEUE_FILE" ]; then
+        local reason restarts=${SLURM_RESTART_COUNT:-0}
+        reason=$(cat "$ZEROTRAIN_REQUEUE_FILE")
+        rm -f "$ZEROTRAIN_REQUEUE_FILE"
+        if [ "$restarts" -lt "${ZT_MAX_REQUEUES:-3}" ]; then
+            zt_log "the watchdog ended training ($reason, exit $status; stacks in the run's hang/ folder);" \
+                   "requeueing job $SLURM_JOB_ID to resume from its latest checkpoint" \
+                   "(restart $((restarts + 1)) of at most ${ZT_MAX_REQUEUES:-3})"
+            scontrol requeue "$SLURM_JOB_ID" && return 0
+            zt_log "could not requeue (submitted without --requeue, or JobRequeue=0?)"
+        else
+            zt_log "the watchdog ended training ($reason, exit $status); not requeued: restarted $restarts" \
+                   "time(s) already (ZT_MAX_REQUEUES)"
+        fi
     fi
     zt_log "training finished (exit $status)"
     return "$status"

@@ -150,7 +150,7 @@ def _failing_rank0(rank, world_size, out):
     from common.errors import ZerotrainError
     from engine.distributed import World, init_distributed, on_rank0
 
-    init_distributed(rank)
+    init_distributed(rank, 60)
     start = time.monotonic()
 
     def work():

@@ -31,13 +31,13 @@ def train_args(tokenizer_dir, data, out) -> list[str]:
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
-def submit(cluster, log_dir: Path, args: list[str]) -> str:
+def submit(cluster, log_dir: Path, args: list[str], script: Path = SLURM_DIR / "pretrain.sbatch") -> str:
     """sbatch from the checkout (as users do), one rank per allocated CPU; the job id. Standard
     error (progress bars, warnings) goes to a file of its own: SLURM writes the two streams into
     one file as their pieces arrive, which can cut a line of one in two."""
     proc = subprocess.run(["sbatch", "--parsable", f"--output={log_dir}/%x-%j.out", f"--error={log_dir}/%x-%j.err",
                            "--cpus-per-task=2",
-                           str(SLURM_DIR / "pretrain.sbatch"), *args],
+                           str(script), *args],
                           cwd=ROOT, env=cluster.env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
@@ -138,3 +138,45 @@ def test_batch_scripts_share_one_body():
     proc = subprocess.run(["bash", "-c", f'source {SLURM_DIR}/common.sh; zt_run launcher/pretrain.py'],
                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2 and "not inside a SLURM job" in proc.stderr
+
+
+def fault_sbatch(tmp_path: Path) -> Path:
+    """pretrain.sbatch running tests/fault_launcher.py (faults injected through the trainer's hooks)."""
+    script = tmp_path / "fault.sbatch"
+    text = (SLURM_DIR / "pretrain.sbatch").read_text()
+    assert 'zt_run launcher/pretrain.py "$@"' in text
+    script.write_text(text.replace('zt_run launcher/pretrain.py "$@"', 'zt_run tests/fault_launcher.py "$@"'))
+    return script
+
+
+def test_a_hung_rank_ends_the_job_which_requeues_itself_and_finishes(slurm_cluster, tokenizer_dir, pretrain_data,
+                                                                      tmp_path):
+    """The watchdog's exit under srun: every process ends, the batch script requeues the job and
+    the restart resumes from the last checkpoint (the test's hang happens once per run)."""
+    run = tmp_path / "run"
+    args = train_args(tokenizer_dir, pretrain_data, run) + ["--max-steps", "8", "--save-interval", "2",
+                                                             "--hang-timeout", "8", "--fault-hang-at", "5"]
+    job_id = submit(slurm_cluster, tmp_path, args, fault_sbatch(tmp_path))
+    job = wait_job(slurm_cluster, job_id, FINAL_STATES, timeout=420)
+    log, report = job_log(tmp_path, job_id), job_report(tmp_path, job_id)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", report
+    assert "the watchdog ended training (stall" in log and "requeueing job" in log, report
+    assert f"resumed from {run / 'checkpoints' / 'global_step4'} at step 4" in log, report
+    assert "in hang_forever" in (run / "hang" / "rank1.txt").read_text()
+    assert "the job is stalled" in (tmp_path / f"zt-pretrain-{job_id}.err").read_text(errors="replace")
+    assert sorted(train_losses(run)) == list(range(1, 9))
+
+
+def test_a_killed_rank_ends_the_job_within_a_minute(slurm_cluster, tokenizer_dir, pretrain_data, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(tokenizer_dir, pretrain_data, run) + ["--fault-kill-at", "60:step", "--fault-kill-rank", "1"]
+    job_id = submit(slurm_cluster, tmp_path, args, fault_sbatch(tmp_path))
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").is_file() or 59 not in train_losses(run):  # the kill is one step away
+        assert time.monotonic() < deadline and slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), \
+            job_report(tmp_path, job_id)
+        time.sleep(0.1)
+    killed = time.monotonic()
+    job = wait_job(slurm_cluster, job_id, FINAL_STATES, timeout=120)
+    assert time.monotonic() - killed < 60, job_report(tmp_path, job_id)
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "0", job_report(tmp_path, job_id)
