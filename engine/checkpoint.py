@@ -94,7 +94,15 @@ def save(engine, ckpt_dir: Path, client_state: dict[str, Any], sidecar: Sidecar,
     last = ckpt_dir / previous[-1] if previous and previous[-1] != tag else None
     check_free_space(ckpt_dir, tag_bytes(last) if last else estimated_bytes)
     if rank == 0 and tag_dir.exists():
-        shutil.rmtree(tag_dir)  # a leftover of a crashed save at this step
+        # A leftover of a crashed save at this step, or a complete tag of the lineage a resume
+        # from an older checkpoint left behind: `latest` must not name it while it is rewritten.
+        if (ckpt_dir / LATEST).is_file() and (ckpt_dir / LATEST).read_text().strip() == tag:
+            older = [t for t in previous[:previous.index(tag)] if (ckpt_dir / t / SIDECAR).is_file()]
+            if older:
+                write_text(ckpt_dir / LATEST, older[-1])
+            else:
+                remove(ckpt_dir / LATEST)
+        shutil.rmtree(tag_dir)
     dist.barrier()
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)

@@ -1,12 +1,18 @@
 """--keep-last counts complete checkpoints only: an unfinished save never pushes the only complete
-one out, and the tag just saved (named by `latest`) is always kept."""
+one out, and the tag just saved (named by `latest`) is always kept; `latest` never names a tag
+being rewritten."""
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 import pytest
 
+from common.errors import ZerotrainError
 from engine.checkpoint import prune
 from engine.run_dir import SIDECAR, universal_dir
+from tests.unit.test_checksums import FakeEngine, one_rank, sidecar  # noqa: F401 - one_rank is a fixture
 
 
 def make_tags(ckpt_dir, complete, unfinished):
@@ -34,3 +40,24 @@ def test_only_complete_checkpoints_count_and_the_latest_is_kept(tmp_path, comple
     prune(tmp_path, keep_last, f"global_step{current}")
     assert sorted(int(p.name[len("global_step"):]) for p in tmp_path.iterdir() if p.name[-1].isdigit()) == left
     assert universal_dir(tmp_path / "global_step10").is_dir() == (10 in left)
+
+
+def test_a_failed_save_over_a_later_lineage_leaves_latest_on_a_complete_tag(tmp_path, one_rank):
+    """Resumed from global_step4 while global_step6 (named by `latest`) is still there: the save
+    of step 6 deletes the old tag first, so `latest` moves back to global_step4 before that; the
+    save then fails and `latest` still names a complete checkpoint."""
+    from engine.checkpoint import save, tag_problems
+
+    ckpt = tmp_path / "ckpt"
+    for step in (2, 4, 6):
+        save(FakeEngine(), ckpt, {"step": step}, sidecar(step, {}), keep_last=0, estimated_bytes=1000, verify="tail")
+    assert (ckpt / "latest").read_text() == "global_step6"
+
+    class FullDisk(FakeEngine):
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(save_dir) / tag / "mp_rank_00_model_states.pt"))
+
+    with pytest.raises(ZerotrainError, match="writing checkpoint .*global_step6 failed on rank 0: No space left"):
+        save(FullDisk(), ckpt, {"step": 6}, sidecar(6, {}), keep_last=0, estimated_bytes=1000, verify="tail")
+    latest = (ckpt / "latest").read_text()
+    assert latest == "global_step4" and tag_problems(ckpt / latest) == []
