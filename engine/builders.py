@@ -192,7 +192,7 @@ def prepare_sources(cfg: Config, sources: list[DataSource], tokenizer, local_ran
             return Path(source.paths[0])
         return prepare_cached(source.kind, source.paths, tokenizer, cfg.data.cache_dir, seq_len=cfg.data.seq_len,
                               val_fraction=cfg.data.val_fraction, skip_bad_lines=cfg.data.skip_bad_lines,
-                              show_progress=show_progress,
+                              show_progress=show_progress, num_proc=cfg.data.num_proc,
                               columns=cfg.data.columns if source.kind != "pretrain" else "")
 
     directories = on_rank0(lambda: [prepared(s, show_progress=True) for s in sources], local_rank, "data preparation")

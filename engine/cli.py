@@ -2,7 +2,7 @@
 
     zerotrain train-tokenizer --input FILE... --vocab-size 6400 --output DIR
     zerotrain extend-tokenizer --base TOKENIZER --input FILE... --add-vocab N --output DIR
-    zerotrain prepare --kind pretrain|sft|pref --input FILE... --tokenizer DIR --output DIR [--columns K=FIELD,...]
+    zerotrain prepare --kind pretrain|sft|pref --input FILE... --tokenizer DIR --output DIR [--columns K=FIELD,...] [--num-proc N]
     zerotrain consolidate CKPT_DIR OUTPUT [--tag global_stepN] [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
     zerotrain extract-adapter CKPT_DIR OUT_DIR [--tag global_stepN] [--lora-alpha A | --adapter-config FILE]
     zerotrain merge-adapter BASE ADAPTER OUTPUT
@@ -56,7 +56,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     tokenizer = load_tokenizer(args.tokenizer)
     meta = prepare(args.kind, args.input, tokenizer, args.output, seq_len=args.seq_len,
-                   val_fraction=args.val_fraction, skip_bad_lines=args.skip_bad_lines, columns=args.columns)
+                   val_fraction=args.val_fraction, skip_bad_lines=args.skip_bad_lines, columns=args.columns,
+                   num_proc=args.num_proc)
     splits = ", ".join(f"{name}: {json.dumps(counts)}" for name, counts in meta["splits"].items())
     skipped = {k: v for k, v in meta["stats"].items() if v}
     print(f"{args.kind} data in {args.output} ({meta['dtype']}) {splits}" + (f"; skipped {skipped}" if skipped else ""))
@@ -286,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sft and pref: read every file through this field mapping instead of detecting its shape, "
                         "e.g. prompt=question,response=answer or messages=dialog,role=speaker,content=text,"
                         "user=human,assistant=bot or chosen=good,rejected=bad,prompt=question")
+    p.add_argument("--num-proc", type=int, default=1, metavar="N",
+                   help="sft: processes that encode conversations (0: every core; default 1); the output is the same")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("consolidate", allow_abbrev=False,

@@ -107,11 +107,17 @@ class DataConfig:
     """SFT: pack several conversations into one row (boundaries kept through position_ids)."""
     data_cache_dir: str = ""
     """Where raw inputs are prepared once and reused; default $ZEROTRAIN_CACHE or ~/.cache/zerotrain/data."""
+    num_proc: int = 1
+    """Processes that prepare raw SFT conversations (0: every core); the prepared data is the same
+    for any count. 1 by default: the workers start from a fork server (a second import of torch),
+    which costs more than it saves below tens of thousands of conversations (BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         _positive("seq_len", self.seq_len)
         if not 0.0 <= self.val_fraction < 0.5:
             _bad("val_fraction", self.val_fraction, "a number in [0, 0.5)")
+        if isinstance(self.num_proc, bool) or not isinstance(self.num_proc, int) or self.num_proc < 0:
+            _bad("num_proc", self.num_proc, "0 (every core) or a positive number of processes")
 
     @property
     def cache_dir(self) -> Path:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections import deque
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -462,32 +464,95 @@ def assistant_spans(messages: list[dict[str, str]], tokenizer,
     before an assistant turn), so any prefix-stable template works. This is the one rule for
     which tokens are trained on, for SFT and for preference pairs.
     """
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-    text = render(messages, False)
-    spans = []
-    for i, turn in enumerate(messages):
-        if turn["role"] != "assistant":
-            continue
-        start = len(render(messages[:i], True)) if i else 0
-        end_text = render(messages[: i + 1], False)
-        if not text.startswith(end_text) or start > len(end_text):
-            raise ZerotrainError(f"{where}: the chat template is not prefix-stable, so assistant turns "
-                                 "cannot be located; use a ChatML-style template")
-        body = end_text[start:]
-        spans.append((start, start + len(body.rstrip())))
-    return text, spans
+    return assistant_spans_batch([messages], tokenizer, [where])[0]
+
+
+def assistant_spans_batch(conversations: list[list[dict[str, str]]], tokenizer,
+                          wheres: list[str]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """assistant_spans of many conversations. The renders are asked of the template in two
+    batched calls (without and with the generation prompt), which costs far less than one call
+    each; the prefix through a final assistant turn is the whole conversation, rendered once."""
+    plain: list[list[dict[str, str]]] = []  # rendered without the generation prompt
+    prompted: list[list[dict[str, str]]] = []  # rendered with it
+    plans = []
+    for messages in conversations:
+        full = len(plain)
+        plain.append(messages)
+        turns = []
+        for i, turn in enumerate(messages):
+            if turn["role"] != "assistant":
+                continue
+            start = None
+            if i:
+                start = len(prompted)
+                prompted.append(messages[:i])
+            end = full
+            if i + 1 < len(messages):
+                end = len(plain)
+                plain.append(messages[: i + 1])
+            turns.append((start, end))
+        plans.append((full, turns))
+    render = lambda batch, gen: (tokenizer.apply_chat_template(batch, tokenize=False, add_generation_prompt=gen)
+                                 if batch else [])
+    plain_texts, prompted_texts = render(plain, False), render(prompted, True)
+    results = []
+    for (full, turns), where in zip(plans, wheres):
+        text = plain_texts[full]
+        spans = []
+        for start_at, end_at in turns:
+            start = len(prompted_texts[start_at]) if start_at is not None else 0
+            end_text = plain_texts[end_at]
+            if not text.startswith(end_text) or start > len(end_text):
+                raise ZerotrainError(f"{where}: the chat template is not prefix-stable, so assistant turns "
+                                     "cannot be located; use a ChatML-style template")
+            body = end_text[start:]
+            spans.append((start, start + len(body.rstrip())))
+        results.append((text, spans))
+    return results
+
+
+def _inside_spans(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """True for each token (character offsets a, b) that is not empty and lies inside one of the
+    `spans`: some span has s <= a and b <= e, i.e. the largest end among spans starting at or
+    before a reaches b (a search over the spans sorted by start, exact for any spans)."""
+    if not spans or not len(offsets):
+        return np.zeros(len(offsets), dtype=bool)
+    ordered = np.asarray(sorted(spans), dtype=np.int64).reshape(-1, 2)
+    reach = np.maximum.accumulate(ordered[:, 1])
+    a, b = offsets[:, 0], offsets[:, 1]
+    k = np.searchsorted(ordered[:, 0], a, side="right") - 1
+    return (b > a) & (k >= 0) & (b <= reach[np.maximum(k, 0)])
+
+
+def label_tokens_batch(texts: list[str], spans: list[list[tuple[int, int]]],
+                       tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """label_tokens of many texts in one tokenizer call, as (input_ids, labels) int64 arrays."""
+    if not texts:
+        return []
+    encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                         return_attention_mask=False, return_token_type_ids=False)
+    out = []
+    for ids, offsets, text_spans in zip(encoding["input_ids"], encoding["offset_mapping"], spans):
+        ids = np.asarray(ids, dtype=np.int64)
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        out.append((ids, np.where(_inside_spans(offsets, text_spans), ids, IGNORE_INDEX)))
+    return out
 
 
 def label_tokens(text: str, spans: list[tuple[int, int]], tokenizer) -> tuple[list[int], list[int]]:
     """Tokenize `text` (no special tokens added): (input_ids, labels), labels being the ids of the
     tokens that lie inside one of the character `spans` and -100 elsewhere."""
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoding["input_ids"]
-    labels = [IGNORE_INDEX] * len(ids)
-    for t, (a, b) in enumerate(encoding["offset_mapping"]):
-        if b > a and any(s <= a and b <= e for s, e in spans):
-            labels[t] = ids[t]
-    return ids, labels
+    [(ids, labels)] = label_tokens_batch([text], [spans], tokenizer)
+    return ids.tolist(), labels.tolist()
+
+
+def encode_chats(conversations: list[tuple[str, list[dict[str, str]]]], tokenizer,
+                 seq_len: int) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """encode_chat of many (location, messages) conversations at once, as arrays: the work of
+    one chunk of SFT preparation (a batch each for the template and the tokenizer)."""
+    rendered = assistant_spans_batch([m for _, m in conversations], tokenizer, [w for w, _ in conversations])
+    labelled = label_tokens_batch([text for text, _ in rendered], [spans for _, spans in rendered], tokenizer)
+    return [(ids[:seq_len], labels[:seq_len], len(ids) > seq_len) for ids, labels in labelled]
 
 
 def encode_chat(messages: list[dict[str, str]], tokenizer, seq_len: int,
@@ -497,9 +562,8 @@ def encode_chat(messages: list[dict[str, str]], tokenizer, seq_len: int,
     Labels are the token ids inside assistant replies (their end-of-turn token included) and
     -100 elsewhere (assistant_spans); the conversation is cut to `seq_len` tokens.
     """
-    ids, labels = label_tokens(*assistant_spans(messages, tokenizer, where), tokenizer)
-    truncated = len(ids) > seq_len
-    return ids[:seq_len], labels[:seq_len], truncated
+    [(ids, labels, truncated)] = encode_chats([(where, messages)], tokenizer, seq_len)
+    return ids.tolist(), labels.tolist(), truncated
 
 
 def _fast_backend(tokenizer):
@@ -641,20 +705,79 @@ def write_examples(groups: Iterable[list[tuple[list[int], list[int]]]], tokenize
     return {s: w.close() for s, w in writers.items()}, groups_in
 
 
+# Conversations per unit of work: large enough that batching the template and the tokenizer
+# pays, small enough that memory stays flat (only a few chunks are in flight at a time).
+SFT_CHUNK = 512
+_worker_tokenizer = None  # set in each worker process of ordered_map
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+    # One process per core already: the tokenizer's own threads would only compete with them.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _call_in_worker(fn: Callable, task: dict[str, Any]):
+    return fn(tokenizer=_worker_tokenizer, **task)
+
+
+def resolve_num_proc(num_proc: int) -> int:
+    """Processes to prepare data with: `num_proc`, or every core for 0."""
+    if num_proc < 0:
+        raise ZerotrainError(f"--num-proc must be 0 (all cores) or a positive count, got {num_proc}")
+    return num_proc or os.cpu_count() or 1
+
+
+def _worker_context():
+    """A fork server that has imported this module once, not a plain fork: training prepares its
+    data after the process group has started its communication threads, and a fork of a threaded
+    process can inherit a lock one of them held (the workers fork from the clean server instead)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def ordered_map(fn: Callable, tasks: Iterable[dict[str, Any]], num_proc: int, tokenizer) -> Iterator:
+    """fn(tokenizer=tokenizer, **task) for each task, in order, over `num_proc` worker processes
+    that are given the tokenizer once. At most 2 x num_proc tasks are in flight, so a long input
+    is never all in memory; with one process, or a single task, the work is done here."""
+    tasks = iter(tasks)
+    first = list(islice(tasks, 2))
+    if num_proc <= 1 or len(first) < 2:
+        for task in chain(first, tasks):
+            yield fn(tokenizer=tokenizer, **task)
+        return
+    with _worker_context().Pool(num_proc, _init_worker, (tokenizer,)) as pool:
+        pending: deque = deque()
+        for task in chain(first, tasks):
+            pending.append(pool.apply_async(_call_in_worker, (fn, task)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
 def _write_sft(inputs: list[str], tokenizer, out: Path, seq_len: int, val_fraction: float,
-               skip_bad_lines: bool, stats: ReadStats, progress, columns: Columns | None) -> dict[str, dict[str, int]]:
-    def conversations() -> Iterator[list[tuple[list[int], list[int]]]]:
-        for path in inputs:
-            for where, messages in read_conversations(path, skip_bad_lines, stats, columns):
-                ids, labels, truncated = encode_chat(messages, tokenizer, seq_len, where)
+               skip_bad_lines: bool, stats: ReadStats, progress, columns: Columns | None,
+               num_proc: int = 1) -> dict[str, dict[str, int]]:
+    conversations = ((where, messages) for path in inputs
+                     for where, messages in read_conversations(path, skip_bad_lines, stats, columns))
+    chunks = ({"conversations": chunk, "seq_len": seq_len} for chunk in _chunks(conversations, SFT_CHUNK))
+
+    def examples() -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+        for encoded in ordered_map(encode_chats, chunks, num_proc, tokenizer):
+            for ids, labels, truncated in encoded:
                 stats.truncated += truncated
-                progress(1)
-                if all(label == IGNORE_INDEX for label in labels):
+                if not (labels != IGNORE_INDEX).any():
                     stats.dropped_no_label += 1
                     continue
                 yield [(ids, labels)]
+            progress(len(encoded))
 
-    splits, written = write_examples(conversations(), tokenizer, out, val_fraction)
+    splits, written = write_examples(examples(), tokenizer, out, val_fraction)
     if not sum(written.values()):
         raise ZerotrainError(f"no usable conversations in {', '.join(inputs)} "
                              f"({stats.dropped_no_label} had no assistant token within seq_len {seq_len})")
@@ -663,10 +786,11 @@ def _write_sft(inputs: list[str], tokenizer, out: Path, seq_len: int, val_fracti
 
 def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, seq_len: int = 512,
             val_fraction: float = 0.01, skip_bad_lines: bool = False, show_progress: bool = True,
-            columns: str = "") -> dict[str, Any]:
+            columns: str = "", num_proc: int = 1) -> dict[str, Any]:
     """Tokenize `inputs` into `output_dir` (reused as is when nothing changed); return its meta.
     `columns` is a --columns mapping (KEY=FIELD,...) that says where SFT or pair records keep
-    their parts, for every input file, instead of detecting each file's shape.
+    their parts, for every input file, instead of detecting each file's shape. `num_proc`
+    processes encode SFT conversations (0: every core); the result does not depend on it.
 
     The directory is built under a temporary name and put in place once complete
     (common.publish), so a crash never leaves a half-written one behind.
@@ -676,6 +800,7 @@ def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, 
     if not inputs:
         raise ZerotrainError("no input files given (--input / --data)")
     mapping = columns_for(kind, columns)
+    num_proc = resolve_num_proc(num_proc)
     check_inputs(kind, inputs)
     key, sources = preparation_key(kind, inputs, tokenizer, seq_len=seq_len, val_fraction=val_fraction,
                                    skip_bad_lines=skip_bad_lines, columns=mapping)
@@ -697,12 +822,14 @@ def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, 
             files = list(map(str, inputs))
             if kind == "pretrain":
                 splits = _write_pretrain(files, tokenizer, tmp, val_fraction, skip_bad_lines, stats, bar.update)
+            elif kind == "sft":
+                splits = _write_sft(files, tokenizer, tmp, seq_len, val_fraction, skip_bad_lines, stats, bar.update,
+                                    mapping, num_proc)
             else:
                 from engine.pref_data import write_pref  # pref_data imports this module
 
-                writer = write_pref if kind == "pref" else _write_sft
-                splits = writer(files, tokenizer, tmp, seq_len, val_fraction, skip_bad_lines, stats, bar.update,
-                                mapping)
+                splits = write_pref(files, tokenizer, tmp, seq_len, val_fraction, skip_bad_lines, stats, bar.update,
+                                    mapping)
             meta = {"format_version": FORMAT_VERSION, "key": key, "kind": kind,
                     "dtype": str(_token_dtype(len(tokenizer))), "vocab_size": len(tokenizer),
                     "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
@@ -716,14 +843,15 @@ def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, 
 
 
 def prepare_cached(kind: str, inputs: list[str], tokenizer, cache_dir: str | Path, *, seq_len: int,
-                   val_fraction: float, skip_bad_lines: bool, show_progress: bool = True, columns: str = "") -> Path:
+                   val_fraction: float, skip_bad_lines: bool, show_progress: bool = True, columns: str = "",
+                   num_proc: int = 1) -> Path:
     """Prepare into `cache_dir/<kind>-<key>/`, keyed by the inputs' contents, the tokenizer and the
     --columns mapping."""
     key, _ = preparation_key(kind, inputs, tokenizer, seq_len=seq_len, val_fraction=val_fraction,
                              skip_bad_lines=skip_bad_lines, columns=columns_for(kind, columns))
     target = Path(cache_dir) / f"{kind}-{key}"
     prepare(kind, inputs, tokenizer, target, seq_len=seq_len, val_fraction=val_fraction,
-            skip_bad_lines=skip_bad_lines, show_progress=show_progress, columns=columns)
+            skip_bad_lines=skip_bad_lines, show_progress=show_progress, columns=columns, num_proc=num_proc)
     return target
 
 
