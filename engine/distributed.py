@@ -145,6 +145,15 @@ def on_rank0(work, rank: int, what: str):
     return result
 
 
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest of one integer over every rank."""
+    import torch.distributed as dist
+
+    packed = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return int(packed.item())
+
+
 def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Sum named numbers over every rank in one collective (float64, so token counts stay exact)."""
     import torch.distributed as dist

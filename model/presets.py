@@ -105,6 +105,21 @@ PRESETS: dict[str, dict] = {
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
     ),
+    # Qwen2-0.5B's shape (vocabulary 151,936, hidden 896) as a Llama: no q/k/v biases (27,648
+    # parameters). The embeddings are 28% of the model, which is what the chunked loss is for.
+    "qwen2-0.5b": dict(
+        arch="llama",
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
 }
 
 

@@ -29,10 +29,108 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+class _FusedLinearNLL(torch.autograd.Function):
+    """Summed cross-entropy of `states @ weight.T` against `targets`, chunk by chunk, with the
+    gradients computed in the forward (as liger-kernel's fused linear cross-entropy does): no
+    chunk's logits outlive it, and nothing is recomputed. The logits are made in the weight's
+    dtype and upcast to fp32 for the softmax, as in transformers' own path."""
+
+    @staticmethod
+    def forward(ctx, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        grad_states = torch.empty_like(states)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=states.device)
+        for start in range(0, len(targets), chunk):
+            h, y = states[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, -1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            d_logits = logits.sub_(lse[:, None]).exp_()  # the softmax, in the logits' own memory
+            d_logits[torch.arange(len(y), device=y.device), y] -= 1
+            d_logits = d_logits.to(weight.dtype)
+            grad_states[start:start + chunk] = d_logits @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(d_logits.T.float(), h.float())
+        ctx.save_for_backward(grad_states, grad_weight if grad_weight is not None else torch.empty(0))
+        ctx.weight_dtype, ctx.has_weight_grad = weight.dtype, grad_weight is not None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_states, grad_weight = ctx.saved_tensors
+        grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.has_weight_grad else None
+        return grad_states * grad_output.to(grad_states.dtype), grad_weight, None, None
+
+
+def fusable_head(lm_head: torch.nn.Module) -> bool:
+    """A plain bias-free linear head whose whole weight this rank holds: not a LoRA/peft wrapper,
+    not a ZeRO-3 partitioned parameter (DeepSpeed marks those with ds_id)."""
+    return (type(lm_head) is torch.nn.Linear and lm_head.bias is None
+            and not hasattr(lm_head.weight, "ds_id"))
+
+
+def chunked_nll_sum(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                    chunk_tokens: int) -> torch.Tensor:
+    """token_nll_sum from the decoder's last hidden states, never holding more than `chunk_tokens`
+    rows of logits; only the trained tokens go through the LM head (an SFT prompt costs nothing
+    there). A plain head (fusable_head) is fused with the loss (_FusedLinearNLL: no extra work);
+    any other (ZeRO-3, a LoRA-wrapped or trained-copy head) is called as a module, so ZeRO-3
+    gathers its weight and peft's wrappers apply, each chunk's logits recomputed in the backward
+    (activation checkpointing: one more forward of the head per step)."""
+    from torch.utils.checkpoint import checkpoint
+
+    mask = trained_tokens(labels)
+    states, targets = hidden[:, :-1][mask], labels[:, 1:][mask]
+    if fusable_head(lm_head):
+        return _FusedLinearNLL.apply(states, lm_head.weight, targets, chunk_tokens)
+
+    def chunk_nll(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(lm_head(states).float(), targets, reduction="sum")
+
+    chunks = -(-len(targets) // chunk_tokens)
+    if any(hasattr(p, "ds_id") for p in lm_head.parameters()):
+        # ZeRO-3 gathers the head's weight at every call (and again in the recompute), a collective:
+        # every rank makes as many calls as the rank with the most trained tokens, some on no rows.
+        from engine.distributed import all_reduce_max
+
+        chunks = all_reduce_max(chunks, hidden.device)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(chunks):
+        piece = slice(i * chunk_tokens, (i + 1) * chunk_tokens)
+        total = total + checkpoint(chunk_nll, states[piece], targets[piece], use_reentrant=False)
+    return total
+
+
+def language_model(model) -> torch.nn.Module:
+    """The transformers causal LM inside a DeepSpeed engine and/or a peft wrapper."""
+    module = getattr(model, "module", model)
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
+def lm_nll_sum(model: Callable[..., object], batch: Batch, chunk: int) -> torch.Tensor:
+    """Summed NLL of a batch's trained tokens: through the LM head `chunk` tokens at a time
+    (--loss-chunk-size), or with the full logits, as transformers computes it, for 0."""
+    lm = language_model(model)
+    if not chunk:
+        return token_nll_sum(model(**model_inputs(batch), use_cache=False).logits, batch["labels"])
+    captured: list[torch.Tensor] = []
+    hook = lm.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+    try:
+        # logits_to_keep with no position: the model's own head runs on nothing.
+        nothing = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+        model(**model_inputs(batch), use_cache=False, logits_to_keep=nothing)
+    finally:
+        hook.remove()
+    return chunked_nll_sum(captured[-1], lm.get_output_embeddings(), batch["labels"], chunk)
+
+
 class CausalLM(Objective):
     """Cross-entropy summed over trained tokens; the loop averages it per token."""
 
     unit = "token"
+
+    def __init__(self, chunk: int = 0) -> None:
+        self.chunk = chunk
 
     def units(self, batch: Batch) -> int:
         return int(trained_tokens(batch["labels"]).sum())
@@ -40,9 +138,8 @@ class CausalLM(Objective):
     def loss(self, model: Callable[..., object], batch: Batch) -> LossSums:
         # No labels for the model: the loss is computed here, summed, for the loop to normalise.
         # use_cache=False also keeps transformers' packed-sequence masking (from position_ids).
-        logits = model(**model_inputs(batch), use_cache=False).logits
-        return LossSums(token_nll_sum(logits, batch["labels"]))
+        return LossSums(lm_nll_sum(model, batch, self.chunk))
 
 
-PRETRAIN = Stage("pretrain", data_kind="pretrain", objective=lambda cfg: CausalLM())
-SFT = Stage("sft", data_kind="sft", objective=lambda cfg: CausalLM())
+PRETRAIN = Stage("pretrain", data_kind="pretrain", objective=lambda cfg: CausalLM(cfg.train.loss_chunk_size))
+SFT = Stage("sft", data_kind="sft", objective=lambda cfg: CausalLM(cfg.train.loss_chunk_size))

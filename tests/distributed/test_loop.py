@@ -206,3 +206,26 @@ def test_a_signal_after_the_step_reduction_stops_every_rank_at_the_next_step(bas
     assert reports == [{"status": 0, "step": 3}] * 2
     tags = sorted(p.name for p in (tmp_path / "run2" / "checkpoints").iterdir() if p.name.startswith("global_step"))
     assert tags == ["global_step3"]
+
+
+def _chunked_loss_steps(rank, world_size, out, base_model_dir, zero_stage, chunk):
+    from engine.objectives.causal_lm import fusable_head
+
+    trainer = build(rank, world_size, out / f"z{zero_stage}c{chunk}", base_model_dir, "sft", zero_stage=zero_stage,
+                    loss_chunk_size=chunk, max_steps=2)
+    fused = fusable_head(trainer.engine.module.get_output_embeddings())
+    steps = [[trainer.train_step()["loss"], float(trainer.engine.get_global_grad_norm())] for _ in range(2)]
+    if rank == 0:
+        (out / f"z{zero_stage}c{chunk}.json").write_text(json.dumps({"fused": fused, "steps": steps}))
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_chunked_loss_takes_the_same_steps_under_deepspeed(base_model_dir, tmp_path, zero_stage):
+    """--loss-chunk-size on 2 ranks: ZeRO-2 takes the fused path (the whole head on every rank),
+    ZeRO-3 the checkpointed one (the head gathered by DeepSpeed's hooks); both give the losses and
+    gradient norms of the full logits."""
+    for chunk in (0, 16):
+        run_ranks(_chunked_loss_steps, 2, tmp_path, base_model_dir, zero_stage, chunk)
+    full, chunked = (json.loads((tmp_path / f"z{zero_stage}c{c}.json").read_text()) for c in (0, 16))
+    assert chunked["fused"] == (zero_stage == 2)
+    assert sum(chunked["steps"], []) == pytest.approx(sum(full["steps"], []), rel=1e-5)

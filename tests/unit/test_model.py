@@ -62,6 +62,7 @@ def test_param_counts():
     assert 3.5e6 <= count_parameters(meta_model("tiny")) <= 4.5e6
     assert abs(count_parameters(meta_model("gpt2-124m")) - 124.4e6) < 0.1e6
     assert abs(count_parameters(meta_model("llama-1b")) - 1.236e9) < 0.001e9
+    assert abs(count_parameters(meta_model("qwen2-0.5b")) - 494.0e6) < 0.1e6  # Qwen2-0.5B: 494,032,768 with its biases
 
 
 def test_preset_overrides():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.config import parse_config
 from engine.data import IGNORE_INDEX
 from engine.objectives.causal_lm import SFT, CausalLM, token_nll_sum, trained_tokens
 from model.build import build_model
@@ -19,7 +20,7 @@ def test_summed_loss_over_trained_tokens_matches_transformers():
     attention_mask = (labels != IGNORE_INDEX).long()
     attention_mask[0] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    objective = SFT.objective(None)
+    objective = SFT.objective(parse_config([]))
     assert isinstance(objective, CausalLM) and objective.unit == "token"
     with torch.no_grad():
         ours = objective.loss(model, batch).loss

@@ -1,0 +1,116 @@
+"""--loss-chunk-size: the LM loss from the decoder's hidden states, chunk by chunk, equals
+transformers' own path (the full logits, then cross-entropy) in value and in every gradient, for
+SFT labels (prompt tokens ignored), packed rows, tied and untied heads, GPT-2 and Llama, eager and
+sdpa attention, and a LoRA model whose head is trained (modules_to_save)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.data import IGNORE_INDEX
+from engine.objectives.causal_lm import CausalLM, lm_nll_sum
+from model.presets import preset_config
+
+
+def tiny_model(arch: str, tie: bool, attn: str, vocab: int = 997):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = preset_config("gpt2-124m", vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                               tie_word_embeddings=tie)
+    else:
+        config = preset_config("debug", vocab_size=vocab, tie_word_embeddings=tie)
+    config._attn_implementation = attn
+    return AutoModelForCausalLM.from_config(config).float()
+
+
+def batch(vocab: int, packed: bool) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 40), generator=g)
+    labels = ids.clone()
+    labels[0, :12] = IGNORE_INDEX  # an SFT prompt
+    labels[2, 30:] = IGNORE_INDEX  # padding
+    out = {"input_ids": ids, "labels": labels}
+    if packed:  # two examples in each row; the first token of the second is not trained
+        out["position_ids"] = torch.cat([torch.arange(17), torch.arange(23)]).expand(3, -1).clone()
+        labels[:, 17] = IGNORE_INDEX
+    else:
+        out["attention_mask"] = (labels != IGNORE_INDEX).long() | (torch.arange(40) < 12).long()
+    return out
+
+
+def reference(model, b) -> torch.Tensor:
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_gradients(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Equal to 1e-5 relative in norm: the sums run in another order, so single entries near zero
+    differ by rounding (a few 1e-6 absolute on entries of size ~5)."""
+    assert got.keys() == expected.keys()
+    for name, e in expected.items():
+        assert float((got[name] - e).norm() / e.norm().clamp_min(1e-30)) <= 1e-5, name
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "checkpointed"])
+@pytest.mark.parametrize("arch, tie, attn, packed", [
+    ("llama", True, "sdpa", False), ("llama", False, "eager", False), ("llama", True, "sdpa", True),
+    ("llama", True, "eager", True), ("gpt2", True, "sdpa", False)])
+def test_chunked_loss_and_gradients_equal_the_full_logits(arch, tie, attn, packed, fused, monkeypatch):
+    """Both paths: the fused one a plain head takes, and the checkpointed one of ZeRO-3 and peft heads."""
+    import engine.objectives.causal_lm as causal_lm
+
+    if not fused:
+        monkeypatch.setattr(causal_lm, "fusable_head", lambda head: False)
+    model = tiny_model(arch, tie, attn)
+    other = copy.deepcopy(model)
+    b = batch(997, packed)
+    full = reference(model, b)
+    full.backward()
+    chunked = lm_nll_sum(other, b, chunk=7)  # 7 does not divide the trained tokens
+    chunked.backward()
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=0)
+    assert_same_gradients(grads(other), grads(model))
+
+
+def test_a_lora_model_with_a_trained_head():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama", False, "sdpa"),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    other = copy.deepcopy(model)
+    b = batch(997, False)
+    full = reference(model, b)
+    full.backward()
+    chunked = CausalLM(5).loss(other, b).loss
+    chunked.backward()
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=0)
+    assert any("lm_head" in n for n in grads(other))
+    assert_same_gradients(grads(other), grads(model))
+
+
+def test_validation_without_gradients():
+    model = tiny_model("llama", True, "sdpa")
+    b = batch(997, False)
+    with torch.no_grad():
+        torch.testing.assert_close(lm_nll_sum(model, b, 9), reference(model, b), rtol=1e-5, atol=0)
+
+
+def test_a_batch_without_trained_tokens():
+    model = tiny_model("llama", True, "sdpa")
+    b = batch(997, False)
+    b["labels"][:] = IGNORE_INDEX
+    loss = lm_nll_sum(model, b, 7)
+    loss.backward()
+    assert float(loss) == 0.0 and all(float(p.grad.abs().sum()) == 0.0 for p in model.parameters() if p.grad is not None)
