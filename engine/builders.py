@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,6 +103,21 @@ def check_stage_sections(cfg: Config, stage: Stage) -> None:
                              "log-probabilities from the full logits); drop it")
 
 
+def check_document_mask(cfg: Config, sources: list[DataSource]) -> None:
+    """--document-mask needs pretraining windows in batches without an attention mask: transformers
+    keeps documents apart through restarting position_ids only when no mask is passed."""
+    if not cfg.data.document_mask:
+        return
+    kinds = {s.kind for s in sources}
+    if "pretrain" not in kinds:
+        raise ZerotrainError(f"--document-mask splits pretraining windows at their end-of-document tokens; this run "
+                             f"has {'/'.join(sorted(kinds))} data only (one conversation or pair per example already): "
+                             "drop --document-mask")
+    if kinds != {"pretrain"} and not cfg.data.pack:
+        raise ZerotrainError("--document-mask with pretraining and SFT data mixed needs --pack: a padded batch's "
+                             "attention mask would let a window's documents see each other")
+
+
 def _default_kind(entries: list[str], columns: str) -> str:
     """What plain --data entries hold: a prepared directory says so in its meta.json, raw files
     by their first record (or by the --columns mapping)."""
@@ -144,6 +160,7 @@ def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
                 raise ZerotrainError(f"--columns {cfg.data.columns!r} does not apply to {source.paths[0]}, prepared "
                                      + (f"with --columns {used!r}" if used else "without --columns")
                                      + ": drop --columns, or prepare the raw files again with it")
+    check_document_mask(cfg, sources)
     check_output_dir(cfg, run.root)
     resume_tag = checkpoint.find_resume_tag(run.checkpoints, cfg.checkpoint.resume)
     saved = checkpoint.saved_world_size(resume_tag) if resume_tag is not None else None
@@ -224,7 +241,10 @@ def build_data(cfg: Config, plan: RunPlan, world: World, log: Log) -> Data:
                                  "prepare it again with this tokenizer")
         if meta["kind"] != source.kind:
             raise ZerotrainError(f"{directory} holds {meta['kind']} data, used here as {source.kind} data")
-        dataset = {"pretrain": PretrainDataset, "sft": SFTDataset, "pref": PrefDataset}[source.kind]
+        if source.kind == "pretrain" and cfg.data.document_mask:
+            dataset = partial(PretrainDataset, document_eos=tokenizer.eos_token_id)
+        else:
+            dataset = {"pretrain": PretrainDataset, "sft": SFTDataset, "pref": PrefDataset}[source.kind]
         trains.append(dataset(directory, "train", cfg.data.seq_len))
         vals.append(dataset(directory, "val", cfg.data.seq_len))
         skipped = {k: v for k, v in meta["stats"].items() if v}

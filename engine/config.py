@@ -105,6 +105,9 @@ class DataConfig:
     SFT/pref file of the run; empty: detect each file's shape."""
     pack: bool = False
     """SFT: pack several conversations into one row (boundaries kept through position_ids)."""
+    document_mask: bool = False
+    """Pretraining: positions restart after every end-of-document token of a window and attention
+    stays inside each document (Llama 3); the trained tokens are the same as without it."""
     data_cache_dir: str = ""
     """Where raw inputs are prepared once and reused; default $ZEROTRAIN_CACHE or ~/.cache/zerotrain/data."""
     num_proc: int = 1

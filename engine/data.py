@@ -892,10 +892,15 @@ def _open_tokens(directory: Path, split: str, meta: dict[str, Any]) -> np.ndarra
 
 class PretrainDataset(torch.utils.data.Dataset):
     """Fixed-length windows of `seq_len` tokens over a split's token stream (labels = inputs;
-    transformers shifts them inside the model)."""
+    transformers shifts them inside the model).
 
-    def __init__(self, directory: str | Path, split: str, seq_len: int):
-        self.directory, self.seq_len = Path(directory), seq_len
+    With `document_eos` (--document-mask) each window also carries position_ids that restart
+    after every end-of-document token, so the documents a window holds neither attend to each
+    other nor see a position they never had on their own (document_positions).
+    """
+
+    def __init__(self, directory: str | Path, split: str, seq_len: int, document_eos: int | None = None):
+        self.directory, self.seq_len, self.document_eos = Path(directory), seq_len, document_eos
         self.meta = read_meta(directory)
         if self.meta["kind"] != "pretrain":
             raise ZerotrainError(f"{directory} holds {self.meta['kind']} data, not pretraining data")
@@ -906,6 +911,8 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         window = torch.from_numpy(self.tokens[i * self.seq_len:(i + 1) * self.seq_len].astype(np.int64))
+        if self.document_eos is not None:
+            return {"input_ids": window, "labels": window, "position_ids": document_positions(window, self.document_eos)}
         return {"input_ids": window, "labels": window}
 
 
@@ -1011,6 +1018,20 @@ def parse_data_sources(entries: list[str], default_kind: str) -> list[DataSource
 
 # --------------------------------------------------------------------------- batching
 
+def document_positions(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Positions that restart at 0 after every `eos_id` (along the last dimension).
+
+    Passed without an attention_mask, these make transformers build a block-diagonal causal mask
+    (and flash-attention's varlen path), so each document attends to itself only, as in Llama 3's
+    pretraining. Labels stay as they are: the token after an end-of-document is still predicted
+    from that document, exactly the targets an unmasked window trains on.
+    """
+    index = torch.arange(input_ids.shape[-1]).expand_as(input_ids)
+    starts = torch.zeros_like(index)
+    starts[..., 1:] = torch.where(input_ids[..., :-1] == eos_id, index[..., 1:], 0)
+    return index - starts.cummax(dim=-1).values
+
+
 def collate_stack(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Fixed-length examples (pretraining windows) stacked into a batch."""
     return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
@@ -1059,7 +1080,8 @@ def collate_packed(examples: list[dict[str, torch.Tensor]], seq_len: int, pad_id
             batch["input_ids"][r, at:at + n] = e["input_ids"]
             batch["labels"][r, at:at + n] = e["labels"]
             batch["labels"][r, at] = IGNORE_INDEX
-            batch["position_ids"][r, at:at + n] = torch.arange(n)
+            # a pretraining window under --document-mask brings its own restarting positions
+            batch["position_ids"][r, at:at + n] = e["position_ids"] if "position_ids" in e else torch.arange(n)
             at += n
         # Padding continues as its own "sequence" (positions restart), fully masked by labels.
         batch["position_ids"][r, at:] = torch.arange(length - at)
