@@ -69,16 +69,41 @@ def fusable_head(lm_head: torch.nn.Module) -> bool:
             and not hasattr(lm_head.weight, "ds_id"))
 
 
+def chunk_count(heads: list[torch.nn.Module], tokens: int, chunk_tokens: int, device: torch.device) -> int:
+    """Chunks of `chunk_tokens` covering `tokens` rows (at least one). With a ZeRO-3 head every call
+    gathers its weight, a collective: then every rank makes as many calls as the rank with the
+    most trained tokens, some on no rows."""
+    chunks = max(1, -(-tokens // chunk_tokens))
+    if any(hasattr(p, "ds_id") for head in heads for p in head.parameters()):
+        from engine.distributed import all_reduce_max
+
+        chunks = all_reduce_max(chunks, device)
+    return chunks
+
+
+def summed_over_chunks(fn: Callable[..., torch.Tensor], rows: list[torch.Tensor], chunk_tokens: int,
+                       chunks: int) -> torch.Tensor:
+    """The sum over chunks of fn(*(r[chunk] for r in rows)), each call checkpointed: whatever logits
+    it makes live for that chunk only and are made again in the backward (one more forward of the
+    head per step), and calls made through the head as a module keep ZeRO-3's gathering and peft's
+    wrappers."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = None
+    for i in range(chunks):
+        piece = slice(i * chunk_tokens, (i + 1) * chunk_tokens)
+        out = checkpoint(fn, *(r[piece] for r in rows), use_reentrant=False)
+        total = out if total is None else total + out
+    return total
+
+
 def chunked_nll_sum(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
                     chunk_tokens: int) -> torch.Tensor:
     """token_nll_sum from the decoder's last hidden states, never holding more than `chunk_tokens`
     rows of logits; only the trained tokens go through the LM head (an SFT prompt costs nothing
     there). A plain head (fusable_head) is fused with the loss (_FusedLinearNLL: no extra work);
-    any other (ZeRO-3, a LoRA-wrapped or trained-copy head) is called as a module, so ZeRO-3
-    gathers its weight and peft's wrappers apply, each chunk's logits recomputed in the backward
-    (activation checkpointing: one more forward of the head per step)."""
-    from torch.utils.checkpoint import checkpoint
-
+    any other (ZeRO-3, a LoRA-wrapped or trained-copy head) is called as a module chunk by chunk
+    (summed_over_chunks)."""
     mask = trained_tokens(labels)
     states, targets = hidden[:, :-1][mask], labels[:, 1:][mask]
     if fusable_head(lm_head):
@@ -87,18 +112,8 @@ def chunked_nll_sum(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torc
     def chunk_nll(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(lm_head(states).float(), targets, reduction="sum")
 
-    chunks = -(-len(targets) // chunk_tokens)
-    if any(hasattr(p, "ds_id") for p in lm_head.parameters()):
-        # ZeRO-3 gathers the head's weight at every call (and again in the recompute), a collective:
-        # every rank makes as many calls as the rank with the most trained tokens, some on no rows.
-        from engine.distributed import all_reduce_max
-
-        chunks = all_reduce_max(chunks, hidden.device)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(chunks):
-        piece = slice(i * chunk_tokens, (i + 1) * chunk_tokens)
-        total = total + checkpoint(chunk_nll, states[piece], targets[piece], use_reentrant=False)
-    return total
+    chunks = chunk_count([lm_head], len(targets), chunk_tokens, hidden.device)
+    return summed_over_chunks(chunk_nll, [states, targets], chunk_tokens, chunks)
 
 
 def language_model(model) -> torch.nn.Module:
@@ -107,21 +122,28 @@ def language_model(model) -> torch.nn.Module:
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
-def lm_nll_sum(model: Callable[..., object], batch: Batch, chunk: int) -> torch.Tensor:
-    """Summed NLL of a batch's trained tokens: through the LM head `chunk` tokens at a time
-    (--loss-chunk-size), or with the full logits, as transformers computes it, for 0."""
-    lm = language_model(model)
-    if not chunk:
-        return token_nll_sum(model(**model_inputs(batch), use_cache=False).logits, batch["labels"])
+def decoder_states(model: Callable[..., object], batch: Batch) -> torch.Tensor:
+    """The decoder's last hidden states [rows, positions, hidden] for a batch, taken through the
+    whole model (so DeepSpeed's and peft's wrappers run as in training) with its own LM head run
+    on no position: logits_to_keep with no index makes no logits."""
     captured: list[torch.Tensor] = []
-    hook = lm.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+    hook = language_model(model).get_decoder().register_forward_hook(
+        lambda module, args, out: captured.append(out.last_hidden_state))
     try:
-        # logits_to_keep with no position: the model's own head runs on nothing.
         nothing = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
         model(**model_inputs(batch), use_cache=False, logits_to_keep=nothing)
     finally:
         hook.remove()
-    return chunked_nll_sum(captured[-1], lm.get_output_embeddings(), batch["labels"], chunk)
+    return captured[-1]
+
+
+def lm_nll_sum(model: Callable[..., object], batch: Batch, chunk: int) -> torch.Tensor:
+    """Summed NLL of a batch's trained tokens: through the LM head `chunk` tokens at a time
+    (--loss-chunk-size), or with the full logits, as transformers computes it, for 0."""
+    if not chunk:
+        return token_nll_sum(model(**model_inputs(batch), use_cache=False).logits, batch["labels"])
+    return chunked_nll_sum(decoder_states(model, batch), language_model(model).get_output_embeddings(),
+                           batch["labels"], chunk)
 
 
 class CausalLM(Objective):

@@ -68,8 +68,8 @@ class Distill(Objective):
 
     unit = "token"
 
-    def __init__(self, kd: DistillConfig):
-        self.kd = kd
+    def __init__(self, kd: DistillConfig, chunk: int = 0):
+        self.kd, self.chunk = kd, chunk  # --loss-chunk-size: trained tokens through the LM heads at a time
         self.teacher: Callable[..., Any] | None = None
 
     def check(self, cfg: Config, plan: RunPlan) -> None:
@@ -150,37 +150,82 @@ class Distill(Objective):
     def units(self, batch: Batch) -> int:
         return int(trained_tokens(batch["labels"]).sum())
 
-    def divergence(self, student: torch.Tensor, batch: Batch, inputs: Batch) -> torch.Tensor:
-        """D summed over the trained tokens, whose student logits are `student` [tokens, vocab]."""
-        kd, mask = self.kd, trained_tokens(batch["labels"])
-        if "teacher_logps" in batch:  # offline: both sides bucketed on the teacher's stored top-k
-            from engine.teacher_logits import bucketed
+    def stored_divergence(self, student: torch.Tensor, ids: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
+        """D summed over tokens against the teacher's stored top-k: both sides bucketed on its ids."""
+        from engine.teacher_logits import bucketed
 
-            if len(batch["teacher_logps"]) != len(student):
-                raise ZerotrainError(f"the batch has {len(student)} trained tokens but {len(batch['teacher_logps'])} "
-                                     "stored teacher log-probs: the store does not match the prepared data; delete "
-                                     "its directory (<prepared>/teacher/) to compute it again")
-            ours = bucketed(F.log_softmax(student.float() / kd.kd_temperature, dim=-1), batch["teacher_ids"])
-            return token_divergence(ours, batch["teacher_logps"], kd.kd_loss, beta=kd.kd_beta).sum()
-        with torch.no_grad():
-            teacher = self.teacher(**inputs, use_cache=False).logits
+        ours = bucketed(F.log_softmax(student.float() / self.kd.kd_temperature, dim=-1), ids)
+        return token_divergence(ours, logps, self.kd.kd_loss, beta=self.kd.kd_beta).sum()
+
+    def live_divergence(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """D summed over tokens between two [tokens, vocab] logits."""
         vocab = student.shape[-1]
         if teacher.shape[-1] < vocab:
             raise ZerotrainError(f"the teacher scores {teacher.shape[-1]} tokens, the student {vocab}: both must use "
                                  "the same tokenizer")
         # A larger teacher embedding holds padding rows beyond the tokenizer (rounded-up vocab sizes).
-        teacher = teacher[..., :vocab][:, :-1][mask]
-        return token_divergence(student, teacher, kd.kd_loss, beta=kd.kd_beta, temperature=kd.kd_temperature).sum()
+        return token_divergence(student, teacher[..., :vocab], self.kd.kd_loss, beta=self.kd.kd_beta,
+                                temperature=self.kd.kd_temperature).sum()
+
+    def stored_rows(self, batch: Batch, tokens: int) -> list[torch.Tensor]:
+        if len(batch["teacher_logps"]) != tokens:
+            raise ZerotrainError(f"the batch has {tokens} trained tokens but {len(batch['teacher_logps'])} "
+                                 "stored teacher log-probs: the store does not match the prepared data; delete "
+                                 "its directory (<prepared>/teacher/) to compute it again")
+        return [batch["teacher_ids"], batch["teacher_logps"]]
+
+    def divergence(self, student: torch.Tensor, batch: Batch, inputs: Batch) -> torch.Tensor:
+        """D summed over the trained tokens, whose student logits are `student` [tokens, vocab]."""
+        if "teacher_logps" in batch:  # offline
+            return self.stored_divergence(student, *self.stored_rows(batch, len(student)))
+        with torch.no_grad():
+            teacher = self.teacher(**inputs, use_cache=False).logits
+        return self.live_divergence(student, teacher[:, :-1][trained_tokens(batch["labels"])])
+
+    def chunked_terms(self, model: Callable[..., Any], batch: Batch, inputs: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CE, D) summed over the trained tokens with no full logits of either model: both decoders'
+        states for the trained tokens, then each LM head `chunk` tokens at a time (summed_over_chunks)."""
+        from engine.objectives.causal_lm import chunk_count, decoder_states, language_model, summed_over_chunks
+
+        mask, labels = trained_tokens(batch["labels"]), batch["labels"]
+        states, targets = decoder_states(model, batch)[:, :-1][mask], labels[:, 1:][mask]
+        head = language_model(model).get_output_embeddings()
+        heads = [head]
+        if "teacher_logps" in batch:
+            rows, divergence = self.stored_rows(batch, len(targets)), self.stored_divergence
+        else:
+            with torch.no_grad():
+                teacher_states = decoder_states(self.teacher, inputs)[:, :-1][mask]
+            teacher_head = language_model(self.teacher).get_output_embeddings()
+            heads.append(teacher_head)
+            rows = [teacher_states]
+
+            def divergence(student: torch.Tensor, teacher_states: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    teacher = teacher_head(teacher_states)
+                return self.live_divergence(student, teacher)
+
+        def terms(states: torch.Tensor, targets: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
+            logits = head(states)
+            return torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum"), divergence(logits, *rows)])
+
+        chunks = chunk_count(heads, len(targets), self.chunk, states.device)
+        ce, kd = summed_over_chunks(terms, [states, targets, *rows], self.chunk, chunks)
+        return ce, kd
 
     def loss(self, model: Callable[..., Any], batch: Batch) -> LossSums:
         inputs = model_inputs(batch)
-        logits = model(**inputs, use_cache=False).logits
-        kd = self.divergence(logits[:, :-1][trained_tokens(batch["labels"])], batch, inputs)
+        if self.chunk:
+            ce, kd = self.chunked_terms(model, batch, inputs)
+        else:
+            logits = model(**inputs, use_cache=False).logits
+            kd = self.divergence(logits[:, :-1][trained_tokens(batch["labels"])], batch, inputs)
+            ce = token_nll_sum(logits, batch["labels"]) if "on_policy" not in batch else None
         a, t = self.kd.kd_alpha, self.kd.kd_temperature
         if "on_policy" in batch:
             return LossSums((1 - a) * t * t * kd, {"kd": kd.detach(), "on_policy": trained_tokens(batch["labels"]).sum()})
-        ce = token_nll_sum(logits, batch["labels"])
         return LossSums(a * ce + (1 - a) * t * t * kd, {"ce": ce.detach(), "kd": kd.detach()})
 
 
-DISTILL = Stage("distill", data_kind="auto", objective=lambda cfg: Distill(cfg.distill), config_sections=("distill",))
+DISTILL = Stage("distill", data_kind="auto", objective=lambda cfg: Distill(cfg.distill, cfg.train.loss_chunk_size),
+                config_sections=("distill",))

@@ -59,10 +59,13 @@ def _steps(rank, world_size, out, base_model_dir, teacher_dir, name, flags):
 def test_a_zero3_teacher_on_two_ranks_gives_the_one_rank_steps(base_model_dir, teacher_dir, tmp_path):
     run_ranks(_steps, 1, tmp_path, base_model_dir, teacher_dir, "one", dict(zero_stage=0, micro_batch_size=4))
     run_ranks(_steps, 2, tmp_path, base_model_dir, teacher_dir, "two", dict(zero_stage=2, teacher_zero_stage=3))
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
-    for a, b in zip(one, two, strict=True):
+    # both LM heads partitioned and called chunk by chunk: each call gathers, the ranks' counts agree
+    run_ranks(_steps, 2, tmp_path, base_model_dir, teacher_dir, "chunked", dict(zero_stage=3, loss_chunk_size=16))
+    one, two, chunked = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two", "chunked"))
+    for a, b, c in zip(one, two, chunked, strict=True):
         for key in KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
+            assert a[key] == pytest.approx(c[key], rel=1e-4), key
     assert one[0]["kd"] > 0.01  # the teacher differs from the student
     assert one[0]["loss"] == pytest.approx(0.5 * one[0]["ce"] + 0.5 * 1.5 ** 2 * one[0]["kd"], rel=1e-6)
 

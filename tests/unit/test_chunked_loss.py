@@ -114,3 +114,55 @@ def test_a_batch_without_trained_tokens():
     loss = lm_nll_sum(model, b, 7)
     loss.backward()
     assert float(loss) == 0.0 and all(float(p.grad.abs().sum()) == 0.0 for p in model.parameters() if p.grad is not None)
+
+
+# --------------------------------------------------------------------------- distillation
+
+def distill_pair(kind: str, top_k: int = 0):
+    """A student and a teacher with a larger (padded) embedding, the objective, and the batch."""
+    from engine.config import DistillConfig
+    from engine.objectives.distill import Distill
+
+    student = tiny_model("llama", True, "sdpa")
+    torch.manual_seed(5)
+    teacher = tiny_model("llama", False, "sdpa", vocab=1003).requires_grad_(False).eval()
+    kd = DistillConfig(teacher="t", kd_loss=kind, kd_alpha=0.3, kd_temperature=2.0, kd_beta=0.4, teacher_top_k=top_k)
+    full, chunked = Distill(kd), Distill(kd, chunk=7)
+    full.teacher = chunked.teacher = teacher
+    b = batch(997, packed=True)
+    if top_k:
+        from engine.teacher_logits import top_k as keep_top
+
+        mask = b["labels"][:, 1:] != IGNORE_INDEX
+        with torch.no_grad():
+            logits = teacher(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[..., :997]
+        b["teacher_ids"], b["teacher_logps"] = keep_top(F.log_softmax(logits[:, :-1][mask] / 2.0, -1), top_k)
+    return student, full, chunked, b
+
+
+@pytest.mark.parametrize("kind, top_k, on_policy", [
+    ("forward_kl", 0, False), ("reverse_kl", 0, False), ("jsd", 0, False), ("jsd", 0, True), ("forward_kl", 9, False)])
+def test_distillation_chunked_equals_the_full_logits(kind, top_k, on_policy):
+    """CE and D of both models' LM heads chunk by chunk (a live teacher, with padded vocabulary rows,
+    or its stored top-k) against the full logits: the loss, both metrics and every gradient."""
+    student, full, chunked, b = distill_pair(kind, top_k)
+    if on_policy:
+        b["on_policy"] = torch.ones(())
+    other = copy.deepcopy(student)
+    expected, got = full.loss(student, b), chunked.loss(other, b)
+    expected.loss.backward()
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=0)
+    assert got.metrics.keys() == expected.metrics.keys()
+    for name in expected.metrics:
+        torch.testing.assert_close(got.metrics[name], expected.metrics[name], rtol=1e-5, atol=0)
+    assert_same_gradients(grads(other), grads(student))
+    assert all(p.grad is None for p in full.teacher.parameters())
+
+
+def test_distillation_chunked_refuses_a_store_that_does_not_match():
+    from common.errors import ZerotrainError
+
+    student, _, chunked, b = distill_pair("forward_kl", top_k=5)
+    with pytest.raises(ZerotrainError, match="does not match the prepared data"):
+        chunked.loss(student, {**b, "teacher_ids": b["teacher_ids"][1:], "teacher_logps": b["teacher_logps"][1:]})

@@ -111,7 +111,7 @@ def test_flags_of_another_stage_are_refused():
         check_stage_sections(cfg, SFT)
     check_stage_sections(parse_config([]), SFT)
     check_stage_sections(parse_config(["--loss-chunk-size", "512"]), SFT)
-    with pytest.raises(ZerotrainError, match=r"--loss-chunk-size: pretraining and SFT only"):
+    with pytest.raises(ZerotrainError, match=r"--loss-chunk-size: pretraining, SFT and distillation only"):
         check_stage_sections(parse_config(["--loss-chunk-size", "512"]), DPO)
     with pytest.raises(ZerotrainError, match=r"train.loss_chunk_size \(--loss-chunk-size\) must be"):
         parse_config(["--loss-chunk-size", "-1"])
