@@ -58,8 +58,23 @@ class _FusedLinearNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_states, grad_weight = ctx.saved_tensors
-        grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.has_weight_grad else None
-        return grad_states * grad_output.to(grad_states.dtype), grad_weight, None, None
+        # Scaled in place: a second weight-sized tensor would be the largest thing this loss holds
+        # (the graph runs backward once; nothing else reads these).
+        grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype) if ctx.has_weight_grad else None
+        return grad_states.mul_(grad_output.to(grad_states.dtype)), grad_weight, None, None
+
+
+def liger_fused_nll(device: torch.device) -> Callable[..., torch.Tensor] | None:
+    """liger-kernel's fused linear cross-entropy where it runs: a Triton kernel, so CUDA only, and
+    only if installed (`pip install liger-kernel`); None elsewhere (_FusedLinearNLL does the same
+    math in torch)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
 
 
 def fusable_head(lm_head: torch.nn.Module) -> bool:
@@ -101,12 +116,16 @@ def chunked_nll_sum(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torc
                     chunk_tokens: int) -> torch.Tensor:
     """token_nll_sum from the decoder's last hidden states, never holding more than `chunk_tokens`
     rows of logits; only the trained tokens go through the LM head (an SFT prompt costs nothing
-    there). A plain head (fusable_head) is fused with the loss (_FusedLinearNLL: no extra work);
+    there). A plain head (fusable_head) is fused with the loss (liger-kernel's Triton kernel on CUDA
+    where installed, else _FusedLinearNLL: no extra work);
     any other (ZeRO-3, a LoRA-wrapped or trained-copy head) is called as a module chunk by chunk
     (summed_over_chunks)."""
     mask = trained_tokens(labels)
     states, targets = hidden[:, :-1][mask], labels[:, 1:][mask]
     if fusable_head(lm_head):
+        liger = liger_fused_nll(states.device) if len(targets) else None
+        if liger is not None:  # it sizes its own chunks to the free memory; fp32 gradient accumulation as ours
+            return liger(states, lm_head.weight, targets, reduction="sum", accum_dtype=torch.float32)
         return _FusedLinearNLL.apply(states, lm_head.weight, targets, chunk_tokens)
 
     def chunk_nll(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,19 @@
 """The LM loss without the full logits (--loss-chunk-size) against transformers' default path, in one run.
 
-    .venv/bin/python scripts/bench/chunked_loss.py [--seq-len 2048] [--rounds 3] [--step-seq-len 512]
+    .venv/bin/python scripts/bench/chunked_loss.py [--seq-len 2048] [--rounds 3] [--step-seq-len 512] [--chunks 110 512]
 
 Part 1, the loss alone: the `qwen2-0.5b` preset's LM head (vocabulary 151,936 x hidden 896, fp32)
 on one row of `--seq-len` decoder states, forward and backward, every token trained:
   full     the head on every position, then cross-entropy on the fp32 logits (what transformers'
            own loss and zerotrain's token_nll_sum do)
-  chunked  engine.objectives.causal_lm.chunked_nll_sum, 110 tokens a chunk (64 MiB of fp32 logits)
-Each variant runs in a fresh process: its peak memory is the process's high-water mark (VmHWM)
-less its resident size once the head, the states and their gradients' room are in place, so it
-counts only what the loss itself holds. Time is the median of `--rounds` repetitions.
+  chunked  engine.objectives.causal_lm.chunked_nll_sum, N tokens a chunk for each N of `--chunks`
+           (110 tokens: 64 MiB of fp32 logits, 512: 297 MiB)
+Each variant runs `--rounds` times, each in a fresh process, interleaved with the others, timed on
+its second repetition (the first pays for first-touch page faults): its peak memory is the
+process's high-water mark (VmHWM) less its resident size once the head, the states and their
+gradients' room are in place, so it counts only what the loss itself holds. Time and peak are medians over the processes.
 Part 2, a whole training step (forward and backward of the full model, micro batch 1, fp32) of the
-same preset at `--step-seq-len`, through CausalLM with --loss-chunk-size 0 and 110:
+same preset at `--step-seq-len`, through CausalLM with --loss-chunk-size 0 and the last of `--chunks`:
 step time and peak memory of the process, the two paths alternating.
 Both parts check that the loss and every gradient agree (relative difference of the norms).
 """
@@ -27,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CHUNK = 110  # 64 MiB of fp32 logits at vocabulary 151,936
 
 
 def rss_kib(field: str) -> int:
@@ -37,40 +38,52 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def loss_only(variant: str, seq_len: int, rounds: int) -> dict:
+def loss_only(variant: str, seq_len: int, rounds: int, chunk: int = 0, device: str = "cpu") -> dict:
+    """One process's measurement of `variant`: full, chunked (zerotrain's fused path) or liger
+    (liger-kernel's, CUDA only). On CUDA the peak is torch's allocator high-water mark instead."""
     import torch
     import torch.nn.functional as F
 
-    from engine.objectives.causal_lm import chunked_nll_sum
+    import engine.objectives.causal_lm as causal_lm
     from model.presets import preset_config
 
+    if variant == "chunked":  # ours even where liger-kernel would be taken
+        causal_lm.liger_fused_nll = lambda device: None
+    elif variant == "liger" and causal_lm.liger_fused_nll(torch.device(device)) is None:
+        raise SystemExit("liger: needs CUDA and `pip install liger-kernel`")
     torch.manual_seed(0)
     config = preset_config("qwen2-0.5b")
-    head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    hidden = torch.randn(1, seq_len, config.hidden_size, requires_grad=True)
-    labels = torch.randint(0, config.vocab_size, (1, seq_len))
-    chunk = CHUNK
+    head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
+    hidden = torch.randn(1, seq_len, config.hidden_size, requires_grad=True, device=device)
+    labels = torch.randint(0, config.vocab_size, (1, seq_len), device=device)
     # Room for the gradients both paths end with, so the baseline holds them already.
     head.weight.grad = torch.zeros_like(head.weight)
     hidden.grad = torch.zeros_like(hidden)
-    base = rss_kib("VmRSS")
+    cuda = device == "cuda"
+    base = torch.cuda.memory_allocated() if cuda else rss_kib("VmRSS") * 1024
     times = []
     for _ in range(rounds):
         head.weight.grad.zero_()
         hidden.grad.zero_()
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         if variant == "full":
             loss = F.cross_entropy(head(hidden)[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
         else:
-            loss = chunked_nll_sum(hidden, head, labels, chunk)
+            loss = causal_lm.chunked_nll_sum(hidden, head, labels, chunk)
         loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"peak_mib": (rss_kib("VmHWM") - base) / 1024, "seconds": statistics.median(times), "chunk": chunk,
+    peak = torch.cuda.max_memory_allocated() if cuda else rss_kib("VmHWM") * 1024
+    # the first repetition pays for first-touch page faults (and kernel compilation on CUDA)
+    return {"peak_mib": (peak - base) / 2 ** 20, "seconds": statistics.median(times[1:] or times), "chunk": chunk,
             "loss": float(loss), "grad_weight_norm": float(head.weight.grad.norm()),
             "grad_hidden_norm": float(hidden.grad.norm())}
 
 
-def train_step(variant: str, seq_len: int, rounds: int) -> dict:
+def train_step(variant: str, seq_len: int, rounds: int, chunk: int = 0) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -81,7 +94,7 @@ def train_step(variant: str, seq_len: int, rounds: int) -> dict:
     model = AutoModelForCausalLM.from_config(preset_config("qwen2-0.5b")).float()
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len))
     batch = {"input_ids": ids, "labels": ids.clone()}
-    objective = CausalLM(0 if variant == "full" else CHUNK)
+    objective = CausalLM(0 if variant == "full" else chunk)
     times = []
     for _ in range(rounds):
         model.zero_grad(set_to_none=False)
@@ -94,10 +107,11 @@ def train_step(variant: str, seq_len: int, rounds: int) -> dict:
             "loss": float(loss), "grad_norm": float(grads.norm())}
 
 
-def run(part: str, variant: str, seq_len: int, rounds: int) -> dict:
+def run(part: str, variant: str, seq_len: int, rounds: int, chunk: int = 0, device: str = "cpu") -> dict:
+    extra = {"device": device} if part == "loss_only" else {}
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r});"
             f"import chunked_loss as b; torch_threads = __import__('torch').set_num_threads(2);"
-            f"print(json.dumps(b.{part}({variant!r}, {seq_len}, {rounds})))")
+            f"print(json.dumps(b.{part}({variant!r}, {seq_len}, {rounds}, {chunk}, **{extra!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -111,26 +125,42 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--step-seq-len", type=int, default=512, help="0 skips the whole-step part")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[110, 512], help="chunk sizes to measure")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: part 1 on the GPU, liger-kernel's fused loss measured too (part 2 stays on CPU)")
     args = parser.parse_args()
 
-    loss = {v: run("loss_only", v, args.seq_len, args.rounds) for v in ("full", "chunked")}
-    full, chunked = loss["full"], loss["chunked"]
+    # Rounds in separate processes, the variants interleaved: the machine is shared.
+    names = ["full"] + [f"chunked {c}" for c in args.chunks] + (["liger"] if args.device == "cuda" else [])
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for i in range(args.rounds):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            chunk = int(name.split()[1]) if name.startswith("chunked") else 0
+            runs[name].append(run("loss_only", name.split()[0], args.seq_len, 2, chunk, args.device))
+    loss = {n: {**rs[0], "seconds": statistics.median(r["seconds"] for r in rs),
+                "peak_mib": statistics.median(r["peak_mib"] for r in rs)} for n, rs in runs.items()}
+    full = loss["full"]
     print(f"loss forward + backward, qwen2-0.5b head (151,936 x 896), 1 x {args.seq_len} tokens, fp32, "
-          f"chunk {chunked['chunk']} tokens, median of {args.rounds}")
+          f"{args.device}, median of {args.rounds} processes a path")
     print("| path | peak MiB | ratio | seconds | ratio |\n| --- | ---: | ---: | ---: | ---: |")
-    for name, r in (("transformers' path (full logits)", full), ("chunked", chunked)):
-        print(f"| {name} | {r['peak_mib']:,.0f} | {r['peak_mib'] / full['peak_mib']:.2f}x | {r['seconds']:.2f} | "
+    for name, r in loss.items():
+        label = {"full": "transformers' path (full logits)", "liger": "liger-kernel fused linear CE"}.get(
+            name, f"{name} tokens")
+        print(f"| {label} | {r['peak_mib']:,.0f} | {r['peak_mib'] / full['peak_mib']:.2f}x | {r['seconds']:.2f} | "
               f"{full['seconds'] / r['seconds']:.2f}x speed |")
-    print(f"relative differences: loss {rel(chunked['loss'], full['loss']):.1e}, "
-          f"grad(W) norm {rel(chunked['grad_weight_norm'], full['grad_weight_norm']):.1e}, "
-          f"grad(h) norm {rel(chunked['grad_hidden_norm'], full['grad_hidden_norm']):.1e}")
+    for name in names[1:]:
+        chunked = loss[name]
+        print(f"{name}: relative differences: loss {rel(chunked['loss'], full['loss']):.1e}, "
+              f"grad(W) norm {rel(chunked['grad_weight_norm'], full['grad_weight_norm']):.1e}, "
+              f"grad(h) norm {rel(chunked['grad_hidden_norm'], full['grad_hidden_norm']):.1e}")
     if not args.step_seq_len:
         return
     steps = {"full": [], "chunked": []}
     for i in range(2):  # alternate the order: the machine is shared
         for v in (("full", "chunked") if i == 0 else ("chunked", "full")):
-            steps[v].append(run("train_step", v, args.step_seq_len, 3))
-    print(f"\nwhole step (forward + backward), qwen2-0.5b, 1 x {args.step_seq_len} tokens, fp32; 2 processes a path")
+            steps[v].append(run("train_step", v, args.step_seq_len, 3, args.chunks[-1]))
+    print(f"\nwhole step (forward + backward), qwen2-0.5b, 1 x {args.step_seq_len} tokens, fp32, chunk "
+          f"{args.chunks[-1]}; 2 processes a path")
     print("| path | step s | speed ratio | process peak MiB | ratio |\n| --- | ---: | ---: | ---: | ---: |")
     med = {v: (statistics.median(r["seconds"] for r in rs), statistics.median(r["peak_mib"] for r in rs))
            for v, rs in steps.items()}

@@ -166,3 +166,26 @@ def test_distillation_chunked_refuses_a_store_that_does_not_match():
     student, _, chunked, b = distill_pair("forward_kl", top_k=5)
     with pytest.raises(ZerotrainError, match="does not match the prepared data"):
         chunked.loss(student, {**b, "teacher_ids": b["teacher_ids"][1:], "teacher_logps": b["teacher_logps"][1:]})
+
+
+def test_liger_kernel_is_taken_on_cuda_only_and_only_where_installed(monkeypatch):
+    import sys
+    import types
+
+    from engine.objectives.causal_lm import liger_fused_nll
+
+    def fused(*args, **kwargs):
+        raise AssertionError("not called here")
+
+    functional = types.ModuleType("liger_kernel.transformers.functional")
+    functional.liger_fused_linear_cross_entropy = fused
+    for name, module in (("liger_kernel", types.ModuleType("liger_kernel")),
+                         ("liger_kernel.transformers", types.ModuleType("liger_kernel.transformers")),
+                         ("liger_kernel.transformers.functional", functional)):
+        monkeypatch.setitem(sys.modules, name, module)
+    assert liger_fused_nll(torch.device("cuda")) is fused
+    assert liger_fused_nll(torch.device("cpu")) is None  # a Triton kernel: the torch path on CPU
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", None)  # not installed
+    assert liger_fused_nll(torch.device("cuda")) is None
+    model = tiny_model("llama", True, "sdpa")
+    lm_nll_sum(model, batch(997, False), chunk=7).backward()  # CPU: _FusedLinearNLL, never the fake
