@@ -32,7 +32,7 @@ from engine.distributed import World, init_distributed, on_rank0
 from engine.ds_config import fill_ds_config, load_ds_config, resolve_precision, zero_stage
 from engine.modeling import build_base_model, lora_record, resolve_init_from, tokenizer_path, wrap_lora
 from engine.objectives import Stage
-from engine.pref_data import PrefDataset, collate_pref
+from engine.pref_data import PrefDataset, collate_pref, collate_pref_packed
 from engine.run_dir import Resolved, RunDir, universal_dir, zerotrain_tags
 
 Log = Callable[[str], None]
@@ -261,6 +261,8 @@ def build_data(cfg: Config, plan: RunPlan, world: World, log: Log) -> Data:
         val = MixedDataset(*map(list, zip(*kept)), cfg.train.seed) if kept else None
     if all(s.kind == "pretrain" for s in sources):
         collate = collate_stack
+    elif sources[0].kind == "pref" and cfg.data.pack:
+        collate = lambda ex: collate_pref_packed(ex, cfg.data.seq_len, tokenizer.pad_token_id)  # noqa: E731
     elif sources[0].kind == "pref":
         collate = lambda ex: collate_pref(ex, tokenizer.pad_token_id)  # noqa: E731
     elif cfg.data.pack:

@@ -104,7 +104,9 @@ class DataConfig:
     assistant=bot; chosen=good,rejected=bad[,prompt,system]). Overrides shape detection for every raw
     SFT/pref file of the run; empty: detect each file's shape."""
     pack: bool = False
-    """SFT: pack several conversations into one row (boundaries kept through position_ids)."""
+    """Pack several sequences into each row of at most seq_len tokens, boundaries kept through
+    position_ids (no attention across them): SFT and distillation conversations, and preference
+    pairs' chosen and rejected sequences (with a sequence_ids map for their per-sequence log-probs)."""
     document_mask: bool = False
     """Pretraining: positions restart after every end-of-document token of a window and attention
     stays inside each document (Llama 3); the trained tokens are the same as without it."""

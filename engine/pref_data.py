@@ -1,5 +1,5 @@
 """Preference pairs (kind "pref") for DPO-style training: raw files -> checked pairs -> token
-files -> pairs of sequences -> one batch of chosen rows then rejected rows.
+files -> pairs of sequences -> one batch of the chosen sequences then the rejected ones.
 
 A pair is prompt turns plus two assistant replies. Each reply is rendered after the prompt with
 the tokenizer's chat template and labelled by SFT's rule (engine.data.assistant_spans): only the
@@ -9,6 +9,10 @@ rejected sequences of a pair start with exactly the same prompt tokens.
 
 A prepared "pref" directory is an SFT-style one (engine.data) whose example 2i is pair i's
 chosen sequence and example 2i + 1 its rejected sequence; meta.json's splits also count pairs.
+
+A batch of B pairs is 2B sequences, the chosen ones then the rejected ones: one padded row each
+(collate_pref), or, with --pack, packed into rows of at most --seq-len tokens with a
+`sequence_ids` map of which token is whose (collate_pref_packed).
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from typing import Any, Iterator
 import torch
 
 from common.errors import ZerotrainError
-from engine.data import (IGNORE_INDEX, Columns, ReadStats, SFTDataset, assistant_spans, collate_pad, label_tokens,
-                         mapped_field, mapped_turn, message, read_shaped, system_message, write_examples)
+from engine.data import (IGNORE_INDEX, Columns, ReadStats, SFTDataset, assistant_spans, collate_pad, collate_packed,
+                         label_tokens, mapped_field, mapped_turn, message, read_shaped, system_message, write_examples)
 
 PREF_SUFFIXES = (".json", ".jsonl", ".parquet")
 PREF_SHAPES = ("MiniMind {chosen: [{role, content}...], rejected: [{role, content}...]} (the same prompt turns, then "
@@ -258,14 +262,15 @@ class PrefDataset(SFTDataset):
                 "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]}
 
 
-def collate_pref(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """B pairs -> one batch of 2B rows for one forward: rows 0..B-1 the chosen sequences, rows
-    B..2B-1 the rejected ones, right-padded to the longest (collate_pad). Examples that carry
-    precomputed `ref_chosen_logps` / `ref_rejected_logps` add `ref_logps` (float32 [2B], chosen
-    then rejected)."""
-    rows = [{"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]}
+def _sequences(examples: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """B pairs -> their 2B sequences: the chosen ones, then the rejected ones."""
+    return [{"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]}
             for side in ("chosen", "rejected") for e in examples]
-    batch = collate_pad(rows, pad_id)
+
+
+def _add_ref_logps(batch: dict[str, torch.Tensor], examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Examples that carry precomputed `ref_chosen_logps` / `ref_rejected_logps` add `ref_logps`
+    (float32 [2B], chosen then rejected, the order of _sequences)."""
     with_ref = ["ref_chosen_logps" in e and "ref_rejected_logps" in e for e in examples]
     if any(with_ref):
         if not all(with_ref):
@@ -273,3 +278,24 @@ def collate_pref(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[s
         batch["ref_logps"] = torch.tensor([float(e[f"ref_{side}_logps"]) for side in ("chosen", "rejected")
                                            for e in examples], dtype=torch.float32)
     return batch
+
+
+def collate_pref(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """B pairs -> one batch of 2B rows for one forward: rows 0..B-1 the chosen sequences, rows
+    B..2B-1 the rejected ones, right-padded to the longest (collate_pad), plus `ref_logps` when
+    the pairs carry precomputed reference log-probs."""
+    return _add_ref_logps(collate_pad(_sequences(examples), pad_id), examples)
+
+
+def collate_pref_packed(examples: list[dict[str, torch.Tensor]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """B pairs -> their 2B sequences (chosen ones, then rejected ones) packed by collate_packed
+    into rows of at most `seq_len` tokens, plus `sequence_ids` (rows x length): which of the 2B
+    sequences each token belongs to, -1 on padding, so per-sequence sums need no row of their
+    own (engine.objectives.preference.sequence_logps). `ref_logps` as in collate_pref."""
+    sequences = _sequences(examples)
+    batch = collate_packed(sequences, seq_len, pad_id)
+    # The packing rule looks at lengths only: packing each sequence's index, at its length, lays
+    # the indices out exactly where the tokens went, with -1 where the rows are padded.
+    marks = [torch.full_like(s["input_ids"], i) for i, s in enumerate(sequences)]
+    batch["sequence_ids"] = collate_packed([{"input_ids": m, "labels": m} for m in marks], seq_len, -1)["input_ids"]
+    return _add_ref_logps(batch, examples)

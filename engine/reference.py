@@ -28,7 +28,7 @@ from engine.distributed import World
 from engine.ds_config import zero_stage
 from engine.frozen import frozen_key, frozen_model, over_dataset
 from engine.objectives import Batch, model_inputs
-from engine.objectives.preference import sequence_logps
+from engine.objectives.preference import batch_logps
 from engine.run_dir import Resolved
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from engine.config import Config
 
 ReferenceLogps = Callable[[Batch], torch.Tensor]
-"""Batch -> the reference's summed response log-probs per row ([2 x pairs], fp32)."""
+"""Batch -> the reference's summed response log-probs per sequence ([2 x pairs], fp32)."""
 
 
 def _source(cfg: Config, plan: RunPlan) -> Resolved | None:
@@ -61,7 +61,7 @@ def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
                     logits = policy(**model_inputs(batch), use_cache=False).logits
             finally:
                 policy.train(was_training)
-            return sequence_logps(logits, batch["labels"])[0]
+            return batch_logps(logits, batch)[0]
 
         return adapter_disabled
 
@@ -69,7 +69,7 @@ def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
 
     @torch.no_grad()
     def frozen(batch: Batch) -> torch.Tensor:
-        return sequence_logps(module(**model_inputs(batch), use_cache=False).logits, batch["labels"])[0]
+        return batch_logps(module(**model_inputs(batch), use_cache=False).logits, batch)[0]
 
     return frozen
 

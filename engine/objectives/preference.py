@@ -1,8 +1,9 @@
 """Preference tuning: DPO (with cDPO label smoothing), IPO, ORPO and SimPO over chosen/rejected pairs.
 
-A micro-batch holds B pairs as 2B rows (engine.pref_data.collate_pref): the chosen sequences,
-then the rejected ones, each labelled on its final response only. Both halves go through the
-model in one forward. A sequence's log-probability is the sum over its response tokens (the
+A micro-batch holds B pairs as 2B sequences (engine.pref_data): the chosen ones, then the
+rejected ones, each labelled on its final response only, one padded row each or, with --pack,
+packed into fewer rows with `sequence_ids` saying which token is whose. Both halves go through
+the model in one forward. A sequence's log-probability is the sum over its response tokens (the
 trained-token rule of engine.objectives.causal_lm); IPO, ORPO and SimPO use the mean per
 response token, as their papers and TRL do.
 
@@ -39,13 +40,31 @@ class PairLosses:
     rejected_rewards: torch.Tensor
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log-probability of its trained tokens (fp32), and how many there are."""
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
+                   sequence_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed log-probability of its trained tokens (fp32), and how many there
+    are. A sequence is a row, or with `sequence_ids` (a packed batch, engine.pref_data) the
+    tokens marked with its index, in index order."""
     mask = trained_tokens(labels)
     targets = labels[:, 1:].clamp(min=0)
     token_logps = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                    reduction="none").view_as(targets)
-    return (token_logps * mask).sum(dim=1), mask.sum(dim=1)
+    if sequence_ids is None:
+        return (token_logps * mask).sum(dim=1), mask.sum(dim=1)
+    # A trained token is its own sequence's: the first label of every packed sequence is -100,
+    # so no target is predicted across a boundary. Sequence i is the one marked i, 0 <= i < count.
+    owner, count = sequence_ids[:, 1:][mask], int(sequence_ids.max()) + 1
+    return token_logps.new_zeros(count).index_add(0, owner, token_logps[mask]), torch.bincount(owner, minlength=count)
+
+
+def batch_logps(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logps of a preference batch, padded or packed."""
+    return sequence_logps(logits, batch["labels"], batch.get("sequence_ids"))
+
+
+def sequence_count(batch: Batch) -> int:
+    """How many sequences (2 x pairs) a preference batch holds, padded or packed."""
+    return int(batch["sequence_ids"].max()) + 1 if "sequence_ids" in batch else batch["input_ids"].shape[0]
 
 
 def _sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -101,7 +120,7 @@ class Preference(Objective):
     def __init__(self, pref: PrefConfig):
         self.pref = pref
         self.reference: Callable[[Batch], torch.Tensor] | None = None
-        """Batch -> the reference's summed response log-probs per row [2B] (None: precomputed, or
+        """Batch -> the reference's summed response log-probs per sequence [2B] (None: precomputed, or
         a loss that needs none)."""
 
     def build(self, cfg: Config, plan: RunPlan, engine: Any, data: Data) -> None:
@@ -118,11 +137,11 @@ class Preference(Objective):
             self.reference = reference_logps(cfg, plan, engine)
 
     def units(self, batch: Batch) -> int:
-        return batch["input_ids"].shape[0] // 2
+        return sequence_count(batch) // 2
 
     def loss(self, model: Callable[..., object], batch: Batch) -> LossSums:
         logits = model(**model_inputs(batch), use_cache=False).logits
-        logps, tokens = sequence_logps(logits, batch["labels"])
+        logps, tokens = batch_logps(logits, batch)
         del logits
         if "ref_logps" in batch:
             ref = batch["ref_logps"]

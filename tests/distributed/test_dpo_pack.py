@@ -1,0 +1,40 @@
+"""--pack on preference pairs through a whole DPO run (in-process, one rank, real DeepSpeed): the
+builders pick the packed pair collate, --precompute-ref runs the reference over packed batches,
+and the steps are a padded run's. The batch-level equalities are tests/unit/test_pref_pack.py's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.test_dpo import build, same_records
+from tests.distributed.test_loop import peek, run_ranks
+
+pytestmark = pytest.mark.distributed
+
+
+def _steps(rank: int, world_size: int, out: Path, base_model_dir: Path, name: str, flags: dict) -> None:
+    trainer = build(rank, world_size, out / name, base_model_dir, **flags)
+    batch = peek(trainer.data.loader, 1)[0]
+    records = []
+    for _ in range(2):
+        records.append(trainer.train_step())
+        norm = trainer.engine.get_global_grad_norm()
+        records[-1]["grad_norm"] = None if norm is None else float(norm)
+    (out / f"{name}.json").write_text(json.dumps({"rows": batch["input_ids"].shape[0],
+                                                  "packed": "sequence_ids" in batch, "records": records}))
+
+
+def test_a_packed_dpo_run_with_a_precomputed_reference_takes_the_padded_runs_steps(base_model_dir, tmp_path):
+    """engine.builders picks the packed pair collate for --pack, and --precompute-ref runs the
+    reference over packed batches: the steps are the padded run's (live reference)."""
+    runs = {}
+    # seq-len 256: most sample pairs fit whole, and are short enough that rows hold several
+    for name, flags in (("padded", {}), ("packed", {"pack": "true", "precompute_ref": "true"})):
+        run_ranks(_steps, 1, tmp_path, base_model_dir, name, {"micro_batch_size": 4, "seq_len": 256, **flags})
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert runs["packed"]["packed"] and not runs["padded"]["packed"]
+    assert runs["packed"]["rows"] < runs["padded"]["rows"] == 8
+    same_records(runs["padded"]["records"], runs["packed"]["records"], rel=1e-5)
