@@ -98,9 +98,6 @@ def check_stage_sections(cfg: Config, stage: Stage) -> None:
             flags = ", ".join("--" + n.replace("_", "-") for n in changed)
             raise ZerotrainError(f"{flags}: not a flag of {stage.name} ({name} section); drop it, or run the "
                                  "launcher it belongs to")
-    if cfg.train.loss_chunk_size and stage.name not in ("pretrain", "sft", "distill"):
-        raise ZerotrainError(f"--loss-chunk-size: pretraining, SFT and distillation only ({stage.name} computes its "
-                             "own log-probabilities from the full logits); drop it")
 
 
 def check_document_mask(cfg: Config, sources: list[DataSource]) -> None:

@@ -27,8 +27,8 @@ from common.publish import publishing
 from engine.distributed import World
 from engine.ds_config import zero_stage
 from engine.frozen import frozen_key, frozen_model, over_dataset
-from engine.objectives import Batch, model_inputs
-from engine.objectives.preference import batch_logps
+from engine.objectives import Batch
+from engine.objectives.preference import model_logps
 from engine.run_dir import Resolved
 
 if TYPE_CHECKING:
@@ -47,7 +47,9 @@ def _source(cfg: Config, plan: RunPlan) -> Resolved | None:
 
 
 def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
-    """The reference as a function of a batch, built as the module docstring says."""
+    """The reference as a function of a batch, built as the module docstring says (through the
+    LM head --loss-chunk-size tokens at a time, as the policy)."""
+    chunk = cfg.train.loss_chunk_size
     if cfg.lora.enabled and not cfg.pref.ref_from:
         policy = engine.module
 
@@ -58,10 +60,9 @@ def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
             policy.eval()
             try:
                 with policy.disable_adapter():
-                    logits = policy(**model_inputs(batch), use_cache=False).logits
+                    return model_logps(policy, batch, chunk)[0]
             finally:
                 policy.train(was_training)
-            return batch_logps(logits, batch)[0]
 
         return adapter_disabled
 
@@ -69,7 +70,7 @@ def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
 
     @torch.no_grad()
     def frozen(batch: Batch) -> torch.Tensor:
-        return batch_logps(module(**model_inputs(batch), use_cache=False).logits, batch)[0]
+        return model_logps(module, batch, chunk)[0]
 
     return frozen
 

@@ -104,10 +104,12 @@ def summed_over_chunks(fn: Callable[..., torch.Tensor], rows: list[torch.Tensor]
     wrappers."""
     from torch.utils.checkpoint import checkpoint
 
+    # Without gradients (validation, a reference or teacher) there is nothing to recompute.
+    call = (lambda *args: checkpoint(fn, *args, use_reentrant=False)) if torch.is_grad_enabled() else fn
     total = None
     for i in range(chunks):
         piece = slice(i * chunk_tokens, (i + 1) * chunk_tokens)
-        out = checkpoint(fn, *(r[piece] for r in rows), use_reentrant=False)
+        out = call(*(r[piece] for r in rows))
         total = out if total is None else total + out
     return total
 
@@ -122,7 +124,8 @@ def chunked_nll_sum(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torc
     (summed_over_chunks)."""
     mask = trained_tokens(labels)
     states, targets = hidden[:, :-1][mask], labels[:, 1:][mask]
-    if fusable_head(lm_head):
+    # The fused path computes the gradients in the forward: worth it only when they are wanted.
+    if fusable_head(lm_head) and torch.is_grad_enabled() and (states.requires_grad or lm_head.weight.requires_grad):
         liger = liger_fused_nll(states.device) if len(targets) else None
         if liger is not None:  # it sizes its own chunks to the free memory; fp32 gradient accumulation as ours
             return liger(states, lm_head.weight, targets, reduction="sum", accum_dtype=torch.float32)

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.objectives import Batch, LossSums, Objective, Stage, model_inputs
-from engine.objectives.causal_lm import trained_tokens
+from engine.objectives.causal_lm import (chunk_count, decoder_states, language_model, summed_over_chunks,
+                                         trained_tokens)
 
 if TYPE_CHECKING:
     from engine.builders import Data, RunPlan
@@ -60,6 +61,28 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
 def batch_logps(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """sequence_logps of a preference batch, padded or packed."""
     return sequence_logps(logits, batch["labels"], batch.get("sequence_ids"))
+
+
+def model_logps(model: Callable[..., Any], batch: Batch, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_logps of `model` on `batch`: from the full logits, or (--loss-chunk-size `chunk`) from
+    the decoder's states of the trained tokens through the LM head `chunk` tokens at a time, each
+    chunk's log-probs added to their sequences' sums at once (summed_over_chunks)."""
+    if not chunk:
+        return batch_logps(model(**model_inputs(batch), use_cache=False).logits, batch)
+    labels, count = batch["labels"], sequence_count(batch)
+    mask = trained_tokens(labels)
+    rows = torch.arange(len(labels), device=labels.device)[:, None].expand_as(labels)
+    owners = batch.get("sequence_ids", rows)[:, 1:][mask]
+    states, targets = decoder_states(model, batch)[:, :-1][mask], labels[:, 1:][mask]
+    head = language_model(model).get_output_embeddings()
+
+    def chunk_logps(states: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+        token_logps = -F.cross_entropy(head(states).float(), targets, reduction="none")
+        return token_logps.new_zeros(count).index_add(0, owners, token_logps)
+
+    chunks = chunk_count([head], len(targets), chunk, states.device)
+    return (summed_over_chunks(chunk_logps, [states, targets, owners], chunk, chunks),
+            torch.bincount(owners, minlength=count))
 
 
 def sequence_count(batch: Batch) -> int:
@@ -117,8 +140,8 @@ class Preference(Objective):
 
     unit = "pair"
 
-    def __init__(self, pref: PrefConfig):
-        self.pref = pref
+    def __init__(self, pref: PrefConfig, chunk: int = 0):
+        self.pref, self.chunk = pref, chunk  # --loss-chunk-size: trained tokens through the LM head at a time
         self.reference: Callable[[Batch], torch.Tensor] | None = None
         """Batch -> the reference's summed response log-probs per sequence [2B] (None: precomputed, or
         a loss that needs none)."""
@@ -140,9 +163,7 @@ class Preference(Objective):
         return sequence_count(batch) // 2
 
     def loss(self, model: Callable[..., object], batch: Batch) -> LossSums:
-        logits = model(**model_inputs(batch), use_cache=False).logits
-        logps, tokens = batch_logps(logits, batch)
-        del logits
+        logps, tokens = model_logps(model, batch, self.chunk)
         if "ref_logps" in batch:
             ref = batch["ref_logps"]
         elif self.reference is not None:
@@ -168,4 +189,5 @@ class Preference(Objective):
         return LossSums(loss.sum(), metrics)
 
 
-DPO = Stage("dpo", data_kind="pref", objective=lambda cfg: Preference(cfg.pref), config_sections=("pref",))
+DPO = Stage("dpo", data_kind="pref", objective=lambda cfg: Preference(cfg.pref, cfg.train.loss_chunk_size),
+            config_sections=("pref",))

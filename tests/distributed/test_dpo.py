@@ -139,13 +139,17 @@ def test_the_reference_is_the_init_model_or_ref_from(base_model_dir, tmp_path, f
     assert abs(report["margin"]) > 1e-3  # the policy has moved: the reference matters
 
 
-@pytest.mark.parametrize("precompute", ["false", "true"], ids=["live-reference", "precomputed-reference"])
-def test_zero3_on_two_ranks_takes_the_steps_of_zero0_on_one(base_model_dir, tmp_path, precompute):
+@pytest.mark.parametrize("precompute, flags", [("false", {}), ("true", {}),
+                                               ("false", dict(loss_chunk_size=16, pack="true", seq_len=256))],
+                         ids=["live-reference", "precomputed-reference", "chunked-packed-live-reference"])
+def test_zero3_on_two_ranks_takes_the_steps_of_zero0_on_one(base_model_dir, tmp_path, precompute, flags):
     """The frozen copy partitioned by ZeRO-3 over 2 ranks (live, or run once over the data and
-    freed) gives a 1-rank ZeRO-0 run's steps."""
-    zero0 = run_steps(tmp_path, base_model_dir, "zero0", 1, 3, zero_stage=0, micro_batch_size=4)
+    freed) gives a 1-rank ZeRO-0 run's steps; so do packed pairs with both models' partitioned
+    heads called chunk by chunk (each call a gather: the ranks' call counts agree)."""
+    zero0 = run_steps(tmp_path, base_model_dir, "zero0", 1, 3, zero_stage=0, micro_batch_size=4,
+                      **{k: v for k, v in flags.items() if k == "seq_len"})
     zero3 = run_steps(tmp_path, base_model_dir, "zero3", 2, 3, zero_stage=3, micro_batch_size=2,
-                      precompute_ref=precompute)
+                      precompute_ref=precompute, **flags)
     same_records(zero0, zero3, rel=1e-4)
 
 

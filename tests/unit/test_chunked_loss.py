@@ -189,3 +189,49 @@ def test_liger_kernel_is_taken_on_cuda_only_and_only_where_installed(monkeypatch
     assert liger_fused_nll(torch.device("cuda")) is None
     model = tiny_model("llama", True, "sdpa")
     lm_nll_sum(model, batch(997, False), chunk=7).backward()  # CPU: _FusedLinearNLL, never the fake
+
+
+# --------------------------------------------------------------------------- preference pairs
+
+def pair_batch(packed: bool) -> dict[str, torch.Tensor]:
+    """Three pairs sharing each pair's prompt, padded (one row a sequence) or packed."""
+    from engine.pref_data import collate_pref, collate_pref_packed
+
+    g = torch.Generator().manual_seed(2)
+    pairs = []
+    for prompt, chosen, rejected in ((9, 6, 11), (5, 14, 4), (12, 3, 8)):
+        head = torch.randint(0, 997, (prompt,), generator=g)
+        sides = {}
+        for side, n in (("chosen", chosen), ("rejected", rejected)):
+            ids = torch.cat([head, torch.randint(0, 997, (n,), generator=g)])
+            labels = ids.clone()
+            labels[:prompt] = IGNORE_INDEX
+            sides[f"{side}_input_ids"], sides[f"{side}_labels"] = ids, labels
+        pairs.append(sides)
+    return collate_pref_packed(pairs, 40, 0) if packed else collate_pref(pairs, 0)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("kind", ["dpo", "simpo"])
+def test_preference_chunked_equals_the_full_logits(kind, packed):
+    """Per-sequence log-probs through the head chunk by chunk (7 tokens, so chunks straddle sequences):
+    the loss, every metric and gradient of the full logits; the reference's without gradients."""
+    from engine.config import PrefConfig
+    from engine.objectives.preference import Preference, model_logps
+
+    model = tiny_model("llama", True, "sdpa")
+    other = copy.deepcopy(model)
+    b = pair_batch(packed)
+    assert ("sequence_ids" in b) == packed
+    with torch.no_grad():
+        reference, chunked_reference = model_logps(model, b)[0], model_logps(model, b, chunk=7)
+    torch.testing.assert_close(chunked_reference[0], reference, rtol=1e-5, atol=1e-4)
+    b["ref_logps"] = reference + torch.linspace(-1, 1, len(reference))  # a reference that differs
+    pref = PrefConfig(pref_loss=kind, beta=0.3, sft_weight=0.2)
+    expected, got = Preference(pref).loss(model, b), Preference(pref, chunk=7).loss(other, b)
+    expected.loss.backward()
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    for name in expected.metrics:
+        torch.testing.assert_close(got.metrics[name], expected.metrics[name], rtol=1e-5, atol=1e-5)
+    assert_same_gradients(grads(other), grads(model))

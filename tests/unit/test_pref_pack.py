@@ -138,22 +138,31 @@ def test_pairs_are_packed_chosen_then_rejected_with_a_map_of_whose_token_is_whos
 
 # --------------------------------------------------------------------------- preference losses
 
-def run_cfg(lora: bool, micro_batch_size: int = 2) -> SimpleNamespace:
+def run_cfg(lora: bool, micro_batch_size: int = 2, chunk: int = 0) -> SimpleNamespace:
     """What engine.reference reads of a run's config."""
     return SimpleNamespace(lora=SimpleNamespace(enabled=lora), pref=SimpleNamespace(ref_from=None),
-                           train=SimpleNamespace(micro_batch_size=micro_batch_size))
+                           train=SimpleNamespace(micro_batch_size=micro_batch_size, loss_chunk_size=chunk))
 
 
 PLAN = SimpleNamespace(init_source=None, ds_config={"zero_optimization": {"stage": 0}})
 
 
-def live_reference(monkeypatch, reference, policy, lora: bool):
+def live_reference(monkeypatch, reference, policy, lora: bool, chunk: int = 0):
     """engine.reference.reference_logps, its frozen model being `reference` (built elsewhere from
     the run's source; here the fixture's model)."""
     from engine import reference as ref_module
 
     monkeypatch.setattr(ref_module, "frozen_model", lambda *args, **kwargs: reference)
-    return ref_module.reference_logps(run_cfg(lora), PLAN, SimpleNamespace(module=policy, device=torch.device("cpu")))
+    return ref_module.reference_logps(run_cfg(lora, chunk=chunk), PLAN,
+                                      SimpleNamespace(module=policy, device=torch.device("cpu")))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["frozen", "lora-disabled"])
+def test_a_live_reference_through_the_head_in_chunks_gives_the_full_logits_log_probs(lora, reference, monkeypatch):
+    batch = collate_pref_packed(pairs(), SEQ_LEN, PAD)
+    policy = fresh_policy(reference, lora=lora)
+    full, chunked = (live_reference(monkeypatch, reference, policy, lora, chunk)(batch) for chunk in (0, 5))
+    close(chunked, full, "reference log-probs")
 
 
 def precomputed(monkeypatch, tmp_path: Path, reference, collate) -> list[dict]:
