@@ -6,6 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from common.errors import ZerotrainError
+from model.attention import resolve as resolve_attention
 from model.presets import PRESETS, did_you_mean, preset_config, preset_names
 from model.state_dict import STATE_DICT_SUFFIXES, check_state_dict, copy_into, load_state_dict_file
 
@@ -34,6 +35,8 @@ def build_model(
     `preset` and `max_seq_len` matter only where a preset builds the model. `vocab_size` (the
     tokenizer's), when given for a model with its own config.json, must match it.
     """
+    # "sdpa" is built as zerotrain's sdpa: packed rows attended one example at a time (model.attention)
+    attn_implementation = resolve_attention(attn_implementation)
     if source in PRESETS:
         if preset not in (None, source):
             raise ZerotrainError(f"model source is preset {source!r} but preset={preset!r}; give only one.")
@@ -76,7 +79,7 @@ def build_from_config(
     `dtype` and `attn_implementation` default to transformers' choice for the config; given, they
     are also set on `config`, as transformers does.
     """
-    chosen = {"dtype": dtype, "attn_implementation": attn_implementation}
+    chosen = {"dtype": dtype, "attn_implementation": resolve_attention(attn_implementation)}
     try:
         return AutoModelForCausalLM.from_config(config, **{k: v for k, v in chosen.items() if v is not None})
     except Exception as e:  # transformers raises many kinds for a config it cannot build

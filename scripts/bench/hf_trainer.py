@@ -85,11 +85,25 @@ def worker_flags(args) -> list[str]:
 
 def hf_worker(args) -> None:
     """One rank of the HF Trainer run (under torchrun, or alone); rank 0 writes the window rates."""
+    from engine.data import PretrainDataset
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    tokens_per_step = args.micro_batch_size * args.grad_accum * args.seq_len * world_size
+    stamps = hf_train(args, PretrainDataset(args.data, "train", args.seq_len))
+    if int(os.environ.get("RANK", 0)) == 0:
+        every, windows = args.log_interval, range(0, len(stamps) - args.log_interval, args.log_interval)
+        wall = [every * tokens_per_step / (stamps[i + every][0] - stamps[i][0]) for i in windows]
+        cpu = [every * tokens_per_step / world_size / (stamps[i + every][1] - stamps[i][1]) for i in windows]
+        Path(args.out, "rates.json").write_text(json.dumps({"wall": wall, "cpu": cpu}))
+
+
+def hf_train(args, train_dataset, data_collator=None, **training_args) -> list[tuple[float, float]]:
+    """Train with HF Trainer on `train_dataset` (`training_args`: further TrainingArguments);
+    the (wall, CPU) time of this rank at the start and at the end of every optimizer step."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from engine.config import parse_config
-    from engine.data import PretrainDataset
     from engine.ds_config import fill_ds_config, load_ds_config
     from model.build import build_model
     from model.presets import preset_config
@@ -100,7 +114,6 @@ def hf_worker(args) -> None:
     raw, source = load_ds_config(cfg)
     ds = fill_ds_config(raw, cfg, world_size=world_size, precision=args.precision, device_type=device_type,
                         source=source)
-    tokens_per_step = args.micro_batch_size * args.grad_accum * args.seq_len * world_size
 
     class StepClock(TrainerCallback):
         """Wall and CPU time at the start of training and at the end of every optimizer step."""
@@ -123,8 +136,10 @@ def hf_worker(args) -> None:
     context = preset_config(args.preset).max_position_embeddings
     model = build_model(args.preset, vocab_size=args.vocab_size, max_seq_len=max(context, args.seq_len),
                         attn_implementation=args.attn_implementation)
+    # The peer runs transformers' own attention: model.build gives "sdpa" zerotrain's (model.attention).
+    model.set_attn_implementation(args.attn_implementation)
     o, t = cfg.optim, cfg.train
-    training_args = TrainingArguments(
+    arguments = TrainingArguments(
         output_dir=args.out, deepspeed=ds, use_cpu=device_type == "cpu", bf16=args.precision == "bf16",
         per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
         max_steps=t.max_steps, learning_rate=o.lr, warmup_steps=o.warmup_steps,
@@ -133,20 +148,17 @@ def hf_worker(args) -> None:
         max_grad_norm=o.grad_clip, logging_steps=t.log_interval, save_strategy="no", eval_strategy="no",
         report_to=[], dataloader_num_workers=0, seed=t.seed, data_seed=t.seed,
         gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None)
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        **training_args)
     clock = StepClock()
-    trainer = Trainer(model=model, args=training_args, train_dataset=PretrainDataset(args.data, "train", args.seq_len),
+    trainer = Trainer(model=model, args=arguments, train_dataset=train_dataset, data_collator=data_collator,
                       callbacks=[clock])
     trainer.train()
-    if int(os.environ.get("RANK", 0)) == 0:
-        stamps, every, windows = clock.stamps, t.log_interval, range(0, len(clock.stamps) - t.log_interval, t.log_interval)
-        wall = [every * tokens_per_step / (stamps[i + every][0] - stamps[i][0]) for i in windows]
-        cpu = [every * tokens_per_step / world_size / (stamps[i + every][1] - stamps[i][1]) for i in windows]
-        Path(args.out, "rates.json").write_text(json.dumps({"wall": wall, "cpu": cpu}))
+    return clock.stamps
 
 
-def zerotrain_worker(argv: list[str]) -> int:
-    """launcher/pretrain.py, with rank 0's CPU seconds added to each metrics record."""
+def zerotrain_worker(argv: list[str], stage=None) -> int:
+    """launcher/pretrain.py (or the launcher of `stage`), with rank 0's CPU seconds added to each metrics record."""
     from engine import train, trainer
     from engine.objectives.causal_lm import PRETRAIN
 
@@ -156,7 +168,7 @@ def zerotrain_worker(argv: list[str]) -> int:
         write_metrics(self, {**record, "cpu_seconds": time.process_time()} if "tokens_per_sec" in record else record)
 
     trainer.Trainer.write_metrics = with_cpu_time
-    return train.main(argv, PRETRAIN)
+    return train.main(argv, stage or PRETRAIN)
 
 
 # --------------------------------------------------------------------------- running both sides
@@ -184,13 +196,20 @@ def run(cmd: list[str], threads: int, what: str) -> None:
         raise SystemExit(f"{what} failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
 
 
-def zerotrain_rates(args, world_size: int, out: Path) -> dict[str, list[float]]:
-    cmd = launch([str(Path(__file__).resolve()), "--zerotrain-worker"] + zerotrain_flags(args) + [
+def zerotrain_records(args, world_size: int, out: Path, script: str = __file__,
+                      extra: tuple[str, ...] = ()) -> list[dict]:
+    """The throughput records of `script --zerotrain-worker` (this one: pretraining) run with the
+    shared flags plus `extra`."""
+    cmd = launch([str(Path(script).resolve()), "--zerotrain-worker"] + zerotrain_flags(args) + [
         "--tokenizer", str(args.tokenizer), "--data", str(args.data), "--output-dir", str(out),
-        "--eval-interval", str(10 ** 6), "--save-interval", str(10 ** 6), "--resume", "never"], world_size)
+        "--eval-interval", str(10 ** 6), "--save-interval", str(10 ** 6), "--resume", "never", *extra], world_size)
     run(cmd, args.threads, "zerotrain")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    records = [r for r in records if "tokens_per_sec" in r]
+    return [r for r in records if "tokens_per_sec" in r]
+
+
+def zerotrain_rates(args, world_size: int, out: Path) -> dict[str, list[float]]:
+    records = zerotrain_records(args, world_size, out)
     cpu = [(b["tokens_seen"] - a["tokens_seen"]) / world_size / (b["cpu_seconds"] - a["cpu_seconds"])
            for a, b in zip(records, records[1:])]
     return {"wall": [r["tokens_per_sec"] for r in records], "cpu": [float("nan")] + cpu}
@@ -203,16 +222,25 @@ def hf_rates(args, world_size: int, out: Path) -> dict[str, list[float]]:
     return json.loads((out / "rates.json").read_text())
 
 
-def prepare_data(args, tmp: Path) -> None:
-    """A 6400-token BPE and the prepared shipped samples (English and Chinese) into args."""
-    from engine.data import prepare, read_documents
+PRETRAIN_SAMPLES = [str(ROOT / "data" / "samples" / "tinyshakespeare.txt"),
+                    str(ROOT / "data" / "samples" / "tang_poems_5k.jsonl")]
+
+
+def bench_tokenizer(out: Path):
+    """The benchmarks' tokenizer: a 6400-token BPE trained on the English and Chinese samples, saved in `out`."""
+    from engine.data import read_documents
     from model.tokenizer import load_tokenizer, train_tokenizer
 
-    samples = ROOT / "data" / "samples"
-    inputs = [str(samples / "tinyshakespeare.txt"), str(samples / "tang_poems_5k.jsonl")]
-    train_tokenizer((d for p in inputs for d in read_documents(p)), 6400, str(tmp / "tok"), show_progress=False)
-    tokenizer = load_tokenizer(str(tmp / "tok"))
-    prepare("pretrain", inputs, tokenizer, tmp / "data", val_fraction=0.01, show_progress=False)
+    train_tokenizer((d for p in PRETRAIN_SAMPLES for d in read_documents(p)), 6400, str(out), show_progress=False)
+    return load_tokenizer(str(out))
+
+
+def prepare_data(args, tmp: Path) -> None:
+    """A 6400-token BPE and the prepared shipped samples (English and Chinese) into args."""
+    from engine.data import prepare
+
+    tokenizer = bench_tokenizer(tmp / "tok")
+    prepare("pretrain", PRETRAIN_SAMPLES, tokenizer, tmp / "data", val_fraction=0.01, show_progress=False)
     args.tokenizer, args.data, args.vocab_size = tmp / "tok", tmp / "data", len(tokenizer)
 
 
@@ -242,10 +270,15 @@ def compare(args, world_size: int, tmp: Path) -> dict:
     return result
 
 
+def run_settings(args) -> str:
+    """The settings line above a results table."""
+    return (f"preset {args.preset}, ZeRO-{args.zero_stage}, {args.precision}, seq {args.seq_len}, micro batch "
+            f"{args.micro_batch_size}, grad accum {args.grad_accum}, {args.steps} steps (windows of "
+            f"{args.log_interval}, first left out), {args.rounds} rounds, {args.threads} thread(s) a rank")
+
+
 def print_table(args, results: list[dict]) -> None:
-    print(f"\npreset {args.preset}, ZeRO-{args.zero_stage}, {args.precision}, seq {args.seq_len}, micro batch "
-          f"{args.micro_batch_size}, grad accum {args.grad_accum}, {args.steps} steps (windows of {args.log_interval}, "
-          f"first left out), {args.rounds} rounds, {args.threads} thread(s) a rank")
+    print("\n" + run_settings(args))
     print("tokens/s over all ranks (median window; best window) and tokens per CPU-second of one rank; "
           "zerotrain | HF Trainer, ratio zerotrain / HF")
     print(f"{'ranks':>5s} {'median tok/s':>20s} {'ratio':>6s} {'best window tok/s':>20s} {'ratio':>6s} "

@@ -242,19 +242,6 @@ def test_packing_keeps_examples_whole_and_boundaries_masked():
     assert too_long["input_ids"].shape == (1, 12)  # a single over-long example keeps its own row
 
 
-def test_packed_rows_do_not_attend_across_examples():
-    from model.build import build_model
-
-    torch.manual_seed(0)
-    model = build_model("debug", vocab_size=64).eval()
-    a, b = torch.randint(3, 64, (7,)), torch.randint(3, 64, (5,))
-    packed = collate_packed([{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}], 16, 0)
-    with torch.no_grad():
-        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
-        alone = model(input_ids=b[None]).logits[0]
-    torch.testing.assert_close(logits[7:12], alone, rtol=1e-4, atol=1e-4)
-
-
 def test_padding_collate():
     examples = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7])},
                 {"input_ids": torch.tensor([8]), "labels": torch.tensor([8])}]

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from common.errors import ZerotrainError
 from engine.config import parse_config
 from engine.data import PretrainDataset, collate_packed, collate_stack, document_positions, prepare
+import model.attention  # noqa: F401  registers zerotrain_sdpa
 from model.presets import preset_config
 
 EOS = 2
@@ -34,7 +35,7 @@ def small_model(arch: str, attn: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "zerotrain_sdpa"])  # the last: model.attention, one document a call
 def test_a_masked_window_gives_each_document_its_logits_alone(arch, attn):
     model = small_model(arch, attn)
     generator = torch.Generator().manual_seed(1)

@@ -93,7 +93,7 @@ def test_bad_overrides():
 def test_debug_builds_and_trains(debug_model, input_ids):
     assert isinstance(debug_model, LlamaForCausalLM)
     assert debug_model.config.num_hidden_layers == 2 and debug_model.config.hidden_size == 64
-    assert debug_model.config._attn_implementation == "sdpa"
+    assert debug_model.config._attn_implementation == "zerotrain_sdpa"  # sdpa, packed rows split (model.attention)
     loss = debug_model(input_ids=input_ids, labels=input_ids).loss
     assert 5.0 < loss.item() < 9.0  # about ln(1000) at init
     loss.backward()
