@@ -1,7 +1,8 @@
 """Data: raw files -> checked records -> token files on disk -> sharded, resumable batches.
 
-Pretraining text is tokenized once (a `datasets` batched map over the fast tokenizer), an EOS
-after every document, and stored as one flat memmap token file per split. SFT conversations
+Pretraining text is tokenized once (the fast tokenizer's encode_batch over chunks of a few MB of
+text, so memory does not grow with the corpus), an EOS after every document, and stored as one
+flat memmap token file per split. SFT conversations
 are rendered with the tokenizer's chat template; all loss masking happens here, while the data
 is prepared (labels are -100 everywhere but the assistant's tokens); the collators only pad.
 Preference pairs (kind "pref", engine/pref_data.py) use the same rendering and labelling rule.
@@ -19,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import chain, islice
@@ -61,10 +64,14 @@ class ReadStats:
 
 # --------------------------------------------------------------------------- reading raw files
 
-def _lines(path: Path, skip_bad: bool, stats: ReadStats) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each non-blank line; invalid UTF-8 is an error naming the line."""
+def _lines(path: Path, skip_bad: bool, stats: ReadStats,
+           on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line; invalid UTF-8 is an error naming the line.
+    `on_bytes` is told the size of every line read (blank ones too), for progress bars."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if on_bytes:
+                on_bytes(len(raw))
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -77,11 +84,17 @@ def _lines(path: Path, skip_bad: bool, stats: ReadStats) -> Iterator[tuple[int, 
                 yield lineno, line
 
 
-def _json_records(path: Path, skip_bad: bool, stats: ReadStats) -> Iterator[tuple[str, Any]]:
-    """(location, record) from a .jsonl file (one object a line) or a .json array."""
+def _json_records(path: Path, skip_bad: bool, stats: ReadStats,
+                  on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[str, Any]]:
+    """(location, record) from a .jsonl file (one object a line), a .json array or a .parquet
+    file; `on_bytes` is told how much of the file each step read (in all, its size)."""
     if path.suffix == ".json":
+        raw = path.read_bytes()
+        if on_bytes:
+            on_bytes(len(raw))
         try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
+            data = json.loads(raw.decode("utf-8"))
+            del raw  # the records are all in memory now; not the file's bytes as well
         except UnicodeDecodeError as e:
             raise ZerotrainError(f"{path}: invalid UTF-8 at byte {e.start}") from None
         except json.JSONDecodeError as e:
@@ -94,13 +107,19 @@ def _json_records(path: Path, skip_bad: bool, stats: ReadStats) -> Iterator[tupl
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            offset = 0
+        parquet = pq.ParquetFile(path)
+        size, rows, told = path.stat().st_size, max(1, parquet.metadata.num_rows), 0
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=4096):
+            if on_bytes:  # compressed columns: the file's bytes shared out by rows
+                share = size * (offset + batch.num_rows) // rows
+                on_bytes(share - told)
+                told = share
             for record in batch.to_pylist():
                 offset += 1
                 yield f"{path}:row {offset}", record
         return
-    for lineno, line in _lines(path, skip_bad, stats):
+    for lineno, line in _lines(path, skip_bad, stats, on_bytes):
         try:
             yield f"{path}:{lineno}", json.loads(line)
         except json.JSONDecodeError as e:
@@ -133,19 +152,19 @@ def check_inputs(kind: str, paths: list[str]) -> None:
         _check_input(p, suffixes, name)
 
 
-def read_documents(path: str | Path, skip_bad_lines: bool = False,
-                   stats: ReadStats | None = None) -> Iterator[str]:
+def read_documents(path: str | Path, skip_bad_lines: bool = False, stats: ReadStats | None = None,
+                   on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
     """Pretraining documents of one file.
 
     `.txt`: paragraphs (blank-line separated); `.jsonl`: `{"text": ...}` a line (MiniMind's
-    format); `.parquet`: the `text` column.
+    format); `.parquet`: the `text` column. `on_bytes` counts the bytes read (_json_records).
     """
     path = _check_input(path, PRETRAIN_SUFFIXES, "pretraining")
     stats = stats if stats is not None else ReadStats()
     if path.suffix == ".txt":
         paragraph: list[str] = []
         previous = 0
-        for lineno, line in _lines(path, skip_bad_lines, stats):
+        for lineno, line in _lines(path, skip_bad_lines, stats, on_bytes):
             if paragraph and lineno > previous + 1:
                 yield "".join(paragraph).rstrip("\n")
                 paragraph = []
@@ -154,7 +173,7 @@ def read_documents(path: str | Path, skip_bad_lines: bool = False,
         if paragraph:
             yield "".join(paragraph).rstrip("\n")
         return
-    for where, record in _json_records(path, skip_bad_lines, stats):
+    for where, record in _json_records(path, skip_bad_lines, stats, on_bytes):
         text = record.get("text") if isinstance(record, dict) else None
         if isinstance(text, str) and text.strip():
             yield text
@@ -416,12 +435,13 @@ def mapped_messages(record: Any, columns: Columns, where: str) -> list[dict[str,
 
 def read_shaped(path: str | Path, suffixes: tuple[str, ...], what: str, detect: Callable[[Any], str | None],
                 parse: Callable[[Any, str, str], Any], shapes: str, skip_bad_lines: bool,
-                stats: ReadStats) -> Iterator[tuple[str, Any]]:
+                stats: ReadStats, on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[str, Any]]:
     """(location, parse(record, fmt, location)) for each record of a JSON-records file whose shape
-    `fmt` is detected from its first record; a bad record is an error, or skipped and counted."""
+    `fmt` is detected from its first record; a bad record is an error, or skipped and counted.
+    `on_bytes` counts the bytes read (_json_records)."""
     path = _check_input(path, suffixes, what)
     fmt = None
-    for where, record in _json_records(path, skip_bad_lines, stats):
+    for where, record in _json_records(path, skip_bad_lines, stats, on_bytes):
         if fmt is None:
             fmt = detect(record)
             if fmt is None:
@@ -439,16 +459,17 @@ def read_shaped(path: str | Path, suffixes: tuple[str, ...], what: str, detect: 
 
 
 def read_conversations(path: str | Path, skip_bad_lines: bool = False, stats: ReadStats | None = None,
-                       columns: Columns | None = None) -> Iterator[tuple[str, list[dict[str, str]]]]:
+                       columns: Columns | None = None, on_bytes: Callable[[int], None] | None = None
+                       ) -> Iterator[tuple[str, list[dict[str, str]]]]:
     """(location, messages) for each conversation of an SFT file; the format is detected per file,
-    or read through a --columns mapping."""
+    or read through a --columns mapping. `on_bytes` counts the bytes read (_json_records)."""
     stats = stats if stats is not None else ReadStats()
     detect, parse = _detect_sft_format, to_messages
     if columns:
         detect = lambda record: columns.shape
         parse = lambda record, fmt, where: [mapped_messages(record, columns, where)]
     for where, conversations in read_shaped(path, SFT_SUFFIXES, "SFT", detect, parse, SFT_SHAPES,
-                                            skip_bad_lines, stats):
+                                            skip_bad_lines, stats, on_bytes):
         for messages in conversations:
             yield where, messages
 
@@ -606,14 +627,16 @@ def preparation_key(kind: str, inputs: list[str], tokenizer, *, seq_len: int, va
 
 
 class _SplitWriter:
-    """Appends tokens (and SFT/pref masks and offsets) of one split to files in a directory."""
+    """Appends tokens (and SFT/pref masks and offsets) of one split to files in a directory.
+    The offsets go to a scratch file too, not a list, so memory stays flat however many examples
+    there are; close() turns them into the .npy file."""
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, sft: bool):
         self.dtype, self.sft, self.count, self.examples = dtype, sft, 0, 0
         self.tokens = open(directory / f"{split}.bin", "wb")
         self.mask = open(directory / f"{split}.mask.bin", "wb") if sft else None
-        self.offsets = [0]
         self.idx_path = directory / f"{split}.idx.npy"
+        self.ends = open(directory / f"{split}.idx.tmp", "w+b") if sft else None
 
     def add_stream(self, ids: np.ndarray, documents: int) -> None:
         self.tokens.write(ids.astype(self.dtype, copy=False).tobytes())
@@ -625,13 +648,22 @@ class _SplitWriter:
         self.mask.write((np.asarray(labels) != IGNORE_INDEX).astype(np.uint8).tobytes())
         self.count += len(ids)
         self.examples += 1
-        self.offsets.append(self.count)
+        self.ends.write(np.int64(self.count).tobytes())
 
     def close(self) -> dict[str, int]:
         self.tokens.close()
         if self.sft:
             self.mask.close()
-            np.save(self.idx_path, np.asarray(self.offsets, dtype=np.int64))
+            # The .npy header (its shape is known only now), the leading 0, then the ends as written.
+            with open(self.idx_path, "wb") as f:
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(np.dtype("<i8")), "fortran_order": False,
+                        "shape": (self.examples + 1,)})
+                f.write(np.zeros(1, dtype="<i8").tobytes())
+                self.ends.seek(0)
+                shutil.copyfileobj(self.ends, f)
+            self.ends.close()
+            os.remove(self.ends.name)
         return {"tokens": self.count, ("examples" if self.sft else "documents"): self.examples}
 
 
@@ -641,51 +673,70 @@ def _chunks(iterable: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
+def _text_chunks(texts: Iterable[str], max_texts: int, max_chars: int) -> Iterator[list[str]]:
+    """Lists of at most `max_texts` texts and, unless one text alone is longer, `max_chars`
+    characters: a bound on the memory of one chunk's encodings (the tokenizer holds about 100
+    bytes a token) whether documents are tweets or books."""
+    chunk: list[str] = []
+    chars = 0
+    for text in texts:
+        if chunk and (len(chunk) == max_texts or chars + len(text) > max_chars):
+            yield chunk
+            chunk, chars = [], 0
+        chunk.append(text)
+        chars += len(text)
+    if chunk:
+        yield chunk
+
+
 def _is_val(index: int, val_fraction: float) -> bool:
     """Every k-th document or conversation goes to validation (deterministic, spread over files)."""
     return val_fraction > 0 and index % max(2, round(1 / val_fraction)) == 1
 
 
+# Pretraining documents per encode_batch call: at most this many, and at most this many characters
+# (one document longer than that goes alone). A few MB of text keeps every core of the tokenizer
+# busy, and holds the chunk's encodings (about 100 bytes a token) to a few hundred MB at most.
+PRETRAIN_CHUNK_DOCS = 16384
+PRETRAIN_CHUNK_CHARS = 1 << 21
+
+
 def _write_pretrain(inputs: list[str], tokenizer, out: Path, val_fraction: float, skip_bad_lines: bool,
                     stats: ReadStats, progress) -> dict[str, dict[str, int]]:
-    import datasets
-    import pyarrow as pa
-
+    """Tokenize the documents of `inputs` chunk by chunk, straight to the split's token file:
+    nothing is kept between chunks, so memory does not depend on the corpus size."""
     backend = _fast_backend(tokenizer)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ZerotrainError("the tokenizer has no eos token; pretraining puts one between documents")
     dtype = _token_dtype(len(tokenizer))
     writers = {s: _SplitWriter(out, s, dtype, sft=False) for s in ("train", "val")}
+    read = told = 0
 
-    def encode(batch):
-        # Arrow in, Arrow out: building the list column from numpy skips datasets' per-token
-        # Python type checks, which otherwise cost more than the tokenizer itself.
-        encoded = backend.encode_batch(batch.column("text").to_pylist(), add_special_tokens=False)
-        pieces = [np.asarray(e.ids + [eos], dtype=np.uint32) for e in encoded]
-        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
-        np.cumsum([len(p) for p in pieces], out=offsets[1:])
-        ids = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(pieces)))
-        return pa.table({"ids": ids})
+    def count(nbytes: int) -> None:
+        nonlocal read
+        read += nbytes
 
-    datasets.disable_progress_bars()
-    documents = (doc for path in inputs for doc in read_documents(path, skip_bad_lines, stats))
+    documents = (doc for path in inputs for doc in read_documents(path, skip_bad_lines, stats, count))
     index = 0
-    for chunk in _chunks(documents, 16384):
+    for chunk in _text_chunks(documents, PRETRAIN_CHUNK_DOCS, PRETRAIN_CHUNK_CHARS):
         split_docs: dict[str, list[str]] = {"train": [], "val": []}
         for doc in chunk:
             split_docs["val" if _is_val(index, val_fraction) else "train"].append(doc)
             index += 1
+        tokens = 0
         for split, docs in split_docs.items():
-            if not docs:
-                continue
-            mapped = datasets.Dataset.from_dict({"text": docs}).with_format("arrow").map(
-                encode, batched=True, batch_size=len(docs), remove_columns=["text"], keep_in_memory=True)
-            flat = mapped.data.column("ids").combine_chunks().flatten().to_numpy()
-            writers[split].add_stream(flat, len(docs))
-        progress(len(chunk))
+            if docs:
+                encoded = backend.encode_batch(docs, add_special_tokens=False)
+                ids = np.concatenate([np.asarray(e.ids + [eos], dtype=dtype) for e in encoded])
+                del encoded
+                writers[split].add_stream(ids, len(docs))
+                tokens += len(ids)
+        progress(len(chunk), read - told, tokens)
+        told = read
     if index == 0:
         raise ZerotrainError(f"no documents in {', '.join(inputs)}")
+    progress(0, read - told)  # what the last chunk's reader read after its last document
     return {s: w.close() for s, w in writers.items()}
 
 
@@ -763,25 +814,76 @@ def ordered_map(fn: Callable, tasks: Iterable[dict[str, Any]], num_proc: int, to
 def _write_sft(inputs: list[str], tokenizer, out: Path, seq_len: int, val_fraction: float,
                skip_bad_lines: bool, stats: ReadStats, progress, columns: Columns | None,
                num_proc: int = 1) -> dict[str, dict[str, int]]:
-    conversations = ((where, messages) for path in inputs
-                     for where, messages in read_conversations(path, skip_bad_lines, stats, columns))
-    chunks = ({"conversations": chunk, "seq_len": seq_len} for chunk in _chunks(conversations, SFT_CHUNK))
+    read = 0
+    read_at: deque[int] = deque()  # bytes read when each chunk in flight was cut
+
+    def count(nbytes: int) -> None:
+        nonlocal read
+        read += nbytes
+
+    def chunks() -> Iterator[dict[str, Any]]:
+        conversations = ((where, messages) for path in inputs
+                         for where, messages in read_conversations(path, skip_bad_lines, stats, columns, count))
+        for chunk in _chunks(conversations, SFT_CHUNK):
+            read_at.append(read)
+            yield {"conversations": chunk, "seq_len": seq_len}
 
     def examples() -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
-        for encoded in ordered_map(encode_chats, chunks, num_proc, tokenizer):
+        told = 0
+        for encoded in ordered_map(encode_chats, chunks(), num_proc, tokenizer):
+            tokens = 0
             for ids, labels, truncated in encoded:
                 stats.truncated += truncated
                 if not (labels != IGNORE_INDEX).any():
                     stats.dropped_no_label += 1
                     continue
+                tokens += len(ids)
                 yield [(ids, labels)]
-            progress(len(encoded))
+            # Bytes as of the chunk's cut, not as of now: with workers, reading runs ahead.
+            done = read_at.popleft()
+            progress(len(encoded), done - told, tokens)
+            told = done
+        progress(0, read - told)  # the reader's last bytes, after its last conversation
 
     splits, written = write_examples(examples(), tokenizer, out, val_fraction)
     if not sum(written.values()):
         raise ZerotrainError(f"no usable conversations in {', '.join(inputs)} "
                              f"({stats.dropped_no_label} had no assistant token within seq_len {seq_len})")
     return splits
+
+
+class PrepareProgress:
+    """The preparation's progress bar: input bytes read out of the inputs' total size (so it has
+    an end, and its rate is MB/s), with the documents or conversations done, the tokens written
+    and tokens/s after it. Writers call it once a chunk, as progress(items, nbytes, tokens);
+    with by_bytes=False the bar counts items instead (writers that do not report bytes)."""
+
+    UNITS = {"pretrain": "docs", "sft": "convs", "pref": "pairs"}
+
+    def __init__(self, kind: str, inputs: Iterable[str | Path], show: bool, by_bytes: bool = True):
+        from tqdm import tqdm
+
+        self.unit, self.by_bytes = self.UNITS[kind], by_bytes
+        self.items = self.bytes = self.tokens = 0
+        self.start = time.perf_counter()
+        if by_bytes:
+            self.bar = tqdm(desc=f"prepare {kind}", total=sum(Path(p).stat().st_size for p in inputs), unit="B",
+                            unit_scale=True, disable=not show)
+        else:
+            self.bar = tqdm(desc=f"prepare {kind}", unit=f" {self.unit}", disable=not show)
+
+    def __call__(self, items: int, nbytes: int = 0, tokens: int = 0) -> None:
+        self.items += items
+        self.bytes += nbytes
+        self.tokens += tokens
+        if self.by_bytes:
+            rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{self.items:,} {self.unit}, {self.bar.format_sizeof(self.tokens)} tokens, "
+                                     f"{self.bar.format_sizeof(rate)} tokens/s", refresh=False)
+        self.bar.update(nbytes if self.by_bytes else items)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, seq_len: int = 512,
@@ -810,25 +912,24 @@ def prepare(kind: str, inputs: list[str], tokenizer, output_dir: str | Path, *, 
         return existing
 
     from model.tokenizer import tokenizer_fingerprint
-    from tqdm import tqdm
 
     stats = ReadStats()
-    unit = {"pretrain": " docs", "sft": " convs", "pref": " pairs"}[kind]
-    bar = tqdm(desc=f"prepare {kind}", unit=unit, disable=not show_progress)
+    # The preference writer (engine/pref_data.py) reports pairs, not bytes.
+    bar = PrepareProgress(kind, inputs, show_progress, by_bytes=kind != "pref")
     try:
         # Another rank or node preparing the same data at once is harmless: the two results are
         # identical, and whichever lands last replaces the other in one step.
         with publishing(output_dir, directory=True) as tmp:
             files = list(map(str, inputs))
             if kind == "pretrain":
-                splits = _write_pretrain(files, tokenizer, tmp, val_fraction, skip_bad_lines, stats, bar.update)
+                splits = _write_pretrain(files, tokenizer, tmp, val_fraction, skip_bad_lines, stats, bar)
             elif kind == "sft":
-                splits = _write_sft(files, tokenizer, tmp, seq_len, val_fraction, skip_bad_lines, stats, bar.update,
+                splits = _write_sft(files, tokenizer, tmp, seq_len, val_fraction, skip_bad_lines, stats, bar,
                                     mapping, num_proc)
             else:
                 from engine.pref_data import write_pref  # pref_data imports this module
 
-                splits = write_pref(files, tokenizer, tmp, seq_len, val_fraction, skip_bad_lines, stats, bar.update,
+                splits = write_pref(files, tokenizer, tmp, seq_len, val_fraction, skip_bad_lines, stats, bar,
                                     mapping)
             meta = {"format_version": FORMAT_VERSION, "key": key, "kind": kind,
                     "dtype": str(_token_dtype(len(tokenizer))), "vocab_size": len(tokenizer),

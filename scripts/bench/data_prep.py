@@ -4,7 +4,8 @@
     python scripts/bench/data_prep.py [--repeat 4] [--rounds 3]
 
 The baseline encodes documents already in memory; `prepare` is timed end to end (reading and
-hashing the files, the `datasets` map, writing the token file and its metadata).
+hashing the files, encoding chunk by chunk, writing the token file and its metadata). Memory
+as the corpus grows (200 MB to 2 GB) is scripts/bench/prep_memory.py's.
 The corpus is the shipped English and Chinese samples, repeated `--repeat` times (each copy a
 separate file, so the preparation does real work on each). Rounds alternate the two sides;
 the median of each is reported, and the ratio of medians.

@@ -8,7 +8,7 @@ a system prompt), written `--copies` times into one .jsonl file. The baseline is
 template (in memory, all of the tokenizer's threads); the other rows run `prepare` end to end
 (reading, rendering every prefix, tokenizing, labelling, writing). `reference` is the
 per-conversation encoder this replaced (kept in tests/unit/test_sft_prep_scale.py). Peak memory
-is the ru_maxrss of a fresh process that prepares 1x and 10x the input (num_proc 1).
+as the input grows is scripts/bench/prep_memory.py's (`--kind sft`, the same input).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,16 +45,6 @@ def build_input(path: Path, copies: int) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(copies):
             f.write("\n".join(lines) + "\n")
-
-
-def peak_rss(path: Path, tok: Path, out: Path) -> float:
-    """MB of peak resident memory of a fresh process preparing `path` with one process."""
-    code = ("import resource, sys; sys.path.insert(0, %r)\n"
-            "from engine.data import prepare\nfrom model.tokenizer import load_tokenizer\n"
-            "prepare('sft', [%r], load_tokenizer(%r), %r, seq_len=512, show_progress=False, num_proc=1)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (str(ROOT), str(path), str(tok), str(out))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(done.stdout.split()[-1]) / 1024
 
 
 def main() -> None:
@@ -127,17 +116,6 @@ def main() -> None:
             print(f"| {name} | {seconds:.2f} | {tokens / seconds:,.0f} | {tokens / seconds / base:.2f} |")
         print(f"\nscaling num_proc 1 -> 2: {median['prepare num_proc=1'] / median['prepare num_proc=2']:.2f}x; "
               f"num_proc=1 vs reference: {median['reference (per conversation)'] / median['prepare num_proc=1']:.2f}x")
-
-        del texts
-        small = tmp / "small.jsonl"
-        build_input(small, max(1, args.copies // 4))
-        large = tmp / "large.jsonl"
-        build_input(large, 10 * max(1, args.copies // 4))
-        rss_small = peak_rss(small, tmp / "tok", tmp / "rss1")
-        rss_large = peak_rss(large, tmp / "tok", tmp / "rss10")
-        print(f"peak RSS of preparation (num_proc=1): {rss_small:.0f} MB at 1x "
-              f"({small.stat().st_size / 1e6:.1f} MB input), {rss_large:.0f} MB at 10x "
-              f"({large.stat().st_size / 1e6:.1f} MB): {100 * (rss_large / rss_small - 1):+.1f}%")
 
 
 if __name__ == "__main__":
