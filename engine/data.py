@@ -488,11 +488,51 @@ def assistant_spans(messages: list[dict[str, str]], tokenizer,
     return assistant_spans_batch([messages], tokenizer, [where])[0]
 
 
+def _chatml_spans(messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]] | None:
+    """What rendering every prefix with model.tokenizer.CHAT_TEMPLATE would give assistant_spans,
+    computed from its one rule (each message is '<|im_start|>' role '\\n' content '<|im_end|>\\n',
+    the generation prompt '<|im_start|>assistant\\n'); None for a message that is not plain text."""
+    pieces, spans, at = [], [], 0
+    for i, turn in enumerate(messages):
+        role, content = turn.get("role"), turn.get("content")
+        if type(role) is not str or type(content) is not str:
+            return None
+        head = "<|im_start|>" + role + "\n"
+        piece = head + content + "<|im_end|>\n"
+        if role == "assistant":
+            # The prefix with the generation prompt ends after the header (nothing before a first
+            # turn), and the reply's prefix ends with '<|im_end|>\n', whose newline is stripped.
+            spans.append((at + len(head) if i else 0, at + len(piece) - 1))
+        pieces.append(piece)
+        at += len(piece)
+    return "".join(pieces), spans
+
+
 def assistant_spans_batch(conversations: list[list[dict[str, str]]], tokenizer,
                           wheres: list[str]) -> list[tuple[str, list[tuple[int, int]]]]:
     """assistant_spans of many conversations. The renders are asked of the template in two
     batched calls (without and with the generation prompt), which costs far less than one call
-    each; the prefix through a final assistant turn is the whole conversation, rendered once."""
+    each; the prefix through a final assistant turn is the whole conversation, rendered once.
+
+    With zerotrain's own ChatML template the prefixes' lengths follow from its rule, so only the
+    whole conversations are rendered (one call), and a conversation whose render differs from
+    what the rule gives takes the general path: rendering the prefixes was most of the time of
+    SFT preparation (a conversation with k replies has 2k of them)."""
+    from model.tokenizer import CHAT_TEMPLATE
+
+    if not conversations or tokenizer.chat_template != CHAT_TEMPLATE:
+        return _rendered_spans(conversations, tokenizer, wheres)
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+    results = [_chatml_spans(messages) for messages in conversations]
+    odd = [i for i, (text, derived) in enumerate(zip(texts, results)) if derived is None or derived[0] != text]
+    for i, result in zip(odd, _rendered_spans([conversations[i] for i in odd], tokenizer, [wheres[i] for i in odd])):
+        results[i] = result
+    return results
+
+
+def _rendered_spans(conversations: list[list[dict[str, str]]], tokenizer,
+                    wheres: list[str]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """assistant_spans_batch for any prefix-stable template: every prefix rendered."""
     plain: list[list[dict[str, str]]] = []  # rendered without the generation prompt
     prompted: list[list[dict[str, str]]] = []  # rendered with it
     plans = []
@@ -550,12 +590,21 @@ def label_tokens_batch(texts: list[str], spans: list[list[tuple[int, int]]],
     """label_tokens of many texts in one tokenizer call, as (input_ids, labels) int64 arrays."""
     if not texts:
         return []
-    encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                         return_attention_mask=False, return_token_type_ids=False)
+    backend = _fast_backend(tokenizer)
+    if (getattr(tokenizer, "split_special_tokens", False) or backend.encode_special_tokens or backend.truncation
+            or backend.padding):
+        # Settings that tokenizer() would override on the backend: let it.
+        encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                             return_attention_mask=False, return_token_type_ids=False)
+        encoded = zip(encoding["input_ids"], encoding["offset_mapping"])
+    else:
+        # The Rust tokenizer's own encodings, as pretraining reads them: tokenizer() would copy
+        # each into Python lists first, about a sixth of the time of labelling.
+        encoded = ((e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False))
     out = []
-    for ids, offsets, text_spans in zip(encoding["input_ids"], encoding["offset_mapping"], spans):
+    for (ids, offsets), text_spans in zip(encoded, spans):
         ids = np.asarray(ids, dtype=np.int64)
-        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        offsets = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
         out.append((ids, np.where(_inside_spans(offsets, text_spans), ids, IGNORE_INDEX)))
     return out
 

@@ -6,7 +6,7 @@ The input is the shipped ShareGPT and Alpaca-seed samples (plus their multi-turn
 a system prompt), written `--copies` times into one .jsonl file. The baseline is
 `backend_tokenizer.encode_batch` with offsets on the conversations already rendered with the chat
 template (in memory, all of the tokenizer's threads); the other rows run `prepare` end to end
-(reading, rendering every prefix, tokenizing, labelling, writing). `reference` is the
+(reading, rendering, locating the replies, tokenizing, labelling, writing). `reference` is the
 per-conversation encoder this replaced (kept in tests/unit/test_sft_prep_scale.py). Peak memory
 as the input grows is scripts/bench/prep_memory.py's (`--kind sft`, the same input).
 """

@@ -159,3 +159,30 @@ def test_a_template_that_is_not_prefix_stable_is_named_from_a_worker(tokenizer, 
 def test_num_proc_must_not_be_negative(tokenizer, tmp_path):
     with pytest.raises(ZerotrainError, match="--num-proc must be 0"):
         prepare("sft", [str(SHAREGPT)], tokenizer, tmp_path / "out", num_proc=-1, show_progress=False)
+
+
+def test_chatml_spans_derived_from_the_template_rule_match_rendering_every_prefix(tokenizer, sft_inputs):
+    from model.tokenizer import CHAT_TEMPLATE
+
+    assert tokenizer.chat_template == CHAT_TEMPLATE  # else the derived path is not what runs
+    turn = lambda role, content: {"role": role, "content": content}
+    awkward = [
+        [turn("assistant", "first, with no prompt before it")],
+        [turn("user", ""), turn("assistant", "")],
+        [turn("user", "q"), turn("assistant", "trailing space and newlines  \n\n")],
+        [turn("system", "s"), turn("assistant", "a1"), turn("assistant", "a2 <|im_end|>\n"), turn("user", "u")],
+        [turn("user", "emoji \U0001F600 and 中文"), turn("assistant", "\t"), turn("user", "again")],
+        [dict(turn("user", "q"), reasoning_content=None), dict(turn("assistant", "a"), thinking="hidden")],
+    ]
+    conversations = awkward + [m for path in sft_inputs for _, m in read_conversations(path)]
+    wheres = [f"c{i}" for i in range(len(conversations))]
+    assert data.assistant_spans_batch(conversations, tokenizer, wheres) == \
+        data._rendered_spans(conversations, tokenizer, wheres)
+    for messages in awkward:
+        assert data.assistant_spans(messages, tokenizer) == reference_spans(messages, tokenizer, "c")
+
+
+def test_a_conversation_the_chatml_rule_cannot_derive_is_rendered(tokenizer, monkeypatch):
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    monkeypatch.setattr(data, "_chatml_spans", lambda m: ("not the render", []))
+    assert data.assistant_spans(messages, tokenizer) == reference_spans(messages, tokenizer, "c")
