@@ -196,11 +196,12 @@ class TrainConfig:
     """DeepSpeed monitors to log to as well, written under output_dir/monitor: tensorboard, csv, wandb.
     (Not `--monitor`: torchrun would take that as an abbreviation of its --monitor-interval.)"""
     loss_chunk_size: int = 0
-    """Tokens per chunk of the LM head and its cross-entropy (pretraining, SFT, validation): the
-    full tokens x vocab logits are never held and only the trained tokens go through the head.
-    0 (default): the full logits, as transformers computes them. For vocabularies of 32,000 or
-    more when memory is short: 110 (64 MiB of fp32 logits at 151,936) measured 0.30x the loss's
-    peak memory at 0.71x its speed on CPU (BENCHMARKS.md)."""
+    """Tokens per chunk of the LM head and its loss (every stage, validation too; DPO's and
+    distillation's log-probs, a live reference's and teacher's as well): the full tokens x vocab
+    logits are never held and only the trained tokens go through the head. 0 (default): the full
+    logits, as transformers computes them. For vocabularies of 32,000 or more when memory is short:
+    110 (64 MiB of fp32 logits at 151,936) measured 0.21x the loss's peak memory at 0.79x its speed
+    on CPU, 512 0.40x at 0.86x (BENCHMARKS.md)."""
     hang_timeout: float | None = None
     """Seconds a rank may go without finishing an optimizer step before the job is declared stalled:
     every rank writes its threads' stacks to output_dir/hang/rankN.txt and the job exits (status 75)

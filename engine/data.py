@@ -1201,7 +1201,8 @@ def collate_pad(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[st
     return batch
 
 
-def collate_packed(examples: list[dict[str, torch.Tensor]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(examples: list[dict[str, torch.Tensor]], seq_len: int, pad_id: int,
+                   sequence_ids: bool = False) -> dict[str, torch.Tensor]:
     """Pack examples greedily, in order, into rows of at most `seq_len` tokens.
 
     position_ids restart at 0 for every example and no attention_mask is passed, so
@@ -1209,6 +1210,8 @@ def collate_packed(examples: list[dict[str, torch.Tensor]], seq_len: int, pad_id
     row never attend to each other (the forward must run with use_cache=False, as the
     engine's does: transformers ignores packing when a KV cache is in play). The first label of each example is -100, so no token is
     trained to predict across a boundary. Examples are never split across rows.
+    With `sequence_ids`, the batch also says which example each token is (its index in
+    `examples`, -1 on padding), for sums per example (engine.objectives.preference).
     """
     rows: list[list[dict[str, torch.Tensor]]] = [[]]
     used = 0
@@ -1223,10 +1226,16 @@ def collate_packed(examples: list[dict[str, torch.Tensor]], seq_len: int, pad_id
     batch = {"input_ids": torch.full((len(rows), length), pad_id, dtype=torch.long),
              "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long),
              "position_ids": torch.zeros((len(rows), length), dtype=torch.long)}
+    if sequence_ids:
+        batch["sequence_ids"] = torch.full((len(rows), length), -1, dtype=torch.long)
+    index = 0
     for r, row in enumerate(rows):
         at = 0
         for e in row:
             n = len(e["input_ids"])
+            if sequence_ids:
+                batch["sequence_ids"][r, at:at + n] = index
+            index += 1
             batch["input_ids"][r, at:at + n] = e["input_ids"]
             batch["labels"][r, at:at + n] = e["labels"]
             batch["labels"][r, at] = IGNORE_INDEX

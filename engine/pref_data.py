@@ -292,10 +292,4 @@ def collate_pref_packed(examples: list[dict[str, torch.Tensor]], seq_len: int, p
     into rows of at most `seq_len` tokens, plus `sequence_ids` (rows x length): which of the 2B
     sequences each token belongs to, -1 on padding, so per-sequence sums need no row of their
     own (engine.objectives.preference.sequence_logps). `ref_logps` as in collate_pref."""
-    sequences = _sequences(examples)
-    batch = collate_packed(sequences, seq_len, pad_id)
-    # The packing rule looks at lengths only: packing each sequence's index, at its length, lays
-    # the indices out exactly where the tokens went, with -1 where the rows are padded.
-    marks = [torch.full_like(s["input_ids"], i) for i, s in enumerate(sequences)]
-    batch["sequence_ids"] = collate_packed([{"input_ids": m, "labels": m} for m in marks], seq_len, -1)["input_ids"]
-    return _add_ref_logps(batch, examples)
+    return _add_ref_logps(collate_packed(_sequences(examples), seq_len, pad_id, sequence_ids=True), examples)
