@@ -109,3 +109,17 @@ def test_zerotrain_sdpa_attends_each_packed_example_alone_with_transformers_sdpa
             assert split == [7, 12, 5, 3, 27, 9, 18] * config.num_hidden_layers
         else:  # padded: one masked call per layer, as transformers makes it
             assert split == [27] * config.num_hidden_layers
+
+
+def test_one_packed_row_is_what_transformers_flattening_collator_makes():
+    """With room for the whole micro-batch, collate_packed makes the row of transformers'
+    DataCollatorWithFlattening: the same tokens, restarting positions and first labels masked."""
+    from transformers import DataCollatorWithFlattening
+
+    lengths = (7, 12, 5, 27)
+    examples = [{"input_ids": ids, "labels": ids.clone()} for ids in (torch.randint(3, VOCAB, (n,)) for n in lengths)]
+    ours = collate_packed(examples, seq_len=sum(lengths), pad_id=0)
+    theirs = DataCollatorWithFlattening(return_tensors="pt")(
+        [{k: v.tolist() for k, v in e.items()} for e in examples])
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(ours[key], theirs[key]), key
