@@ -27,6 +27,18 @@ def logits():
     return student, teacher, labels
 
 
+def rounding_bound(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """How far fp32 rounding can move a divergence between log-probs `s` and `t` per position,
+    whichever kernels torch picks (AVX-512, AVX2 or plain). An fp32 sum of VOCAB terms is off by
+    up to VOCAB x eps x the sum of their sizes (here both KL directions' terms, which bound the
+    JSD's); the roundings before the sum (log_softmax, the buckets' logsumexp) add to it, and the
+    forward KL came to 1.03x that sum bound with AVX-512 kernels, hence 4x. An absolute 1e-5 held
+    with AVX2 only (off by 1.27e-5 at 0.89 with AVX-512 and plain kernels)."""
+    p, q = t.double().exp(), s.double().exp()
+    size = (p * (t - s).double()).abs().sum(-1) + (q * (s - t).double()).abs().sum(-1)
+    return (4 * VOCAB * torch.finfo(torch.float32).eps * size).float()
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_jsd_equals_trl_gkd(logits, beta, temperature):
@@ -126,14 +138,15 @@ def test_top_k_divergence_rises_to_the_full_one(logits, kind):
     student, teacher, _ = logits
     s, t = F.log_softmax(student / 1.5, -1), F.log_softmax(teacher / 1.5, -1)
     full = token_divergence(s, t, kind, beta=0.3)
+    tol = rounding_bound(s, t)
     previous = torch.zeros_like(full)
     for k in range(1, VOCAB + 1):
         ids, stored = top_k(t, k)
         torch.testing.assert_close(stored.exp().sum(-1), torch.ones_like(full))  # k tokens + the rest: a distribution
         ours = token_divergence(bucketed(s, ids), stored, kind, beta=0.3)
-        assert (ours <= full + 1e-5).all() and (ours >= previous - 1e-5).all()  # merging outcomes never raises D
+        assert (ours <= full + tol).all() and (ours >= previous - tol).all()  # merging outcomes never raises D
         previous = ours
-    torch.testing.assert_close(previous, full, rtol=0, atol=1e-5)  # k = vocabulary: the full divergence
+    assert ((previous - full).abs() <= tol).all()  # k = vocabulary: the full divergence
 
 
 def test_the_objective_reads_stored_teacher_log_probs(logits):
