@@ -26,7 +26,9 @@ import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from common.errors import ZerotrainError
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -126,3 +128,21 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a small text file atomically."""
     with publishing(path) as tmp:
         tmp.write_text(text)
+
+
+def check_apart(output: str | os.PathLike, sources: Iterable[tuple[str, str | os.PathLike | None]], *,
+                inside_ok: bool = False) -> None:
+    """Refuse to write `output` where putting it in place would destroy what it is made from: an
+    output that is or contains one of `sources` ((what it is, path) pairs; None paths are
+    skipped), or lies inside one unless `inside_ok` (a folder a few files are read from, such as
+    a tokenizer's). Publishing replaces the target whole, so `consolidate RUN/checkpoints RUN
+    --overwrite` would otherwise swap the run directory for the model read out of it."""
+    out = Path(output).resolve()
+    for what, source in sources:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if out == src or src.is_relative_to(out) or (out.is_relative_to(src) and not inside_ok):
+            relation = "is" if out == src else "contains" if src.is_relative_to(out) else "lies inside"
+            raise ZerotrainError(f"output {output} {relation} {what} {source}, which it is made from: writing it "
+                                 "there would replace what is being read; choose an output outside it")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ZerotrainError
+from common.publish import check_apart
 from engine.consolidate import (Written, check_against_config, load_config_json, output_dtype, plan_output,
                                 tokenizer_source, write_extras, write_tokenizer)
 from engine.ds_checkpoint import load_checkpoint, resolve_tag
@@ -31,6 +32,7 @@ def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora
     if out.exists() and not overwrite:
         raise ZerotrainError(f"{out} already exists; remove it, choose another path, or pass --overwrite")
     tag_dir = resolve_tag(ckpt_dir, tag)
+    check_apart(out, [("the checkpoint directory", tag_dir.parent)])
     ckpt = load_checkpoint(tag_dir, trust_pickle=trust_pickle)
     if not ckpt.info.is_lora:
         raise ZerotrainError(f"{tag_dir} holds no LoRA weights (no lora_A keys); nothing to extract")
@@ -44,6 +46,7 @@ def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora
 
     known = set(LoraConfig.__dataclass_fields__)
     tokenizer = tokenizer_source(tag_dir.parent, ckpt)
+    check_apart(out, [("the tokenizer", tokenizer)], inside_ok=True)
     with staged(out, overwrite, is_dir=True) as tmp:
         total = write_safetensors(adapter_entries, tmp / "adapter_model.safetensors", target)
         LoraConfig(**{k: v for k, v in peft_config.items() if k in known}).save_pretrained(str(tmp))
@@ -61,6 +64,7 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
     # run directories stand for what their final/ holds: RUN/final (base), RUN/final/adapter
     base_path = resolve(base, ("hf", "weights", "state_dict"), "BASE").path
     adapter_path = resolve(adapter, ("adapter",), "ADAPTER").path
+    check_apart(plan.path, [("the base model", base_path), ("the adapter", adapter_path)])
     base_entries, base_aliases = model_entries(base_path, trust_pickle=trust_pickle)
     config_file = adapter_path / "adapter_config.json"
     settings = lora_settings(None, None, adapter_config=str(config_file))
@@ -119,6 +123,8 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
                                      f"in {adapter_path}; copy that tokenizer's files there")
         check_against_config(entries, model_config, str(config_dir / "config.json"))
         tokenizer = trained_with or tokenizer_source(config_dir, None)
+        check_apart(plan.path, [("the model config", config_dir / "config.json"), ("the tokenizer", tokenizer)],
+                    inside_ok=True)
         extras = lambda d: write_extras(d, model_config, plan.target, entries, config_dir, tokenizer)  # noqa: E731
     total = plan.write(entries, aliases, extras)
     notes = [f"{len(lora) // 2} LoRA pairs folded, {replaced} modules_to_save tensors replaced"]

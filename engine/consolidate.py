@@ -24,6 +24,7 @@ import torch
 
 from common.errors import ZerotrainError
 from common.jsonio import read_json_object
+from common.publish import check_apart
 from engine.ds_checkpoint import Checkpoint, load_checkpoint, resolve_tag
 from engine.lora import fold_lora, lora_settings
 from engine.run_dir import SIDECAR, TOKENIZER_FILES, RunDir, has_tokenizer
@@ -244,6 +245,7 @@ def consolidate(ckpt_dir: str, output: str, *, tag: str | None = None, dtype: st
     plan = plan_output(output, dtype, max_shard_size, overwrite)
     tag_dir = resolve_tag(ckpt_dir, tag)
     ckpt_root = tag_dir.parent
+    check_apart(plan.path, [("the checkpoint directory", ckpt_root)])
     ckpt = load_checkpoint(tag_dir, trust_pickle=trust_pickle)
     entries, aliases, notes = checkpoint_entries(ckpt, keep_lora_keys=keep_lora_keys, lora_alpha=lora_alpha,
                                                  adapter_config=adapter_config)
@@ -259,6 +261,7 @@ def consolidate(ckpt_dir: str, output: str, *, tag: str | None = None, dtype: st
                                  f"directory, or write a .pth / .safetensors file")
         check_against_config(entries, model_config, where)
         tokenizer = tokenizer_source(ckpt_root, ckpt)
+        check_apart(plan.path, [("the tokenizer", tokenizer), ("the model config", config)], inside_ok=True)
         if tokenizer is None:
             notes.append("no tokenizer found beside the checkpoint; copy one into the directory")
         generation_dir = ckpt_root if (ckpt_root / "generation_config.json").is_file() else ckpt_root.parent

@@ -402,3 +402,25 @@ def test_existing_output_needs_overwrite(ds_checkpoints, tmp_path, capsys):
     assert "--overwrite" in err and out.read_text() == "keep me"
     run("consolidate", ds_checkpoints["z1-fp32"]["ckpt_dir"], out, "--overwrite", capsys=capsys)
     assert torch.load(out, weights_only=True)
+
+
+def test_an_output_over_the_run_it_reads_is_refused_and_the_run_kept(ds_checkpoints, tmp_path, capsys):
+    """`consolidate RUN/checkpoints RUN --overwrite` once replaced the run directory (checkpoints,
+    metrics, config) with the model read out of it, and exited 0; the adapter tools likewise."""
+    lora_run = shutil.copytree(Path(ds_checkpoints["lora-z3"]["ckpt_dir"]).parent, tmp_path / "run")
+    before = sorted(str(p.relative_to(lora_run)) for p in lora_run.rglob("*"))
+    ckpts = lora_run / "checkpoints"
+    for args, relation in [(("consolidate", ckpts, lora_run, "--overwrite"), "contains the checkpoint directory"),
+                           (("consolidate", lora_run, ckpts / "hf", "--overwrite"), "lies inside the checkpoint"),
+                           (("extract-adapter", ckpts, ckpts, "--overwrite"), "is the checkpoint directory"),
+                           (("extract-adapter", ckpts, lora_run / "tokenizer", "--overwrite"),
+                            "is the tokenizer")]:
+        assert relation in run(*args, expect=2, capsys=capsys)
+    run("extract-adapter", ckpts, lora_run / "final" / "adapter", capsys=capsys)  # beside the checkpoints: fine
+    (lora_run / "final" / "config.json").write_text("{}")
+    for output in (lora_run, lora_run / "final", lora_run / "final" / "adapter" / "merged"):
+        err = run("merge-adapter", lora_run, lora_run / "final" / "adapter", output, "--overwrite", expect=2,
+                  capsys=capsys)
+        assert "which it is made from" in err
+    shutil.rmtree(lora_run / "final")
+    assert sorted(str(p.relative_to(lora_run)) for p in lora_run.rglob("*")) == before

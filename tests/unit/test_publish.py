@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from common import publish
+from common.errors import ZerotrainError
 from common.publish import publishing, write_text
 from tests.conftest import ROOT
 
@@ -83,3 +84,24 @@ def test_a_crash_while_publishing_final_leaves_a_loadable_model(base_model_dir, 
     loaded = AutoModelForCausalLM.from_pretrained(final)
     vocab = loaded.config.vocab_size
     assert (vocab == 64) == (expect == "new")
+
+
+@pytest.mark.parametrize("output, relation", [("run", "contains"), ("run/checkpoints", "is"),
+                                              ("run/checkpoints/hf", "lies inside")])
+def test_an_output_over_its_own_input_is_refused(tmp_path, output, relation):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ZerotrainError, match=f"{relation} the checkpoint directory"):
+        publish.check_apart(tmp_path / output, [("the checkpoint directory", tmp_path / "run" / "checkpoints")])
+
+
+def test_an_output_beside_or_inside_a_folder_only_read_from_is_allowed(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "tokenizer").mkdir()
+    publish.check_apart(tmp_path / "run" / "hf", [("the checkpoint directory", tmp_path / "run" / "checkpoints"),
+                                                  ("no source", None)])
+    publish.check_apart(tmp_path / "models" / "merged", [("the tokenizer", tmp_path / "models")], inside_ok=True)
+    with pytest.raises(ZerotrainError, match="contains the tokenizer"):
+        publish.check_apart(tmp_path / "run", [("the tokenizer", tmp_path / "run" / "tokenizer")], inside_ok=True)
+    (tmp_path / "link").symlink_to(tmp_path / "run")  # the same place under another name
+    with pytest.raises(ZerotrainError, match="is the checkpoint directory"):
+        publish.check_apart(tmp_path / "link" / "checkpoints", [("the checkpoint directory", tmp_path / "run" / "checkpoints")])
