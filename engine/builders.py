@@ -34,6 +34,7 @@ from engine.modeling import build_base_model, lora_record, resolve_init_from, to
 from engine.objectives import Stage
 from engine.pref_data import PrefDataset, collate_pref, collate_pref_packed
 from engine.run_dir import Resolved, RunDir, universal_dir, zerotrain_tags
+from engine.sidecar import Sidecar
 
 Log = Callable[[str], None]
 
@@ -170,20 +171,23 @@ def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
                    world_size, resume_tag, saved)
 
 
-def start(plan: RunPlan, cfg: Config, world: World) -> Path | None:
-    """Join the process group, write config.yaml and tokenizer/ (rank 0), and return the tag to
-    resume from, converted to the universal format when the number of ranks changed."""
-    init_distributed(world.local_rank, cfg.distributed.dist_timeout)
-    if world.rank == 0:
-        plan.run.root.mkdir(parents=True, exist_ok=True)
-        cfg.save(plan.run.config)
-        with publishing(plan.run.tokenizer, directory=True) as tmp:
-            plan.tokenizer.save_pretrained(str(tmp))
+def resume_point(plan: RunPlan, world: World) -> Path | None:
+    """The tag to resume from, converted to the universal format when the number of ranks changed."""
     if plan.resume_tag is None or not plan.reshape:
         return plan.resume_tag
     on_rank0(lambda: checkpoint.make_universal(plan.resume_tag), world.rank,
              "converting the checkpoint to universal format")
     return universal_dir(plan.resume_tag)
+
+
+def write_run_files(plan: RunPlan, cfg: Config, world: World) -> None:
+    """config.yaml and tokenizer/ (rank 0), once every check has passed and the run is restored:
+    a start that is refused leaves the run directory as it was."""
+    if world.rank == 0:
+        plan.run.root.mkdir(parents=True, exist_ok=True)
+        cfg.save(plan.run.config)
+        with publishing(plan.run.tokenizer, directory=True) as tmp:
+            plan.tokenizer.save_pretrained(str(tmp))
 
 
 # --------------------------------------------------------------------------- data
@@ -198,6 +202,10 @@ class Data:
     loader: BatchLoader
     directories: list[Path]
     """The prepared directory of each source (raw files are prepared into the cache)."""
+    identity: list[dict[str, Any]]
+    """What the sampler's positions index, saved in every checkpoint's sidecar: each source's kind,
+    preparation key (a hash of its files' contents, the tokenizer and the preparation settings)
+    and mixing weight."""
 
 
 def prepare_sources(cfg: Config, sources: list[DataSource], tokenizer, local_rank: int) -> list[Path]:
@@ -229,10 +237,12 @@ def build_data(cfg: Config, plan: RunPlan, world: World, log: Log) -> Data:
     shipped = Path(tokenizer.name_or_path) == DEFAULT_TOKENIZER
     log(f"tokenizer {tokenizer.name_or_path}: {len(tokenizer)} tokens"
         + (" (zerotrain's default, for runs from scratch; --tokenizer to use another)" if shipped else ""))
-    trains, vals = [], []
+    trains, vals, identity = [], [], []
     directories = prepare_sources(cfg, sources, tokenizer, world.local_rank)
     for source, directory in zip(sources, directories):
         meta = read_meta(directory)
+        identity.append({"kind": source.kind, "key": meta["key"], "weight": source.weight,
+                         "files": [s["path"] for s in meta["sources"]]})
         if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
             raise ZerotrainError(f"{directory} was prepared with another tokenizer than this run's; "
                                  "prepare it again with this tokenizer")
@@ -267,7 +277,29 @@ def build_data(cfg: Config, plan: RunPlan, world: World, log: Log) -> Data:
     else:
         collate = lambda ex: collate_pad(ex, tokenizer.pad_token_id)  # noqa: E731
     sampler = ShardedSampler(len(train), world.rank, world.size, cfg.train.seed)
-    return Data(train, val, collate, BatchLoader(train, sampler, cfg.train.micro_batch_size, collate), directories)
+    return Data(train, val, collate, BatchLoader(train, sampler, cfg.train.micro_batch_size, collate), directories,
+                identity)
+
+
+def check_same_data(data: Data, resume_tag: Path) -> None:
+    """Refuse to resume on other data than the checkpoint was trained on: the data position it
+    saved (a sample cursor) means nothing in another dataset, even one of the same size. Compared
+    by preparation key, so the same files prepared anew (or moved) still match; a checkpoint saved
+    before the sidecar recorded its data is not checked."""
+    sidecar = Sidecar.read(resume_tag)
+    saved = sidecar.data if sidecar is not None else None
+    if saved is None:
+        return
+    key = lambda sources: [(s["kind"], s["key"], s["weight"]) for s in sources]  # noqa: E731
+    if key(saved) == key(data.identity):
+        return
+    show = lambda sources: "; ".join(f"{s['kind']} {' '.join(s['files'])} (key {s['key']}"  # noqa: E731
+                                     + (f", weight {s['weight']}" if s["weight"] is not None else "") + ")"
+                                     for s in sources)
+    raise ZerotrainError(f"{resume_tag} was trained on other data than this run's --data: it saved its place in "
+                         f"{show(saved)}; this run reads {show(data.identity)}. Resume with the data it was "
+                         f"trained on, or start a new run from its weights: --init-from {resume_tag} "
+                         "--output-dir NEW_DIR")
 
 
 # --------------------------------------------------------------------------- model and engine

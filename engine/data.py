@@ -1292,7 +1292,7 @@ class ShardedSampler:
             raise ZerotrainError(
                 f"the checkpoint's data position is for {state['num_samples']} samples with seed {state['seed']}, "
                 f"this run has {self.num_samples} samples with seed {self.seed}: resume with the same data and "
-                "seed, or start fresh (--resume never)")
+                "seed, or start a new run from its weights (--init-from the checkpoint, another --output-dir)")
         self.cursor = int(state["cursor"])
 
 

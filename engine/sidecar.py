@@ -38,6 +38,9 @@ class Sidecar:
     """PEFT LoRA settings (r, lora_alpha, target_modules, ...) for LoRA runs."""
     files: dict[str, str] = field(default_factory=dict)
     """Fingerprint of every other file of the tag, by path relative to it."""
+    data: list[dict[str, Any]] | None = None
+    """The data the run trained on (engine.builders.Data.identity); None in checkpoints saved
+    before it was recorded."""
 
     def write(self, tag_dir: Path) -> None:
         write_text(tag_dir / SIDECAR, json.dumps(asdict(self), indent=2, default=str))

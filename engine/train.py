@@ -13,10 +13,11 @@ import warnings
 from typing import NoReturn
 
 from common.errors import ZerotrainError
-from engine.builders import build_data, build_engine, build_model, plan_run, start
+from engine.builders import (build_data, build_engine, build_model, check_same_data, plan_run, resume_point,
+                             write_run_files)
 from engine.checksums import wait_for_checksums
 from engine.config import Config, parse_config
-from engine.distributed import World, quiet_output, shutdown_distributed, world
+from engine.distributed import World, init_distributed, quiet_output, shutdown_distributed, world
 from engine.objectives import Stage
 from engine.trainer import Hooks, Trainer, log_on_rank0
 
@@ -26,14 +27,18 @@ def setup(cfg: Config, stage: Stage, here: World, hooks: Hooks | None = None) ->
     plan = plan_run(cfg, stage, here.size)
     objective = stage.objective(cfg)
     objective.check(cfg, plan)
-    resume_tag = start(plan, cfg, here)
+    init_distributed(here.local_rank, cfg.distributed.dist_timeout)
     data = build_data(cfg, plan, here, lambda message: log_on_rank0(here.rank, message))
+    if plan.resume_tag is not None:
+        check_same_data(data, plan.resume_tag)
+    resume_tag = resume_point(plan, here)
     model = build_model(cfg, plan)
     engine = build_engine(cfg, plan, model)
     objective.build(cfg, plan, engine, data)
     trainer = Trainer(cfg, plan, here, data, model, engine, objective, hooks or Hooks())
     if resume_tag is not None:
         trainer.restore(resume_tag)
+    write_run_files(plan, cfg, here)
     return trainer
 
 

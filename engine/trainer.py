@@ -200,7 +200,7 @@ class Trainer:
         sidecar = Sidecar(step=self.state.step, tokens_seen=self.state.tokens_seen, kind=self.plan.stage.name,
                           zero_stage=zero_stage(self.plan.ds_config), world_size=self.world.size,
                           precision=self.plan.precision, config=self.cfg.to_dict(),
-                          model_config=self.model.config.to_dict(), lora=self.model.lora)
+                          model_config=self.model.config.to_dict(), lora=self.model.lora, data=self.data.identity)
         tag = checkpoint.save(self.engine, self.plan.run.checkpoints, client, sidecar, self.cfg.checkpoint.keep_last,
                               estimated_bytes=self.model.checkpoint_bytes,
                               after_shards=self.hooks.after_checkpoint_shards,

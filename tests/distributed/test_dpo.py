@@ -201,6 +201,29 @@ def test_a_dpo_run_resumes_bit_identical(lora_dpo_run, base_model_dir, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_on_other_pairs_of_the_same_size_is_refused_and_the_run_kept(lora_dpo_run, base_model_dir,
+                                                                              tmp_path):
+    """Resume once compared the sample count and seed only: other pairs of the same size (here the
+    same pairs, chosen and rejected swapped) resumed without a word and config.yaml was rewritten
+    to name them. The preparation keys differ, so the start is refused before any model is built,
+    with a hint that works, and the run directory is left as it was."""
+    out, _ = lora_dpo_run
+    resumed = rewound_copy(out, tmp_path / "run", 3, later=("global_step6",))
+    swapped = tmp_path / "swapped.jsonl"
+    with open(PAIRS) as f, open(swapped, "w") as g:
+        for line in f:
+            pair = json.loads(line)
+            pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
+            g.write(json.dumps(pair) + "\n")
+    before = {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()}
+    proc = run_launcher("dpo.py", dpo_args(resumed, init_from=base_model_dir, **LORA_RUN, data=swapped,
+                                           micro_batch_size=4), nproc=1, launcher="python", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "was trained on other data" in proc.stderr and str(swapped) in proc.stderr and "--init-from" in proc.stderr
+    assert "resumed" not in proc.stdout and not (resumed / "checkpoints" / "global_step3_universal").exists()
+    assert {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()} == before
+
+
 def test_a_dpo_run_resumes_on_another_world_size(lora_dpo_run, base_model_dir, tmp_path):
     """Saved on 2 ranks, resumed on 1 (DeepSpeed's universal format), the same global batch: the
     losses after the resume are the unbroken run's up to float summation order."""
