@@ -25,14 +25,20 @@ from common.errors import ZerotrainError
 from common.publish import publishing
 from engine import checkpoint
 from engine.config import SECTIONS, STAGE_SECTIONS, Config
-from engine.data import (DATA_KINDS, BatchLoader, DataSource, MixedDataset, PretrainDataset, SFTDataset,
-                         ShardedSampler, collate_pad, collate_packed, collate_stack, detect_kind, parse_columns,
-                         parse_data_sources, prepare_cached, read_meta)
+from engine.data.collate import collate_packed, collate_pad, collate_stack
+from engine.data.columns import parse_columns
+from engine.data.conversations import SFTDataset
+from engine.data.format import read_meta
+from engine.data.kinds import KINDS, detect_kind
+from engine.data.loader import BatchLoader, MixedDataset, ShardedSampler
+from engine.data.prepare import prepare_cached
+from engine.data.sources import DataSource, parse_data_sources
+from engine.data.text import PretrainDataset
 from engine.distributed import World, init_distributed, on_rank0
 from engine.ds_config import fill_ds_config, load_ds_config, resolve_precision, zero_stage
 from engine.modeling import build_base_model, lora_record, resolve_init_from, tokenizer_path, wrap_lora
 from engine.objectives import Stage
-from engine.pref_data import PrefDataset, collate_pref, collate_pref_packed
+from engine.data.pairs import PrefDataset, collate_pref, collate_pref_packed
 from engine.run_dir import Resolved, RunDir, universal_dir, zerotrain_tags
 from engine.sidecar import Sidecar
 
@@ -119,7 +125,7 @@ def check_document_mask(cfg: Config, sources: list[DataSource]) -> None:
 def _default_kind(entries: list[str], columns: str) -> str:
     """What plain --data entries hold: a prepared directory says so in its meta.json, raw files
     by their first record (or by the --columns mapping)."""
-    plain = [e for e in entries if e.split(":")[0] not in DATA_KINDS]
+    plain = [e for e in entries if e.split(":")[0] not in KINDS]
     if len(plain) == 1 and Path(plain[0]).is_dir():
         return read_meta(plain[0])["kind"]
     return detect_kind(plain, columns) if plain else "pretrain"

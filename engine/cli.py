@@ -27,7 +27,8 @@ from common.errors import ZerotrainError
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
-    from engine.data import ReadStats, read_documents
+    from engine.data.files import ReadStats
+    from engine.data.text import read_documents
     from model.tokenizer import train_tokenizer
 
     stats = ReadStats()
@@ -38,7 +39,8 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_extend_tokenizer(args: argparse.Namespace) -> None:
-    from engine.data import ReadStats, read_documents
+    from engine.data.files import ReadStats
+    from engine.data.text import read_documents
     from model.tokenizer import extend_tokenizer
 
     stats = ReadStats()
@@ -51,7 +53,7 @@ def cmd_extend_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from engine.data import prepare
+    from engine.data.prepare import prepare
     from model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
@@ -155,7 +157,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from engine.data import detect_kind
+    from engine.data.kinds import detect_kind
     from engine.generate import evaluate
 
     kind = detect_kind(args.data, args.columns) if args.kind == "auto" else args.kind

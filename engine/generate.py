@@ -216,7 +216,11 @@ def evaluate(model: torch.nn.Module, tokenizer, data: list[str], *, kind: str = 
     """
     from tqdm import tqdm
 
-    from engine.data import PretrainDataset, SFTDataset, collate_pad, collate_stack, detect_kind, prepare
+    from engine.data.collate import collate_pad, collate_stack
+    from engine.data.conversations import SFTDataset
+    from engine.data.kinds import detect_kind
+    from engine.data.prepare import prepare
+    from engine.data.text import PretrainDataset
     from engine.objectives.causal_lm import CausalLM
 
     objective = CausalLM()

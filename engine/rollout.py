@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from common.errors import ZerotrainError
-from engine.data import IGNORE_INDEX, collate_pad
+from engine.data.collate import collate_pad
+from engine.data.format import IGNORE_INDEX
 from engine.objectives import Batch
 
 

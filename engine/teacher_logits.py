@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from common.errors import ZerotrainError
 from common.publish import publishing
-from engine.data import collate_pad
+from engine.data.collate import collate_pad
 from engine.distributed import World
 from engine.frozen import frozen_key, frozen_model, over_dataset
 from engine.objectives import Batch, model_inputs

@@ -163,7 +163,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float] | None:
         """Validation loss and metrics (val_ prefixed): sums over this rank's share of the
         validation batches, reduced over ranks, divided by the units counted."""
-        from engine.data import eval_batches
+        from engine.data.loader import eval_batches
 
         batches = list(eval_batches(self.data.val, self.world.rank, self.world.size, self.cfg.train.micro_batch_size,
                                     self.cfg.train.eval_batches, self.data.collate)) if self.data.val else []

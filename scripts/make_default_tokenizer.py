@@ -19,7 +19,8 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.data import read_conversations, read_documents  # noqa: E402
+from engine.data.conversations import read_conversations
+from engine.data.text import read_documents
 from model.tokenizer import DEFAULT_TOKENIZER, train_tokenizer  # noqa: E402
 
 SAMPLES = ROOT / "data" / "samples"

@@ -40,7 +40,7 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture(scope="session")
 def pretrain_data(tokenizer, tmp_path_factory) -> Path:
     """Prepared pretraining tokens (a slice of the English and Chinese samples), shared by every run."""
-    from engine.data import prepare
+    from engine.data.prepare import prepare
 
     tmp = tmp_path_factory.mktemp("pretrain")
     src = tmp / "docs.jsonl"

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from engine.data import IGNORE_INDEX
+from engine.data.format import IGNORE_INDEX
 from engine.objectives import Batch, LossSums, Objective, Stage, model_inputs
 
 

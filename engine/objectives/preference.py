@@ -1,6 +1,6 @@
 """Preference tuning: DPO (with cDPO label smoothing), IPO, ORPO and SimPO over chosen/rejected pairs.
 
-A micro-batch holds B pairs as 2B sequences (engine.pref_data): the chosen ones, then the
+A micro-batch holds B pairs as 2B sequences (engine.data.pairs): the chosen ones, then the
 rejected ones, each labelled on its final response only, one padded row each or, with --pack,
 packed into fewer rows with `sequence_ids` saying which token is whose. Both halves go through
 the model in one forward. A sequence's log-probability is the sum over its response tokens (the
@@ -44,7 +44,7 @@ class PairLosses:
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
                    sequence_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the summed log-probability of its trained tokens (fp32), and how many there
-    are. A sequence is a row, or with `sequence_ids` (a packed batch, engine.pref_data) the
+    are. A sequence is a row, or with `sequence_ids` (a packed batch, engine.data.pairs) the
     tokens marked with its index, in index order."""
     mask = trained_tokens(labels)
     targets = labels[:, 1:].clamp(min=0)

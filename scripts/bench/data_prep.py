@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from engine.data import prepare, read_documents
+    from engine.data.prepare import prepare
+    from engine.data.text import read_documents
     from model.tokenizer import load_tokenizer, train_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:

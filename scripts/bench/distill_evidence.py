@@ -4,7 +4,7 @@ same student trained with CE only, on CPU, in one script run.
     python scripts/bench/distill_evidence.py [--workdir runs/distill-evidence] [--quick]
 
 1. Tokenizer and data: a BPE of --vocab-size trained on data/samples/tinyshakespeare.txt, and the
-   file prepared once (`engine.data.prepare`, every --val-every-th paragraph held out). Both
+   file prepared once (`engine.data.prepare.prepare`, every --val-every-th paragraph held out). Both
    models use this tokenizer, as distillation requires.
 2. Teacher: launcher/pretrain.py --preset tiny for --teacher-steps on the training split. Reused
    when the work directory already holds one trained with the same settings (teacher.json).
@@ -76,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(args, work: Path) -> tuple[Path, Path]:
     """The tokenizer and the prepared text (train and held-out splits), made once per work directory."""
-    from engine.data import prepare as prepare_data
-    from engine.data import read_documents
+    from engine.data.prepare import prepare as prepare_data
+    from engine.data.text import read_documents
     from model.tokenizer import load_tokenizer, train_tokenizer
 
     tok, data = work / "tokenizer", work / "data"
@@ -156,7 +156,8 @@ def held_out(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, w
     """Per student: mean token CE on the held-out split and mean KL(teacher || student) per token at T = 1."""
     import torch
 
-    from engine.data import PretrainDataset, collate_stack
+    from engine.data.collate import collate_stack
+    from engine.data.text import PretrainDataset
     from engine.objectives.causal_lm import token_nll_sum
     from engine.objectives.distill import token_divergence
     from transformers import AutoModelForCausalLM
@@ -193,7 +194,8 @@ def top_k_gap(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, 
     import torch
     import torch.nn.functional as F
 
-    from engine.data import PretrainDataset, collate_stack
+    from engine.data.collate import collate_stack
+    from engine.data.text import PretrainDataset
     from engine.objectives.distill import token_divergence
     from engine.teacher_logits import bucketed, top_k
     from transformers import AutoModelForCausalLM

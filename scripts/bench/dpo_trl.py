@@ -221,8 +221,9 @@ def make_inputs(args, tmp: Path) -> None:
     import numpy as np
     import torch
 
-    from engine.data import prepare, read_documents
-    from engine.pref_data import encode_pair, read_pairs
+    from engine.data.prepare import prepare
+    from engine.data.text import read_documents
+    from engine.data.pairs import encode_pair, read_pairs
     from model.build import build_model
     from model.tokenizer import load_tokenizer, train_tokenizer
 
@@ -269,7 +270,7 @@ def check_tokenization(args) -> None:
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from engine.pref_data import PrefDataset
+    from engine.data.pairs import PrefDataset
 
     prepared = PrefDataset(args.data, "train", args.seq_len)
     ours = [(len(prepared[i]["chosen_input_ids"]), len(prepared[i]["rejected_input_ids"]))

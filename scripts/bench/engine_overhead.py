@@ -30,7 +30,9 @@ def bare_loop(args) -> None:
     import torch
 
     from engine.config import parse_config
-    from engine.data import BatchLoader, PretrainDataset, ShardedSampler, collate_stack
+    from engine.data.collate import collate_stack
+    from engine.data.loader import BatchLoader, ShardedSampler
+    from engine.data.text import PretrainDataset
     from engine.builders import lr_lambda, param_groups
     from model.build import build_model
 

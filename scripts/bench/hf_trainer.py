@@ -7,7 +7,7 @@ The peer is what a user would write instead: transformers' `Trainer` with
 one rank). Both sides get
 
 - the same model: `model.build.build_model(preset, vocab_size=..., max_seq_len=...)`, seeded alike;
-- the same data: the windows of one prepared directory (`engine.data.PretrainDataset`; HF
+- the same data: the windows of one prepared directory (`engine.data.text.PretrainDataset`; HF
   Trainer takes that torch Dataset as is and batches it with its own sampler and collator);
 - the same DeepSpeed config: `ds_configs/zero{stage}.json` filled by zerotrain's
   `fill_ds_config` (micro batch, accumulation, clipping, AdamW settings, precision), handed to
@@ -85,7 +85,7 @@ def worker_flags(args) -> list[str]:
 
 def hf_worker(args) -> None:
     """One rank of the HF Trainer run (under torchrun, or alone); rank 0 writes the window rates."""
-    from engine.data import PretrainDataset
+    from engine.data.text import PretrainDataset
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     tokens_per_step = args.micro_batch_size * args.grad_accum * args.seq_len * world_size
@@ -228,7 +228,7 @@ PRETRAIN_SAMPLES = [str(ROOT / "data" / "samples" / "tinyshakespeare.txt"),
 
 def bench_tokenizer(out: Path):
     """The benchmarks' tokenizer: a 6400-token BPE trained on the English and Chinese samples, saved in `out`."""
-    from engine.data import read_documents
+    from engine.data.text import read_documents
     from model.tokenizer import load_tokenizer, train_tokenizer
 
     train_tokenizer((d for p in PRETRAIN_SAMPLES for d in read_documents(p)), 6400, str(out), show_progress=False)
@@ -237,7 +237,7 @@ def bench_tokenizer(out: Path):
 
 def prepare_data(args, tmp: Path) -> None:
     """A 6400-token BPE and the prepared shipped samples (English and Chinese) into args."""
-    from engine.data import prepare
+    from engine.data.prepare import prepare
 
     tokenizer = bench_tokenizer(tmp / "tok")
     prepare("pretrain", PRETRAIN_SAMPLES, tokenizer, tmp / "data", val_fraction=0.01, show_progress=False)

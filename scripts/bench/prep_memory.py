@@ -45,7 +45,7 @@ def parse_size(text: str) -> int:
 
 def build_pretrain(path: Path, size: int, seed: int = 0) -> None:
     """~`size` bytes of {"text": ...} lines, each 1-8 random pieces of one of the two samples."""
-    from engine.data import read_documents
+    from engine.data.text import read_documents
 
     sources = [[json.dumps(d, ensure_ascii=False)[1:-1] for d in read_documents(SAMPLES / name)]
                for name in ("tinyshakespeare.txt", "tang_poems_5k.jsonl")]
@@ -82,7 +82,7 @@ def raw_rate(data: Path, tok: Path) -> float:
     """tokens/s of the bare tokenizer's encode_batch on the first 20,000 documents, in memory."""
     from itertools import islice
 
-    from engine.data import read_documents
+    from engine.data.text import read_documents
     from model.tokenizer import load_tokenizer
 
     docs = list(islice(read_documents(data), 20000))

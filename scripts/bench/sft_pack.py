@@ -22,9 +22,9 @@ zerotrain's fill_ds_config, handed to HF as a dict), micro batch, grad accumulat
 cosine, precision (fp32), one OpenMP thread a rank, torchrun (gloo) for 2 ranks.
 
 The data: the shipped ShareGPT (500 multi-turn chats) and Alpaca seed (175 tasks, their instances)
-samples, prepared once by zerotrain (`engine.data.prepare("sft")`, --seq-len, no validation split)
+samples, prepared once by zerotrain (`engine.data.prepare.prepare("sft")`, --seq-len, no validation split)
 with the benchmarks' 6400-token BPE. HF reads the same prepared examples (input_ids and labels from
-`engine.data.SFTDataset`, as lists), so every side trains on the same token ids and labels.
+`engine.data.conversations.SFTDataset`, as lists), so every side trains on the same token ids and labels.
 
 The same examples every step: zerotrain's ShardedSampler stream (the seeded permutation, epoch
 after epoch) is written out in order as HF's dataset and read with
@@ -70,7 +70,7 @@ BINS = (0, 64, 128, 192, 256, 384, 512, 1024, 2048, 4096)
 def sample_order(args, dataset_len: int, world_size: int) -> list[int]:
     """zerotrain's ShardedSampler stream for the whole run: micro-batch k of rank r is positions
     (k x world + r) x micro ... + micro."""
-    from engine.data import ShardedSampler
+    from engine.data.loader import ShardedSampler
 
     needed = args.steps * args.grad_accum * args.micro_batch_size * world_size
     return ShardedSampler(dataset_len, 0, 1, seed=42).next_indices(needed)  # 42: zerotrain_flags' --seed
@@ -100,7 +100,7 @@ def hf_worker(args) -> None:
     import torch
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-    from engine.data import SFTDataset
+    from engine.data.conversations import SFTDataset
     from engine.objectives.causal_lm import trained_tokens
     from model.tokenizer import load_tokenizer
 
@@ -178,7 +178,7 @@ def zerotrain_windows(args, world_size: int, out: Path, pack: bool) -> list[dict
 
 def prepare_data(args, tmp: Path) -> None:
     """The benchmarks' tokenizer and the shipped SFT samples prepared with it, into args."""
-    from engine.data import prepare
+    from engine.data.prepare import prepare
 
     tokenizer = bench.bench_tokenizer(tmp / "tok")
     args.tokenizer, args.data, args.vocab_size = tmp / "tok", tmp / "sft", len(tokenizer)
@@ -266,7 +266,7 @@ def main() -> None:
     if BASELINE not in args.sides:
         parser.error(f"--sides must include {BASELINE}: the ratios are against it")
 
-    from engine.data import SFTDataset
+    from engine.data.conversations import SFTDataset
 
     with tempfile.TemporaryDirectory() as tmp:
         prepare_data(args, Path(tmp))

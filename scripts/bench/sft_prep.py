@@ -53,11 +53,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from engine.data import prepare, read_conversations
+    from engine.data.conversations import read_conversations
+    from engine.data.prepare import prepare
     from model.tokenizer import load_tokenizer, train_tokenizer
     from tests.conftest import sample_texts
     from tests.unit import test_sft_prep_scale as reference
-    import engine.data as data
+    import dataclasses
+
+    from engine.data.kinds import KINDS
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -91,15 +94,15 @@ def main() -> None:
             if out.exists():
                 import shutil
                 shutil.rmtree(out)
-            saved = data._write_sft
-            data._write_sft = write_sft or saved
+            saved = KINDS["sft"]
+            KINDS["sft"] = dataclasses.replace(saved, write=write_sft or saved.write)
             try:
                 start = time.perf_counter()
                 prepare("sft", [str(big)], tokenizer, out, seq_len=512, val_fraction=0.01, show_progress=False,
                         num_proc=num_proc)
                 return time.perf_counter() - start
             finally:
-                data._write_sft = saved
+                KINDS["sft"] = saved
 
         rows = {"raw encode_batch (rendered texts)": raw, "reference (per conversation)":
                 lambda: ours(1, reference.reference_write_sft),

@@ -121,7 +121,7 @@ def _on_policy_steps(rank, world_size, out, base_model_dir, teacher_dir):
 
 
 def test_on_policy_steps_train_on_the_students_own_samples_under_zero3(base_model_dir, teacher_dir, tmp_path):
-    from engine.data import IGNORE_INDEX
+    from engine.data.format import IGNORE_INDEX
 
     run_ranks(_on_policy_steps, 2, tmp_path, base_model_dir, teacher_dir)
     got = json.loads((tmp_path / "on_policy.json").read_text())

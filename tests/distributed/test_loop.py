@@ -64,7 +64,7 @@ def peek(loader, count: int) -> list[dict[str, torch.Tensor]]:
 def direct_sums(module, batches) -> tuple[float, float, list[float]]:
     """(summed token NLL, trained tokens, per-micro-batch mean losses) computed straight from the
     module, without the trainer."""
-    from engine.data import IGNORE_INDEX
+    from engine.data.format import IGNORE_INDEX
 
     nll, tokens, means = 0.0, 0.0, []
     with torch.no_grad():
@@ -89,7 +89,7 @@ def _step_loss(rank, world_size, out, base_model_dir, stage, accum):
     sums = all_reduce_sums({"nll": nll, "tokens": tokens}, torch.device("cpu"))
     result = trainer.train_step()
     evaluation = trainer.evaluate()
-    from engine.data import eval_batches
+    from engine.data.loader import eval_batches
 
     val = list(eval_batches(trainer.data.val, rank, world_size, 2, 2, trainer.data.collate))
     vnll, vtokens, _ = direct_sums(trainer.engine.module, val)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.data import MixedDataset, ShardedSampler
+from engine.data.loader import MixedDataset, ShardedSampler
 from tests.conftest import SAMPLES
 from tests.helpers import run_launcher, train_losses
 

@@ -37,7 +37,7 @@ def chinese(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def extended(tokenizer_dir, chinese, tmp_path_factory) -> Path:
-    from engine.data import read_documents
+    from engine.data.text import read_documents
     from model.tokenizer import extend_tokenizer
 
     out = tmp_path_factory.mktemp("extended") / "tokenizer"

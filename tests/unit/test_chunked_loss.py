@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.data import IGNORE_INDEX
+from engine.data.format import IGNORE_INDEX
 from engine.objectives.causal_lm import CausalLM, lm_nll_sum
 from model.presets import preset_config
 
@@ -195,7 +195,7 @@ def test_liger_kernel_is_taken_on_cuda_only_and_only_where_installed(monkeypatch
 
 def pair_batch(packed: bool) -> dict[str, torch.Tensor]:
     """Three pairs sharing each pair's prompt, padded (one row a sequence) or packed."""
-    from engine.pref_data import collate_pref, collate_pref_packed
+    from engine.data.pairs import collate_pref, collate_pref_packed
 
     g = torch.Generator().manual_seed(2)
     pairs = []

@@ -4,9 +4,13 @@ import pytest
 
 from common.errors import ZerotrainError
 from engine.config import parse_config
-from engine.data import (ReadStats, detect_kind, encode_chat, parse_columns, prepare, prepare_cached,
-                         read_conversations)
-from engine.pref_data import read_pairs
+from engine.data.chat import encode_chat
+from engine.data.columns import parse_columns
+from engine.data.conversations import read_conversations
+from engine.data.files import ReadStats
+from engine.data.kinds import detect_kind
+from engine.data.prepare import prepare, prepare_cached
+from engine.data.pairs import read_pairs
 from tests.unit.test_data import labelled_runs, write_jsonl
 
 DOLLY = [

@@ -5,9 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import (IGNORE_INDEX, BatchLoader, PretrainDataset, ReadStats, SFTDataset, ShardedSampler,
-                         collate_packed, collate_pad, collate_stack, encode_chat, eval_batches, prepare,
-                         read_conversations, read_documents)
+from engine.data.chat import encode_chat
+from engine.data.collate import collate_packed, collate_pad, collate_stack
+from engine.data.conversations import SFTDataset, read_conversations
+from engine.data.files import ReadStats
+from engine.data.format import IGNORE_INDEX
+from engine.data.loader import BatchLoader, ShardedSampler, eval_batches
+from engine.data.prepare import prepare
+from engine.data.text import PretrainDataset, read_documents
 from common.errors import ZerotrainError
 from tests.conftest import SAMPLES
 

@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from common.errors import ZerotrainError
 from engine.config import parse_config
-from engine.data import PretrainDataset, collate_packed, collate_stack, document_positions, prepare
+from engine.data.collate import collate_packed, collate_stack
+from engine.data.prepare import prepare
+from engine.data.text import PretrainDataset, document_positions
 import model.attention  # noqa: F401  registers zerotrain_sdpa
 from model.presets import preset_config
 

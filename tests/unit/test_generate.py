@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.cli import main
-from engine.data import IGNORE_INDEX, encode_chat
+from engine.data.chat import encode_chat
+from engine.data.format import IGNORE_INDEX
 from common.errors import ZerotrainError
-from engine.data import detect_kind
+from engine.data.kinds import detect_kind
 from engine.generate import evaluate, generate, load_for_inference, resolve_model_dir
 from model.build import build_model
 

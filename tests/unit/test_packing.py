@@ -1,4 +1,4 @@
-"""SFT packing (`--pack`, engine.data.collate_packed) changes no math: a packed row's logits are
+"""SFT packing (`--pack`, engine.data.collate.collate_packed) changes no math: a packed row's logits are
 each example's logits alone, and a packed run's loss curve is the padded run's."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from engine.data import IGNORE_INDEX, collate_packed
+from engine.data.collate import collate_packed
+from engine.data.format import IGNORE_INDEX
 
 # Both architectures the presets offer, shrunk to the debug preset's size; GPT-2 takes its
 # positions from a learned table (position_ids index it), Llama from RoPE.
@@ -76,7 +77,7 @@ def test_zerotrain_sdpa_attends_each_packed_example_alone_with_transformers_sdpa
     from transformers import AutoModelForCausalLM
 
     import model.attention as attention
-    from engine.data import collate_pad
+    from engine.data.collate import collate_pad
     from model.build import build_from_config
     from model.presets import preset_config
 

@@ -5,8 +5,13 @@ import pytest
 import torch
 
 from common.errors import ZerotrainError
-from engine.data import IGNORE_INDEX, ReadStats, detect_kind, encode_chat, parse_data_sources, prepare
-from engine.pref_data import PrefDataset, PrefPair, collate_pref, encode_pair, read_pairs
+from engine.data.chat import encode_chat
+from engine.data.files import ReadStats
+from engine.data.format import IGNORE_INDEX
+from engine.data.kinds import detect_kind
+from engine.data.prepare import prepare
+from engine.data.sources import parse_data_sources
+from engine.data.pairs import PrefDataset, PrefPair, collate_pref, encode_pair, read_pairs
 from tests.unit.test_data import labelled_runs, write_jsonl
 
 EN = {"system": "You are terse.", "user": "What colour is the sky?", "earlier": "Blue, mostly.",

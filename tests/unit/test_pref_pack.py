@@ -1,6 +1,6 @@
 """--pack beyond SFT: a packed micro-batch trains exactly as the padded one.
 
-Preference pairs (engine.pref_data.collate_pref_packed): the 2B sequences packed into fewer rows
+Preference pairs (engine.data.pairs.collate_pref_packed): the 2B sequences packed into fewer rows
 give the padded batch's per-pair losses, rewards, units and gradients, for dpo (with cDPO
 smoothing), ipo, simpo and orpo, with sft_weight, whatever the reference: a frozen model, the
 policy with its LoRA adapter disabled, or log-probs precomputed once over the data.
@@ -21,12 +21,13 @@ import pytest
 import torch
 
 from engine.config import DistillConfig, PrefConfig
-from engine.data import IGNORE_INDEX, collate_pad, collate_packed
+from engine.data.collate import collate_packed, collate_pad
+from engine.data.format import IGNORE_INDEX
 from engine.distributed import World
 from engine.objectives import model_inputs
 from engine.objectives.distill import Distill
 from engine.objectives.preference import Preference, batch_logps, pair_losses
-from engine.pref_data import collate_pref, collate_pref_packed
+from engine.data.pairs import collate_pref, collate_pref_packed
 from model.build import build_model
 
 # transformers 5 renames the gradient_checkpointing argument peft still reads

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from engine.config import PrefConfig
-from engine.data import IGNORE_INDEX
+from engine.data.format import IGNORE_INDEX
 from engine.objectives.preference import Preference, pair_losses, sequence_logps
 from model.build import build_model
 

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from engine.config import parse_config
-from engine.data import detect_kind, parse_data_sources
+from engine.data.kinds import detect_kind
+from engine.data.sources import parse_data_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -2,14 +2,18 @@
 encoder wrote: the reference below is that encoder, kept as it was."""
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-import engine.data as data
+from engine.data import chat, conversations, writer
+from engine.data.kinds import KINDS
 from common.errors import ZerotrainError
-from engine.data import IGNORE_INDEX, prepare, read_conversations
+from engine.data.conversations import read_conversations
+from engine.data.format import IGNORE_INDEX
+from engine.data.prepare import prepare
 from tests.conftest import SAMPLES
 
 SHAREGPT = SAMPLES / "sharegpt_identity_500.json"
@@ -44,8 +48,8 @@ def reference_encode(messages, tokenizer, seq_len, where):
     return ids[:seq_len], labels[:seq_len], len(ids) > seq_len
 
 
-def reference_write_sft(inputs, tokenizer, out, seq_len, val_fraction, skip_bad_lines, stats, progress, columns,
-                        *_):
+def reference_write_sft(inputs, tokenizer, out, *, seq_len, val_fraction, skip_bad_lines, stats, progress, columns,
+                        num_proc=1):
     def conversations():
         for path in inputs:
             for where, messages in read_conversations(path, skip_bad_lines, stats, columns):
@@ -57,7 +61,7 @@ def reference_write_sft(inputs, tokenizer, out, seq_len, val_fraction, skip_bad_
                     continue
                 yield [(ids, labels)]
 
-    splits, written = data.write_examples(conversations(), tokenizer, out, val_fraction)
+    splits, written = writer.write_examples(conversations(), tokenizer, out, val_fraction)
     assert sum(written.values())
     return splits
 
@@ -92,13 +96,13 @@ def prepared_bytes(directory):
 def test_batched_and_parallel_preparation_is_byte_identical_to_the_per_conversation_encoder(
         tokenizer, sft_inputs, tmp_path, monkeypatch, seq_len):
     with monkeypatch.context() as m:
-        m.setattr(data, "_write_sft", reference_write_sft)
+        m.setitem(KINDS, "sft", dataclasses.replace(KINDS["sft"], write=reference_write_sft))
         reference = prepare("sft", sft_inputs, tokenizer, tmp_path / "ref", seq_len=seq_len, val_fraction=0.05,
                             show_progress=False)
     ref_files, ref_meta = prepared_bytes(tmp_path / "ref")
     if seq_len == 64:  # the short length cuts conversations and leaves some with no reply token
         assert reference["stats"]["truncated"] > 0 and reference["stats"]["dropped_no_label"] > 0
-    monkeypatch.setattr(data, "SFT_CHUNK", 97)  # many chunks, so the pool really shares them out
+    monkeypatch.setattr(conversations, "SFT_CHUNK", 97)  # many chunks, so the pool really shares them out
     for num_proc in (1, 2):
         out = tmp_path / f"np{num_proc}"
         prepare("sft", sft_inputs, tokenizer, out, seq_len=seq_len, val_fraction=0.05, show_progress=False,
@@ -113,7 +117,7 @@ def test_batched_and_parallel_preparation_is_byte_identical_to_the_per_conversat
 def test_labels_are_the_tokens_inside_assistant_spans(tokenizer):
     conversations = [(f"c{i}", m) for i, (_, m) in enumerate(read_conversations(SHAREGPT)) if i < 60]
     for (where, messages), (ids, labels, truncated) in zip(conversations,
-                                                           data.encode_chats(conversations, tokenizer, 4096)):
+                                                           chat.encode_chats(conversations, tokenizer, 4096)):
         ref_ids, ref_labels, ref_truncated = reference_encode(messages, tokenizer, 4096, where)
         assert ids.tolist() == ref_ids and labels.tolist() == ref_labels and truncated == ref_truncated
 
@@ -124,7 +128,7 @@ def test_span_search_matches_the_any_rule_for_overlapping_and_unsorted_spans():
         spans = [tuple(sorted(rng.integers(0, 60, 2))) for _ in range(rng.integers(0, 5))]
         offsets = np.sort(rng.integers(0, 64, (40, 2)), axis=1)
         expected = [b > a and any(s <= a and b <= e for s, e in spans) for a, b in offsets]
-        assert data._inside_spans(offsets, spans).tolist() == expected
+        assert chat._inside_spans(offsets, spans).tolist() == expected
 
 
 def test_bad_records_name_their_line_with_several_processes(tokenizer, tmp_path, monkeypatch):
@@ -132,7 +136,7 @@ def test_bad_records_name_their_line_with_several_processes(tokenizer, tmp_path,
     bad = {"messages": [{"role": "wizard", "content": "q"}]}
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [good] * 30 + [bad] + [good] * 5))
-    monkeypatch.setattr(data, "SFT_CHUNK", 4)
+    monkeypatch.setattr(conversations, "SFT_CHUNK", 4)
     with pytest.raises(ZerotrainError, match=rf"{path}:31: messages\[0\] has unknown role 'wizard'"):
         prepare("sft", [str(path)], tokenizer, tmp_path / "out", seq_len=64, show_progress=False, num_proc=2)
     assert not (tmp_path / "out").exists()
@@ -150,7 +154,7 @@ def test_a_template_that_is_not_prefix_stable_is_named_from_a_worker(tokenizer, 
                                                      {"role": "assistant", "content": "a"},
                                                      {"role": "user", "content": "more"}]}) + "\n"
                             for i in range(12)))
-    monkeypatch.setattr(data, "SFT_CHUNK", 4)
+    monkeypatch.setattr(conversations, "SFT_CHUNK", 4)
     with pytest.raises(ZerotrainError, match=rf"{path}:1: the chat template is not prefix-stable"):
         prepare("sft", [str(path)], reversed_template, tmp_path / "out", seq_len=64, show_progress=False,
                 num_proc=2)
@@ -176,13 +180,13 @@ def test_chatml_spans_derived_from_the_template_rule_match_rendering_every_prefi
     ]
     conversations = awkward + [m for path in sft_inputs for _, m in read_conversations(path)]
     wheres = [f"c{i}" for i in range(len(conversations))]
-    assert data.assistant_spans_batch(conversations, tokenizer, wheres) == \
-        data._rendered_spans(conversations, tokenizer, wheres)
+    assert chat.assistant_spans_batch(conversations, tokenizer, wheres) == \
+        chat._rendered_spans(conversations, tokenizer, wheres)
     for messages in awkward:
-        assert data.assistant_spans(messages, tokenizer) == reference_spans(messages, tokenizer, "c")
+        assert chat.assistant_spans(messages, tokenizer) == reference_spans(messages, tokenizer, "c")
 
 
 def test_a_conversation_the_chatml_rule_cannot_derive_is_rendered(tokenizer, monkeypatch):
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    monkeypatch.setattr(data, "_chatml_spans", lambda m: ("not the render", []))
-    assert data.assistant_spans(messages, tokenizer) == reference_spans(messages, tokenizer, "c")
+    monkeypatch.setattr(chat, "_chatml_spans", lambda m: ("not the render", []))
+    assert chat.assistant_spans(messages, tokenizer) == reference_spans(messages, tokenizer, "c")

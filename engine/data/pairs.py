@@ -1,13 +1,13 @@
-"""Preference pairs (kind "pref") for DPO-style training: raw files -> checked pairs -> token
+"""The pref data kind, preference pairs for DPO-style training: raw files -> checked pairs -> token
 files -> pairs of sequences -> one batch of the chosen sequences then the rejected ones.
 
 A pair is prompt turns plus two assistant replies. Each reply is rendered after the prompt with
-the tokenizer's chat template and labelled by SFT's rule (engine.data.assistant_spans): only the
+the tokenizer's chat template and labelled by SFT's rule (engine.data.chat.assistant_spans): only the
 final reply's tokens, its end-of-turn token included, are trained on; assistant turns inside the
 prompt are not. The prompt is tokenized apart from the reply (as TRL does), so the chosen and
 rejected sequences of a pair start with exactly the same prompt tokens.
 
-A prepared "pref" directory is an SFT-style one (engine.data) whose example 2i is pair i's
+A prepared "pref" directory is an SFT-style one (engine.data.format) whose example 2i is pair i's
 chosen sequence and example 2i + 1 its rejected sequence; meta.json's splits also count pairs.
 
 A batch of B pairs is 2B sequences, the chosen ones then the rejected ones: one padded row each
@@ -24,17 +24,28 @@ from typing import Any, Iterator
 import torch
 
 from common.errors import ZerotrainError
-from engine.data import (IGNORE_INDEX, Columns, ReadStats, SFTDataset, assistant_spans, collate_pad, collate_packed,
-                         label_tokens, mapped_field, mapped_turn, message, read_shaped, system_message, write_examples)
+from engine.data.chat import assistant_spans, label_tokens, message, system_message
+from engine.data.collate import collate_pad, collate_packed
+from engine.data.columns import Columns, mapped_field, mapped_turn
+from engine.data.conversations import SFTDataset
+from engine.data.files import ReadStats, read_shaped
+from engine.data.format import IGNORE_INDEX
+from engine.data.writer import write_examples
+
 
 PREF_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
 PREF_SHAPES = ("MiniMind {chosen: [{role, content}...], rejected: [{role, content}...]} (the same prompt turns, then "
                "the final assistant reply; UltraFeedback's {prompt, chosen: [...], rejected: [...]} too), "
                "{prompt: str or [{role, content}], chosen: str, rejected: str, system?} (HH-RLHF, UltraFeedback "
                "style), ShareGPT {conversations: [{from, value}], chosen: {from, value}, rejected: {from, value}, "
                "system?} (LLaMA-Factory); anything else: --columns chosen=FIELD,rejected=FIELD,prompt=FIELD,...")
+
+
 _REQUIRED = {"messages": ("chosen", "rejected"), "prompt": ("prompt", "chosen", "rejected"),
              "sharegpt": ("conversations", "chosen", "rejected")}
+
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
@@ -47,8 +58,6 @@ class PrefPair:
     chosen: str
     rejected: str
 
-
-# --------------------------------------------------------------------------- reading raw files
 
 def detect_pref_format(record: Any) -> str | None:
     """The preference shape of a raw record (messages, prompt or sharegpt), None if not a pair."""
@@ -171,8 +180,6 @@ def read_pairs(path: str | Path, skip_bad_lines: bool = False, stats: ReadStats 
     yield from read_shaped(path, PREF_SUFFIXES, "preference", detect, parse, PREF_SHAPES, skip_bad_lines, stats)
 
 
-# --------------------------------------------------------------------------- encoding
-
 def _prompt_and_reply(prompt: list[dict[str, str]], reply: str, tokenizer,
                       where: str) -> tuple[list[int], list[int], list[int]]:
     """(prompt ids, reply ids, reply labels): SFT's assistant span of the final reply, tokenized
@@ -210,9 +217,10 @@ def encode_pair(pair: PrefPair, tokenizer, seq_len: int,
             (prompt_ids + rejected_ids, masked + rejected_labels), truncated)
 
 
-def write_pref(inputs: list[str], tokenizer, out: Path, seq_len: int, val_fraction: float,
-               skip_bad_lines: bool, stats: ReadStats, progress, columns: Columns | None) -> dict[str, dict[str, int]]:
-    """engine.data.prepare's writer for kind "pref": two examples a pair, chosen then rejected."""
+def write_pref(inputs: list[str], tokenizer, out: Path, *, seq_len: int, val_fraction: float, skip_bad_lines: bool,
+               stats: ReadStats, progress, columns: Columns | None, num_proc: int = 1) -> dict[str, dict[str, int]]:
+    """engine.data.prepare's writer for kind "pref": two examples a pair, chosen then rejected
+    (in this process: `num_proc` is for the kinds whose encoding pays for workers)."""
 
     def pairs() -> Iterator[list[Example]]:
         for path in inputs:
@@ -238,8 +246,6 @@ def write_pref(inputs: list[str], tokenizer, out: Path, seq_len: int, val_fracti
                              f"{stats.bad_lines} were bad records)")
     return {split: {**counts, "pairs": written[split]} for split, counts in splits.items()}
 
-
-# --------------------------------------------------------------------------- dataset and batches
 
 class PrefDataset(SFTDataset):
     """Prepared preference pairs: item i holds pair i's chosen and rejected input_ids and labels

@@ -1,0 +1,128 @@
+"""This rank's batches: several sources mixed by weight, an endless seeded sampler shared out
+between the ranks whose only state is a global cursor (so a run resumes on any number of ranks
+at the same place), the micro-batch loader, and the validation batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from common.errors import ZerotrainError
+
+
+class MixedDataset(torch.utils.data.Dataset):
+    """Several datasets mixed by weight (MiniMind-style pretrain/SFT iteration).
+
+    Position i draws its source from a seeded categorical over `weights`, and takes that
+    source's next sample (wrapping around), so any stretch of the sampler's stream mixes the
+    sources in proportion. Each sample keeps its own labels (its own loss mask).
+    """
+
+    def __init__(self, datasets: list[torch.utils.data.Dataset], weights: list[float], seed: int,
+                 length: int | None = None):
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError("one weight per dataset")
+        if any(w <= 0 for w in weights):
+            raise ZerotrainError(f"mixture weights must be positive, got {weights}")
+        if any(len(d) == 0 for d in datasets):
+            raise ZerotrainError("a mixed data source has no samples: use more data or a shorter --seq-len")
+        self.datasets = datasets
+        self.weights = [w / sum(weights) for w in weights]
+        self.length = length or sum(len(d) for d in datasets)
+        rng = np.random.default_rng([seed, 0x6D6978])
+        self.source = rng.choice(len(datasets), size=self.length, p=self.weights)
+        self.index = np.empty(self.length, dtype=np.int64)
+        for k, d in enumerate(datasets):
+            where = np.nonzero(self.source == k)[0]
+            self.index[where] = np.arange(len(where)) % len(d)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.datasets[self.source[i]][int(self.index[i])]
+
+
+class ShardedSampler:
+    """An endless, seeded stream of sample indices shared out between ranks.
+
+    The stream is epoch 0's permutation, then epoch 1's, and so on. Each micro-batch step
+    consumes the next `world_size * micro_batch_size` positions of it: rank r takes the r-th
+    block. The only state is the global `cursor` (positions consumed), which does not depend
+    on the world size: a run can resume on another number of ranks at the same place.
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+        if num_samples <= 0:
+            raise ZerotrainError("the dataset has no samples: use more data or a shorter --seq-len")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.seed, self.shuffle, self.cursor = seed, shuffle, 0
+        self._epoch, self._perm = -1, None
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_samples)
+        if not self.shuffle:
+            return offset
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        return int(self._perm[offset])
+
+    def next_indices(self, micro_batch_size: int) -> list[int]:
+        """This rank's indices for the next micro-batch; advances the shared cursor."""
+        start = self.cursor + self.rank * micro_batch_size
+        self.cursor += self.world_size * micro_batch_size
+        return [self._index(p) for p in range(start, start + micro_batch_size)]
+
+    @property
+    def epoch(self) -> float:
+        return self.cursor / self.num_samples
+
+    def state_dict(self) -> dict[str, int]:
+        return {"cursor": self.cursor, "seed": self.seed, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
+            raise ZerotrainError(
+                f"the checkpoint's data position is for {state['num_samples']} samples with seed {state['seed']}, "
+                f"this run has {self.num_samples} samples with seed {self.seed}: resume with the same data and "
+                "seed, or start a new run from its weights (--init-from the checkpoint, another --output-dir)")
+        self.cursor = int(state["cursor"])
+
+
+@dataclass
+class BatchLoader:
+    """Micro-batches for one rank: dataset + sampler + collate, resumable through state_dict()."""
+
+    dataset: torch.utils.data.Dataset
+    sampler: ShardedSampler
+    micro_batch_size: int
+    collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self.collate([self.dataset[i] for i in self.sampler.next_indices(self.micro_batch_size)])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def eval_batches(dataset: torch.utils.data.Dataset, rank: int, world_size: int, micro_batch_size: int,
+                 max_batches: int, collate) -> Iterator[dict[str, torch.Tensor]]:
+    """Validation micro-batches for one rank: a fixed, unshuffled share of the split.
+
+    Every rank yields the same number of batches (the extra samples that do not divide are
+    left out), so collective calls in the eval loop stay in step.
+    """
+    per_step = micro_batch_size * world_size
+    steps = min(max_batches, len(dataset) // per_step)
+    for step in range(steps):
+        start = step * per_step + rank * micro_batch_size
+        yield collate([dataset[i] for i in range(start, start + micro_batch_size)])
