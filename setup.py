@@ -31,5 +31,5 @@ setup(
     ],
     # gpu: liger-kernel's fused linear cross-entropy for --loss-chunk-size (a Triton kernel, CUDA only)
     extras_require={"test": ["pytest>=8", "ninja", "trl==1.16.0", "openai"], "gpu": ["liger-kernel>=0.8"]},
-    entry_points={"console_scripts": ["zerotrain = engine.cli:main"]},
+    entry_points={"console_scripts": ["zerotrain = engine.apps.cli:main"]},
 )

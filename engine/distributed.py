@@ -27,9 +27,27 @@ def world() -> World:
                  int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def log_on_rank0(rank: int, message: str) -> None:
+    """A progress line on rank 0 only, as every zerotrain run prints them."""
+    if rank == 0:
+        print(f"[zerotrain] {message}", flush=True)
+
+
+def device_type() -> str:
+    """What a run computes on: cuda where torch sees a GPU, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def local_device(local_rank: int | None = None) -> torch.device:
+    """This process's device: the GPU of its local rank (default: the current one), or the CPU."""
+    if device_type() == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
+
+
 def comm_device() -> torch.device:
     """Where tensors for collectives live: the current GPU under nccl, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return local_device()
 
 
 def quiet_output(rank: int, verbose: bool) -> None:
@@ -89,7 +107,7 @@ def init_distributed(local_rank: int, timeout_s: int) -> None:
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "0"),
                        ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)  # plain `python launcher/...`: a world of one
-    if torch.cuda.is_available():
+    if device_type() == "cuda":
         torch.cuda.set_device(local_rank)
     # DeepSpeed print()s "... deepspeed_shm_comm_op built successfully" on every rank as it starts
     # the CPU backend; it goes only where DeepSpeed's own warnings go (not to ranks quiet_output silenced).

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 
 from common.errors import ZerotrainError
-from engine.run_dir import LATEST, RunDir, is_checkpoint_dir, is_tag_dir, resolve
-from engine.sidecar import Sidecar
+from engine.checkpoint.run_dir import LATEST, RunDir, is_checkpoint_dir, is_tag_dir, resolve
+from engine.checkpoint.sidecar import Sidecar
 from engine.tensor_io import Piece, TensorSource, load_located, tied_names, torch_load
 from model.state_dict import strip_wrappers
 
@@ -315,10 +315,10 @@ def manifest_problems(tag_dir: Path, *, whole_files: bool = True) -> list[str]:
     """Files that differ from the manifest zerotrain records when it saves (none for foreign checkpoints).
 
     With `whole_files`, once every file passes the tail check, each file the save's background
-    thread hashed whole (engine.checksums) is hashed again and compared; a file it had not reached
+    thread hashed whole (engine.checkpoint.checksums) is hashed again and compared; a file it had not reached
     when the process died keeps the tail check only.
     """
-    from engine.checksums import digest_problems
+    from engine.checkpoint.checksums import digest_problems
 
     sidecar = Sidecar.read(tag_dir)
     if sidecar is None:

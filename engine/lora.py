@@ -21,8 +21,8 @@ import torch
 
 from common.errors import ZerotrainError
 from common.jsonio import read_json_object
+from engine.checkpoint.run_dir import SIDECAR
 from engine.ds_checkpoint import Checkpoint
-from engine.run_dir import SIDECAR
 from engine.tensor_io import Entry
 
 PEFT_PREFIX = "base_model.model."

@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a clone without install
 
 from engine.objectives.preference import DPO  # noqa: E402
-from engine.train import exit_process, main  # noqa: E402
+from engine.training.main import run  # noqa: E402
 
 if __name__ == "__main__":
-    exit_process(main(sys.argv[1:], DPO))
+    run(DPO)

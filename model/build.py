@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from common.errors import ZerotrainError
 from model.attention import resolve as resolve_attention
-from model.presets import PRESETS, did_you_mean, preset_config, preset_names
+from model.presets import PRESETS, preset_config, preset_names, suggest
 from model.state_dict import STATE_DICT_SUFFIXES, check_state_dict, copy_into, load_state_dict_file
 
 
@@ -61,7 +61,7 @@ def build_model(
     if path.is_file():
         raise ZerotrainError(f"model file {path} is not a .pth or .safetensors state dict.")
     raise ZerotrainError(
-        f"model source {source!r} is neither a preset{did_you_mean(source, preset_names())} "
+        f"model source {source!r} is neither a preset{suggest(source, preset_names())} "
         f"nor an existing path; presets: {', '.join(preset_names())}."
     )
 

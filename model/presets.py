@@ -6,12 +6,11 @@ by "arch"), so the numbers read the same as in the model cards they come from.
 
 import copy
 import dataclasses
-import difflib
 
 from huggingface_hub.errors import StrictDataclassError
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
-from common.errors import ZerotrainError
+from common.errors import ZerotrainError, did_you_mean
 
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {"llama": LlamaConfig, "gpt2": GPT2Config}
 
@@ -128,10 +127,10 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-def did_you_mean(name: str, valid: list[str]) -> str:
-    """' (did you mean X?)' for the valid name closest to `name`, or '' if none is close."""
-    close = difflib.get_close_matches(name, valid, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def suggest(name: str, valid: list[str]) -> str:
+    """' (did you mean X?)' after a name in a sentence, or ''."""
+    hint = did_you_mean(name, valid)
+    return f" ({hint})" if hint else ""
 
 
 def preset_config(
@@ -144,7 +143,7 @@ def preset_config(
     """
     if name not in PRESETS:
         raise ZerotrainError(
-            f"unknown model preset {name!r}{did_you_mean(name, preset_names())}; "
+            f"unknown model preset {name!r}{suggest(name, preset_names())}; "
             f"valid presets: {', '.join(preset_names())}."
         )
     kwargs = copy.deepcopy(PRESETS[name])
@@ -166,7 +165,7 @@ def preset_config(
     for key in overrides:
         if key not in known:
             raise ZerotrainError(
-                f"unknown {config_class.__name__} field {key!r}{did_you_mean(key, list(known))} "
+                f"unknown {config_class.__name__} field {key!r}{suggest(key, list(known))} "
                 f"in the overrides of model preset {name!r}; use the field names of transformers' config."
             )
     kwargs.update(overrides)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.run_dir import RunDir
+from engine.checkpoint.run_dir import RunDir
 
 RUNS = (("pretrain", "pretrain"), ("sft", "LoRA SFT"), ("dpo", "DPO"))
 # The preference metrics the DPO run logs (TRL's names), as the report shows them.
@@ -52,14 +52,14 @@ def seconds(s: float) -> str:
 
 def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
     """(train records, validation records) of a run's metrics.jsonl."""
-    from engine.plot import read_metrics as metrics_records
+    from engine.apps.plot import read_metrics as metrics_records
 
     records = metrics_records(run)
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
 
 
 def checkpoint_tags(run: Path) -> list[Path]:
-    from engine.run_dir import zerotrain_tags
+    from engine.checkpoint.run_dir import zerotrain_tags
 
     checkpoints = RunDir(run).checkpoints
     return [checkpoints / tag for tag in zerotrain_tags(checkpoints)]
@@ -67,7 +67,7 @@ def checkpoint_tags(run: Path) -> list[Path]:
 
 def sidecar(run: Path):
     """The newest checkpoint's zerotrain.json (stage, world size, precision, LoRA), if any."""
-    from engine.sidecar import Sidecar
+    from engine.checkpoint.sidecar import Sidecar
 
     tags = checkpoint_tags(run)
     return Sidecar.read(tags[-1]) if tags else None

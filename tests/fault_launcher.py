@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.process import exit_process  # noqa: E402
 from engine.objectives.causal_lm import PRETRAIN  # noqa: E402
-from engine.train import exit_process, main  # noqa: E402
-from engine.trainer import Hooks  # noqa: E402
-
+from engine.training.main import main  # noqa: E402
+from engine.training.trainer import Hooks
 
 KILL_POINTS = ("step", "ds-save", "save", "eval")
 

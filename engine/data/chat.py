@@ -12,7 +12,6 @@ import numpy as np
 from common.errors import ZerotrainError
 from engine.data.format import IGNORE_INDEX
 
-
 ROLE_ALIASES = {
     "system": "system",
     "human": "user", "user": "user",

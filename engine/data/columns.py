@@ -10,7 +10,6 @@ from typing import Any
 from common.errors import ZerotrainError
 from engine.data.chat import message
 
-
 # Each shape's (required, optional) keys. Keys name record fields, except user/assistant/system
 # in a message-list mapping and user/assistant in a pair mapping: those are role values.
 # Each shape's (required, optional) keys. Keys name record fields, except user/assistant/system

@@ -19,7 +19,6 @@ from engine.data.files import ReadStats, read_shaped
 from engine.data.format import IGNORE_INDEX, open_tokens, read_meta
 from engine.data.writer import chunks, ordered_map, write_examples
 
-
 SFT_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 

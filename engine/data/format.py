@@ -20,7 +20,6 @@ import numpy as np
 
 from common.errors import ZerotrainError
 
-
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
 

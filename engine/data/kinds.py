@@ -18,11 +18,18 @@ from typing import Callable
 import torch
 
 from common.errors import ZerotrainError
-from engine.data.collate import collate_pad, collate_packed, collate_stack
+from engine.data.collate import collate_packed, collate_pad, collate_stack
 from engine.data.columns import parse_columns
 from engine.data.conversations import SFT_READER_VERSION, SFT_SUFFIXES, SFTDataset, detect_sft_format, write_sft
 from engine.data.files import ReadStats, check_input, json_records
-from engine.data.pairs import PREF_SUFFIXES, PrefDataset, collate_pref, collate_pref_packed, detect_pref_format, write_pref
+from engine.data.pairs import (
+    PREF_SUFFIXES,
+    PrefDataset,
+    collate_pref,
+    collate_pref_packed,
+    detect_pref_format,
+    write_pref,
+)
 from engine.data.text import PRETRAIN_SUFFIXES, PretrainDataset, write_pretrain
 
 Batch = dict[str, torch.Tensor]

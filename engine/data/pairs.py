@@ -25,13 +25,12 @@ import torch
 
 from common.errors import ZerotrainError
 from engine.data.chat import assistant_spans, label_tokens, message, system_message
-from engine.data.collate import collate_pad, collate_packed
+from engine.data.collate import collate_packed, collate_pad
 from engine.data.columns import Columns, mapped_field, mapped_turn
 from engine.data.conversations import SFTDataset
 from engine.data.files import ReadStats, read_shaped
 from engine.data.format import IGNORE_INDEX
 from engine.data.writer import write_examples
-
 
 PREF_SUFFIXES = (".json", ".jsonl", ".parquet")
 

@@ -17,7 +17,6 @@ from engine.data.files import ReadStats, check_input, json_records, read_lines
 from engine.data.format import open_tokens, read_meta, token_dtype
 from engine.data.writer import SplitWriter, is_val, text_chunks
 
-
 PRETRAIN_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 

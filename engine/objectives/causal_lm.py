@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.data.format import IGNORE_INDEX
-from engine.objectives import Batch, LossSums, Objective, Stage, model_inputs
+from engine.objectives.base import Batch, LossSums, Objective, Stage, model_inputs
 
 
 def trained_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -185,5 +185,7 @@ class CausalLM(Objective):
         return LossSums(lm_nll_sum(model, batch, self.chunk))
 
 
-PRETRAIN = Stage("pretrain", data_kind="pretrain", objective=lambda cfg: CausalLM(cfg.train.loss_chunk_size))
-SFT = Stage("sft", data_kind="sft", objective=lambda cfg: CausalLM(cfg.train.loss_chunk_size))
+PRETRAIN = Stage("pretrain", objective=lambda cfg: CausalLM(cfg.train.loss_chunk_size),
+                 data_kinds=("pretrain", "sft"), plain_data="pretrain", summary="pretraining (next-token prediction)")
+SFT = Stage("sft", objective=lambda cfg: CausalLM(cfg.train.loss_chunk_size), data_kinds=("pretrain", "sft"),
+            plain_data="sft", summary="supervised fine-tuning, full or LoRA (next-token prediction on the replies)")

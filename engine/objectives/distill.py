@@ -13,26 +13,87 @@ KL(student || teacher), MiniLLM's; jsd = GKD's generalised Jensen-Shannon diverg
 beta KL(teacher || M) + (1 - beta) KL(student || M), M = beta teacher + (1 - beta) student, with
 beta = 0 and 1 meaning forward and reverse KL as in TRL.
 
-On-policy steps (--on-policy-ratio, engine.rollout) take D on the student's own sampled replies;
-an offline teacher (--teacher-top-k, engine.teacher_logits) gives D from stored top-k log-probs.
+On-policy steps (--on-policy-ratio, engine.objectives.rollout) take D on the student's own sampled replies;
+an offline teacher (--teacher-top-k, engine.objectives.teacher) gives D from stored top-k log-probs.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from common.errors import ZerotrainError
-from engine.objectives import Batch, LossSums, Objective, Stage, model_inputs
+from engine.config.sections import invalid, require_positive
+from engine.objectives.base import Batch, LossSums, Objective, Stage, model_inputs
 from engine.objectives.causal_lm import token_nll_sum, trained_tokens
 
 if TYPE_CHECKING:
-    from engine.builders import Data, RunPlan
-    from engine.config import Config, DistillConfig
+    from pathlib import Path
+
+    from engine.config.tree import Config
+    from engine.distributed import World
+    from engine.training.parts import Data, RunPlan
+
+
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class DistillConfig:
+    """Distillation (launcher/distill.py): loss = kd_alpha x CE + (1 - kd_alpha) x T^2 x D(teacher, student)."""
+
+    SECTION: ClassVar[str] = "distill"
+
+    teacher: str = ""
+    """The teacher: what --init-from takes (HF dir, run dir, .pth/.safetensors shaped like --preset, DeepSpeed
+    checkpoint); it must use the student's tokenizer."""
+    kd_loss: str = "forward_kl"
+    """D: forward_kl KL(teacher || student) (MiniMind, classic KD), reverse_kl KL(student || teacher) (MiniLLM),
+    or jsd, GKD's generalised Jensen-Shannon divergence with --kd-beta."""
+    kd_beta: float = 0.5
+    """jsd only: the mixture weight (0 gives forward KL, 1 reverse KL, as in TRL's GKD)."""
+    kd_temperature: float = 1.0
+    """T: both distributions are softened by it; D is scaled by T^2 (Hinton et al.)."""
+    kd_alpha: float = 0.5
+    """A: the weight of the cross-entropy on the data; 1 - A weighs the divergence."""
+    teacher_zero_stage: int | None = None
+    """3 partitions the teacher over the ranks (no optimizer state), so a teacher larger than one device fits;
+    default: 3 when the run is ZeRO-3, else a whole copy per rank."""
+    on_policy_ratio: float = 0.0
+    """L: the fraction of steps on which the student samples the replies to the data's prompts itself and D is
+    taken on its samples (GKD's lambda; MiniLLM trains on the student's samples only). SFT data only."""
+    on_policy_max_new_tokens: int = 128
+    """Longest sampled reply (also capped by --seq-len)."""
+    on_policy_temperature: float = 1.0
+    """Sampling temperature of the student's replies (pure sampling otherwise: no top-k/top-p)."""
+    teacher_top_k: int = 0
+    """Offline teacher: train from the teacher's top-k log-probs of every trained token, stored beside the
+    prepared data (`zerotrain teacher-logits`, or computed at start when missing), with no teacher loaded
+    while training; 0 runs the teacher live."""
+
+    def __post_init__(self) -> None:
+        if self.kd_loss not in KD_LOSSES:
+            invalid(self, "kd_loss", self.kd_loss, "one of " + ", ".join(KD_LOSSES))
+        for name in ("kd_beta", "kd_alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                invalid(self, name, getattr(self, name), "a number in [0, 1]")
+        require_positive(self, "kd_temperature")
+        if self.teacher_zero_stage is not None and self.teacher_zero_stage not in (0, 3):
+            invalid(self, "teacher_zero_stage", self.teacher_zero_stage, "0 (a whole copy per rank) or 3 (partitioned)")
+        if not 0.0 <= self.on_policy_ratio <= 1.0:
+            invalid(self, "on_policy_ratio", self.on_policy_ratio, "a number in [0, 1]")
+        require_positive(self, "on_policy_max_new_tokens")
+        require_positive(self, "on_policy_temperature")
+        if self.teacher_top_k < 0:
+            invalid(self, "teacher_top_k", self.teacher_top_k, "0 (live teacher) or the number of log-probs kept per token")
+        if self.teacher_top_k and self.on_policy_ratio:
+            invalid(self, "on_policy_ratio", self.on_policy_ratio, "0 with --teacher-top-k: stored teacher log-probs cover the "
+                 "data's replies, not the student's samples; run the teacher live for on-policy steps")
 
 
 def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, *,
@@ -58,10 +119,10 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 class Distill(Objective):
     """CE and the divergence to the teacher, summed over trained tokens; averaged per token by the loop.
 
-    The teacher runs live (a frozen model beside the student, engine.frozen) or offline, from its
-    top-k log-probs stored beside the prepared data (engine.teacher_logits, --teacher-top-k).
+    The teacher runs live (a frozen model beside the student, engine.objectives.frozen) or offline, from its
+    top-k log-probs stored beside the prepared data (engine.objectives.teacher, --teacher-top-k).
     With --on-policy-ratio L, a seeded draw per step (the same on every rank) makes a fraction L
-    of the steps on-policy: the student samples the replies (engine.rollout) and D is taken on
+    of the steps on-policy: the student samples the replies (engine.objectives.rollout) and D is taken on
     its samples. CE is left out on those steps: a sample of the student's own is no target for
     it, so such a step's loss is (1 - A) x T^2 x D alone.
     """
@@ -73,7 +134,7 @@ class Distill(Objective):
         self.teacher: Callable[..., Any] | None = None
 
     def check(self, cfg: Config, plan: RunPlan) -> None:
-        from engine.modeling import resolve_init_from
+        from engine.training.init_from import resolve_init_from
         from model.tokenizer import load_tokenizer, tokenizer_fingerprint
 
         if not self.kd.teacher:
@@ -101,28 +162,35 @@ class Distill(Objective):
 
     def teacher_zero3(self, plan: RunPlan) -> bool:
         """--teacher-zero-stage, by default the student's: 3 partitions the teacher too."""
-        from engine.ds_config import zero_stage
+        from engine.config.deepspeed import zero_stage
 
         stage = self.kd.teacher_zero_stage
         return stage == 3 or (stage is None and zero_stage(plan.ds_config) == 3)
 
     def build(self, cfg: Config, plan: RunPlan, engine: Any, data: Data) -> None:
-        from engine.ds_config import zero_stage
-        from engine.frozen import frozen_model
-        from engine.rollout import stop_ids
-        from engine.teacher_logits import attach, compute
+        from engine.config.deepspeed import zero_stage
+        from engine.distributed import log_on_rank0, world
+        from engine.objectives.frozen import frozen_model
+        from engine.objectives.rollout import stop_ids
+        from engine.objectives.teacher import attach
 
         if self.kd.teacher_top_k:
-            from engine.distributed import world
-            from engine.trainer import log_on_rank0
-
             here = world()
-            attach(data, compute(cfg, plan, engine.device, data, data.directories[0], here, self.source,
-                                 self.teacher_zero3(plan), lambda message: log_on_rank0(here.rank, message)))
+            attach(data, self.store_teacher(cfg, plan, engine.device, data, here,
+                                            lambda message: log_on_rank0(here.rank, message)))
             return
         self.teacher = frozen_model(cfg, plan, engine.device, self.source, zero3=self.teacher_zero3(plan))
         self.stop_ids, self.pad_id = stop_ids(plan.tokenizer), plan.tokenizer.pad_token_id
         self.synced = zero_stage(plan.ds_config) == 3 and plan.world_size > 1
+
+    def store_teacher(self, cfg: Config, plan: RunPlan, device: torch.device, data: Data, here: World,
+                      log: Callable[[str], None]) -> Path:
+        """The offline teacher's store for the run's data (engine.objectives.teacher): read if
+        there, else computed once (by `zerotrain teacher-logits`, or at the start of a run)."""
+        from engine.objectives.teacher import compute
+
+        return compute(cfg, plan, device, data, data.directories[0], here, self.source, self.teacher_zero3(plan), log,
+                       top_k=self.kd.teacher_top_k, temperature=self.kd.kd_temperature)
 
     def on_policy(self, step: int) -> bool:
         """Whether `step` trains on the student's samples: a draw seeded by the run's seed and the
@@ -135,7 +203,7 @@ class Distill(Objective):
             return batches
         import torch.distributed as dist
 
-        from engine.rollout import sample_replies
+        from engine.objectives.rollout import sample_replies
 
         rank = dist.get_rank() if dist.is_initialized() else 0
         module = getattr(model, "module", model)  # generate() is the transformers model's, inside the engine
@@ -152,7 +220,7 @@ class Distill(Objective):
 
     def stored_divergence(self, student: torch.Tensor, ids: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
         """D summed over tokens against the teacher's stored top-k: both sides bucketed on its ids."""
-        from engine.teacher_logits import bucketed
+        from engine.objectives.teacher import bucketed
 
         ours = bucketed(F.log_softmax(student.float() / self.kd.kd_temperature, dim=-1), ids)
         return token_divergence(ours, logps, self.kd.kd_loss, beta=self.kd.kd_beta).sum()
@@ -227,5 +295,6 @@ class Distill(Objective):
         return LossSums(a * ce + (1 - a) * t * t * kd, {"ce": ce.detach(), "kd": kd.detach()})
 
 
-DISTILL = Stage("distill", data_kind="auto", objective=lambda cfg: Distill(cfg.distill, cfg.train.loss_chunk_size),
-                config_sections=("distill",))
+DISTILL = Stage("distill", objective=lambda cfg: Distill(cfg.section(DistillConfig), cfg.train.loss_chunk_size),
+                data_kinds=("pretrain", "sft"), section=DistillConfig,
+                summary="distillation of a frozen teacher into the trained student")

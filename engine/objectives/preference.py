@@ -10,7 +10,7 @@ response token, as their papers and TRL do.
 The loop normalises per pair: `units` is B and `loss` returns sums over the pairs, so a step's
 loss and rewards are means over every pair of the global batch.
 
-The reference model of DPO and IPO is (engine.reference) a frozen copy of the --init-from model
+The reference model of DPO and IPO is (engine.objectives.reference) a frozen copy of the --init-from model
 (or --ref-from), the policy itself with its LoRA adapter disabled, or log-probs computed once
 before training (--precompute-ref) and carried in the batch as `ref_logps`.
 """
@@ -18,18 +18,66 @@ before training (--precompute-ref) and carried in the batch as `ref_logps`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from engine.objectives import Batch, LossSums, Objective, Stage, model_inputs
-from engine.objectives.causal_lm import (chunk_count, decoder_states, language_model, summed_over_chunks,
-                                         trained_tokens)
+from common.errors import ZerotrainError
+from engine.config.sections import invalid, require_positive
+from engine.objectives.base import Batch, LossSums, Objective, Stage, model_inputs
+from engine.objectives.causal_lm import chunk_count, decoder_states, language_model, summed_over_chunks, trained_tokens
 
 if TYPE_CHECKING:
-    from engine.builders import Data, RunPlan
-    from engine.config import Config, PrefConfig
+    from engine.config.tree import Config
+    from engine.training.parts import Data, RunPlan
+
+
+PREF_LOSSES = ("dpo", "ipo", "orpo", "simpo")
+
+
+@dataclass
+class PrefConfig:
+    """Preference tuning (launcher/dpo.py): which loss, its strength, and the reference model."""
+
+    SECTION: ClassVar[str] = "pref"
+
+    pref_loss: str = "dpo"
+    """dpo (sigmoid), ipo, orpo or simpo; orpo and simpo need no reference model."""
+    beta: float = 0.1
+    """Strength: DPO/SimPO's beta, IPO's tau (the target margin is 1 / (2 beta)), ORPO's lambda."""
+    label_smoothing: float = 0.0
+    """cDPO: the probability that a pair's preference is flipped (dpo and simpo only)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin (gamma; the logits are shifted by gamma / beta)."""
+    sft_weight: float = 0.0
+    """Add this times the chosen response's NLL per response token (RPO-style) to every loss."""
+    ref_from: str = ""
+    """Reference model, when not the --init-from model: an HF dir, run dir, .pth/.safetensors or DeepSpeed
+    checkpoint (with LoRA, default: the base with the adapter disabled)."""
+    precompute_ref: bool = False
+    """Compute the reference log-probs once before training, cached with the prepared data, so training holds
+    one model."""
+
+    def __post_init__(self) -> None:
+        if self.pref_loss not in PREF_LOSSES:
+            invalid(self, "pref_loss", self.pref_loss, "one of " + ", ".join(PREF_LOSSES))
+        require_positive(self, "beta")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            invalid(self, "label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
+        if self.label_smoothing and self.pref_loss not in ("dpo", "simpo"):
+            invalid(self, "label_smoothing", self.label_smoothing,
+                    f"0 with --pref-loss {self.pref_loss} (dpo and simpo only)")
+        if self.sft_weight < 0:
+            invalid(self, "sft_weight", self.sft_weight, "0 (off) or more")
+        if not self.needs_reference and (self.ref_from or self.precompute_ref):
+            raise ZerotrainError(f"--pref-loss {self.pref_loss} uses no reference model: drop --ref-from / "
+                                 "--precompute-ref")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss compares the policy to a reference model (DPO and IPO do)."""
+        return self.pref_loss in ("dpo", "ipo")
 
 
 @dataclass
@@ -147,17 +195,17 @@ class Preference(Objective):
         a loss that needs none)."""
 
     def build(self, cfg: Config, plan: RunPlan, engine: Any, data: Data) -> None:
-        from engine.distributed import world
-        from engine.reference import precompute, reference_logps
-        from engine.trainer import log_on_rank0
+        from engine.distributed import log_on_rank0, world
+        from engine.objectives.reference import precompute, reference_logps
 
         if not self.pref.needs_reference:
             return
         if self.pref.precompute_ref:
             here = world()
-            precompute(cfg, plan, engine, data, data.directories[0], here, lambda m: log_on_rank0(here.rank, m))
+            precompute(cfg, plan, engine, data, data.directories[0], here, lambda m: log_on_rank0(here.rank, m),
+                       self.pref.ref_from, model_logps)
         else:
-            self.reference = reference_logps(cfg, plan, engine)
+            self.reference = reference_logps(cfg, plan, engine, self.pref.ref_from, model_logps)
 
     def units(self, batch: Batch) -> int:
         return sequence_count(batch) // 2
@@ -189,5 +237,7 @@ class Preference(Objective):
         return LossSums(loss.sum(), metrics)
 
 
-DPO = Stage("dpo", data_kind="pref", objective=lambda cfg: Preference(cfg.pref, cfg.train.loss_chunk_size),
-            config_sections=("pref",))
+DPO = Stage("dpo", objective=lambda cfg: Preference(cfg.section(PrefConfig), cfg.train.loss_chunk_size),
+            data_kinds=("pref",), plain_data="pref", section=PrefConfig, mixes=False,
+            headline=(("acc", "rewards/accuracies"),),
+            summary="preference tuning (DPO, IPO, ORPO, SimPO) of a policy")

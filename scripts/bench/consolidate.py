@@ -107,7 +107,7 @@ def main() -> None:
 
     # The copy DeepSpeed writes into every checkpoint dir, run as its docstring says.
     z2f = str(ckpt / "zero_to_fp32.py")
-    zerotrain = [sys.executable, "-m", "engine.cli", "consolidate", str(ckpt)]
+    zerotrain = [sys.executable, "-m", "engine.apps.cli", "consolidate", str(ckpt)]
     out = work / "out"
     baseline = "zero_to_fp32 -> pytorch_model.bin"
     runs = {

@@ -21,7 +21,7 @@ same student trained with CE only, on CPU, in one script run.
    / CE-only (below 1: distillation helped).
 5. The top-k loss against the full loss, on the same held-out tokens, for the initial and the
    distilled student and k = 8, K and 256: each divergence (forward KL, reverse KL, JSD with beta 0.5) at --kd-temperature,
-   computed on the full vocabulary and on the k + 1 buckets of engine.teacher_logits (the teacher's
+   computed on the full vocabulary and on the k + 1 buckets of engine.objectives.teacher (the teacher's
    k most likely tokens and the rest), as a distill run with --teacher-top-k k trains on.
 """
 
@@ -155,12 +155,12 @@ def held_out(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, w
              batch_size: int = 16) -> dict[str, dict[str, float]]:
     """Per student: mean token CE on the held-out split and mean KL(teacher || student) per token at T = 1."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     from engine.data.collate import collate_stack
     from engine.data.text import PretrainDataset
     from engine.objectives.causal_lm import token_nll_sum
     from engine.objectives.distill import token_divergence
-    from transformers import AutoModelForCausalLM
 
     dataset = PretrainDataset(data, "val", seq_len)
     count = len(dataset) if windows <= 0 else min(windows, len(dataset))
@@ -193,12 +193,12 @@ def top_k_gap(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, 
     teacher's top-k buckets (what --teacher-top-k trains on), and their ratio."""
     import torch
     import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
 
     from engine.data.collate import collate_stack
     from engine.data.text import PretrainDataset
     from engine.objectives.distill import token_divergence
-    from engine.teacher_logits import bucketed, top_k
-    from transformers import AutoModelForCausalLM
+    from engine.objectives.teacher import bucketed, top_k
 
     dataset = PretrainDataset(data, "val", seq_len)
     count = len(dataset) if windows <= 0 else min(windows, len(dataset))

@@ -33,7 +33,7 @@ num_tokens) of the timed steps over their wall time. The timed steps are every o
 the first `--skip` (start-up and warm-up left out): time from the end of step `skip` to the end of
 the last step, stamped on rank 0 (zerotrain: Trainer.train_step wrapped; TRL: a TrainerCallback's
 on_step_end). Precomputing the reference happens before training and is timed separately (rank 0
-wall time of engine.reference.precompute / DPOTrainer._precompute_ref_logps; each run precomputes
+wall time of engine.objectives.reference.precompute / DPOTrainer._precompute_ref_logps; each run precomputes
 afresh, no cache). Peak RSS: every rank's own high-water mark (VmHWM, scripts/bench/peak_rss.py),
 summed over the ranks. Rounds rotate the order of the configurations; figures are medians over
 rounds with the min-max spread, ratios zerotrain / TRL of the medians.
@@ -108,15 +108,16 @@ def _write_rank0(out: Path, record: dict) -> None:
 
 def zerotrain_worker(argv: list[str]) -> int:
     """launcher/dpo.py's main, with Trainer.train_step and the precompute wrapped to stamp time."""
-    import engine.reference
-    from engine import train, trainer
+    import engine.objectives.reference
     from engine.objectives.preference import DPO
+    from engine.training import main as train
+    from engine.training import trainer
 
     out = Path(os.environ["DPO_BENCH_OUT"])
     write_peak_rss_at_exit(out / f"rss-rank{_rank()}.json")
     stamps: list[tuple[float, float, int]] = []  # (wall, rank-0 CPU, tokens so far over every rank) a step
     timing = {"precompute_s": None}
-    train_step, precompute = trainer.Trainer.train_step, engine.reference.precompute
+    train_step, precompute = trainer.Trainer.train_step, engine.objectives.reference.precompute
 
     def stamped_step(self):
         if not stamps:
@@ -131,7 +132,7 @@ def zerotrain_worker(argv: list[str]) -> int:
         timing["precompute_s"] = time.perf_counter() - start
 
     trainer.Trainer.train_step = stamped_step
-    engine.reference.precompute = timed_precompute  # Preference.build imports it at call time
+    engine.objectives.reference.precompute = timed_precompute  # Preference.build imports it at call time
     rc = train.main(argv, DPO)
     _write_rank0(out, {"stamps": stamps, **timing})
     return rc
@@ -143,14 +144,15 @@ def trl_worker(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
     from trl import DPOConfig, DPOTrainer
 
-    from engine.config import parse_config
-    from engine.ds_config import fill_ds_config, load_ds_config
+    from engine.config.deepspeed import fill_ds_config, load_ds_config
+    from engine.objectives.preference import DPO
+    from engine.stages import config_for
 
     out = Path(args.out)
     write_peak_rss_at_exit(out / f"rss-rank{_rank()}.json")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     precompute = args.mode == "precompute"
-    cfg = parse_config(zerotrain_flags(args, Path(args.model), Path(args.pairs), out, precompute))
+    cfg = config_for(DPO, zerotrain_flags(args, Path(args.model), Path(args.pairs), out, precompute))
     raw, source = load_ds_config(cfg)
     ds = fill_ds_config(raw, cfg, world_size=world_size, precision=ds_precision(), device_type="cpu", source=source)
     order = json.loads(Path(args.order).read_text())
@@ -221,9 +223,9 @@ def make_inputs(args, tmp: Path) -> None:
     import numpy as np
     import torch
 
+    from engine.data.pairs import encode_pair, read_pairs
     from engine.data.prepare import prepare
     from engine.data.text import read_documents
-    from engine.data.pairs import encode_pair, read_pairs
     from model.build import build_model
     from model.tokenizer import load_tokenizer, train_tokenizer
 

@@ -29,11 +29,11 @@ def bare_loop(args) -> None:
     """The baseline: plain PyTorch, no DeepSpeed."""
     import torch
 
-    from engine.config import parse_config
+    from engine.config.parse import parse_config
     from engine.data.collate import collate_stack
     from engine.data.loader import BatchLoader, ShardedSampler
     from engine.data.text import PretrainDataset
-    from engine.builders import lr_lambda, param_groups
+    from engine.training.build import lr_lambda, param_groups
     from model.build import build_model
 
     cfg = parse_config(["--preset", args.preset, "--seq-len", str(args.seq_len), "--micro-batch-size",

@@ -103,8 +103,8 @@ def hf_train(args, train_dataset, data_collator=None, **training_args) -> list[t
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-    from engine.config import parse_config
-    from engine.ds_config import fill_ds_config, load_ds_config
+    from engine.config.deepspeed import fill_ds_config, load_ds_config
+    from engine.config.parse import parse_config
     from model.build import build_model
     from model.presets import preset_config
 
@@ -159,8 +159,9 @@ def hf_train(args, train_dataset, data_collator=None, **training_args) -> list[t
 
 def zerotrain_worker(argv: list[str], stage=None) -> int:
     """launcher/pretrain.py (or the launcher of `stage`), with rank 0's CPU seconds added to each metrics record."""
-    from engine import train, trainer
     from engine.objectives.causal_lm import PRETRAIN
+    from engine.training import main as train
+    from engine.training import trainer
 
     write_metrics = trainer.Trainer.write_metrics
 

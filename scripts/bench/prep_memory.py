@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT), str(BENCH)]
 # The child: record its own peak RSS at exit, then run the CLI with the given arguments.
 CHILD = ("import sys; sys.path[:0] = [{root!r}, {bench!r}]\n"
          "from peak_rss import write_peak_rss_at_exit; write_peak_rss_at_exit(sys.argv[1])\n"
-         "from engine.cli import main; sys.exit(main(sys.argv[2:]))")
+         "from engine.apps.cli import main; sys.exit(main(sys.argv[2:]))")
 
 
 def parse_size(text: str) -> int:

@@ -30,7 +30,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-
 LOOP_FRAME = {"zerotrain": "Trainer.train_step (", "hf": "Trainer._run_epoch ("}
 CATEGORIES = [
     ("model forward", ("DeepSpeedEngine.forward (",)),

@@ -53,14 +53,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
+    import dataclasses
+
     from engine.data.conversations import read_conversations
+    from engine.data.kinds import KINDS
     from engine.data.prepare import prepare
     from model.tokenizer import load_tokenizer, train_tokenizer
     from tests.conftest import sample_texts
     from tests.unit import test_sft_prep_scale as reference
-    import dataclasses
-
-    from engine.data.kinds import KINDS
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -8,7 +8,7 @@ torch.save, as DeepSpeed writes its shards (no fsync), then, every round, the or
 
     save       torch.save of the state dict to a new file      (the baseline the hash is paid beside)
     read       the file read back in 8 MiB chunks, nothing else (the floor of any hash)
-    <hash>     engine.checksums.file_digest with each candidate of the standard library
+    <hash>     engine.checkpoint.checksums.file_digest with each candidate of the standard library
 
 Every read finds the file in the page cache, as the background hash does right after a save;
 a resume on another node reads from disk first, which costs what `read` costs there. Medians over
@@ -51,7 +51,7 @@ def read_back(path: Path) -> None:
 def main() -> None:
     import torch
 
-    from engine.checksums import file_digest
+    from engine.checkpoint.checksums import file_digest
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=int, default=512)

@@ -170,10 +170,10 @@ def worker(args) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from engine.config import parse_config
-    from engine.ds_config import fill_ds_config, load_ds_config
-    from engine.builders import lr_lambda, param_groups
+    from engine.config.deepspeed import fill_ds_config, load_ds_config
+    from engine.config.parse import parse_config
     from engine.distributed import init_distributed
+    from engine.training.build import lr_lambda, param_groups
     from model.presets import preset_config
 
     deepspeed.utils.logger.setLevel(logging.WARNING)

@@ -39,7 +39,7 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from engine.run_dir import LATEST, SIDECAR, tag_name  # noqa: E402
+from engine.checkpoint.run_dir import LATEST, SIDECAR, tag_name  # noqa: E402
 from tests.fault_launcher import KILL_POINTS  # noqa: E402
 from tests.helpers import launcher_command, launcher_env  # noqa: E402
 
@@ -168,7 +168,7 @@ def same_weights(a: Path, b: Path) -> list[str]:
 
 
 def run_trial(trial: Trial, reference: Path, work: Path, timeout: int, max_resumes: int = 3) -> Result:
-    from engine.checkpoint import tag_problems
+    from engine.checkpoint.resume import tag_problems
 
     result = Result(trial)
     start = time.time()

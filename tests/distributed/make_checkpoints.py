@@ -29,8 +29,8 @@ from transformers import AutoModelForCausalLM, GPT2Config
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from engine.config import Config  # noqa: E402
-from engine.sidecar import Sidecar  # noqa: E402
+from engine.checkpoint.sidecar import Sidecar  # noqa: E402
+from engine.config.tree import Config
 from model.presets import preset_config  # noqa: E402
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.cli import main as zerotrain
+from engine.apps.cli import main as zerotrain
 
 pytestmark = pytest.mark.distributed
 

@@ -42,15 +42,15 @@ def teacher_dir(base_model_dir, tmp_path_factory) -> Path:
 
 
 def _steps(rank, world_size, out, base_model_dir, teacher_dir, name, flags):
-    from engine.config import parse_config
     from engine.distributed import World
-    from engine.objectives.distill import DISTILL
-    from engine.train import setup
+    from engine.objectives.distill import DISTILL, DistillConfig
+    from engine.stages import config_for
+    from engine.training.main import setup
 
-    cfg = parse_config(distill_args(out / name, base_model_dir, teacher_dir, max_steps=3, kd_loss="reverse_kl",
-                                    kd_temperature=1.5, **flags))
+    cfg = config_for(DISTILL, distill_args(out / name, base_model_dir, teacher_dir, max_steps=3, kd_loss="reverse_kl",
+                                           kd_temperature=1.5, **flags))
     trainer = setup(cfg, DISTILL, World(rank, rank, world_size))
-    assert (trainer.objective.teacher is None) == bool(cfg.distill.teacher_top_k)  # offline: no teacher loaded
+    assert (trainer.objective.teacher is None) == bool(cfg.section(DistillConfig).teacher_top_k)  # offline: no teacher loaded
     records = [trainer.train_step() for _ in range(3)]
     if rank == 0:
         (out / f"{name}.json").write_text(json.dumps(records))
@@ -80,7 +80,7 @@ def test_stored_top_k_log_probs_replace_the_live_teacher(base_model_dir, teacher
 
     vocab = len(tokenizer)
     cli = distill_args(tmp_path / "cli", base_model_dir, teacher_dir, kd_loss="reverse_kl", kd_temperature=1.5)
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "teacher-logits", "--top-k", str(vocab), *cli],
+    proc = subprocess.run([sys.executable, "-m", "engine.apps.cli", "teacher-logits", "--top-k", str(vocab), *cli],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     store = Path(proc.stdout.strip().splitlines()[-1])
@@ -102,13 +102,13 @@ def test_stored_top_k_log_probs_replace_the_live_teacher(base_model_dir, teacher
 
 
 def _on_policy_steps(rank, world_size, out, base_model_dir, teacher_dir):
-    from engine.config import parse_config
     from engine.distributed import World
     from engine.objectives.distill import DISTILL
-    from engine.train import setup
+    from engine.stages import config_for
+    from engine.training.main import setup
 
-    cfg = parse_config(distill_args(out / "run", base_model_dir, teacher_dir, max_steps=2, zero_stage=3,
-                                    on_policy_ratio=1, on_policy_max_new_tokens=6, kd_temperature=2))
+    cfg = config_for(DISTILL, distill_args(out / "run", base_model_dir, teacher_dir, max_steps=2, zero_stage=3,
+                                           on_policy_ratio=1, on_policy_max_new_tokens=6, kd_temperature=2))
     trainer = setup(cfg, DISTILL, World(rank, rank, world_size))
     data = trainer.data.loader.next_batch()
     rng = torch.get_rng_state()
@@ -164,14 +164,14 @@ def test_a_teacher_with_another_tokenizer_is_refused(base_model_dir, tmp_path, t
 ])
 def test_what_on_policy_and_stored_teachers_cannot_do_is_named_first(flags, message, base_model_dir, teacher_dir,
                                                                      tmp_path):
-    from engine.builders import plan_run
-    from engine.config import parse_config
     from engine.objectives.distill import DISTILL
+    from engine.stages import config_for
+    from engine.training.plan import plan_run
 
     argv = distill_args(tmp_path / "run", base_model_dir, teacher_dir, **flags)
     if "teacher_top_k" in flags:  # a mixture: two sources
         argv += ["--data", f"pretrain:{SAMPLES / 'tinyshakespeare.txt'}:1"]
-    cfg = parse_config(argv)
+    cfg = config_for(DISTILL, argv)
     with pytest.raises(ZerotrainError, match=message):
         DISTILL.objective(cfg).check(cfg, plan_run(cfg, DISTILL, 1))
 
@@ -229,7 +229,7 @@ def test_checkpoint_tools_work_on_a_distill_run(lora_distill_run, tmp_path):
 
     for cmd in (["extract-adapter", str(lora_distill_run), str(tmp_path / "adapter")],
                 ["consolidate", str(lora_distill_run), str(tmp_path / "merged")]):
-        proc = subprocess.run([sys.executable, "-m", "engine.cli", *cmd], cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "engine.apps.cli", *cmd], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, (cmd, proc.stderr[-3000:])
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "merged" / "config.json").is_file()

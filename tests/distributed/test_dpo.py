@@ -34,12 +34,12 @@ def dpo_args(out: Path, **flags) -> list[str]:
 
 
 def build(rank: int, world_size: int, out: Path, base_model_dir: Path, **flags):
-    from engine.config import parse_config
     from engine.distributed import World
     from engine.objectives.preference import DPO
-    from engine.train import setup
+    from engine.stages import config_for
+    from engine.training.main import setup
 
-    cfg = parse_config(dpo_args(out / f"run{world_size}", init_from=base_model_dir, **flags))
+    cfg = config_for(DPO, dpo_args(out / f"run{world_size}", init_from=base_model_dir, **flags))
     return setup(cfg, DPO, World(rank, rank, world_size))
 
 
@@ -96,8 +96,7 @@ def _direct(rank, world_size, out, base_model_dir, flags):
     and from an independent frozen copy of the init model."""
     from transformers import AutoModelForCausalLM
 
-    from engine.config import PrefConfig
-    from engine.objectives.preference import pair_losses, sequence_logps
+    from engine.objectives.preference import PrefConfig, pair_losses, sequence_logps
 
     trainer = build(rank, world_size, out, base_model_dir, **flags)
     for _ in range(2):  # move the policy away from its reference first
@@ -243,7 +242,7 @@ def test_checkpoint_tools_work_on_a_dpo_run(lora_dpo_run, base_model_dir, tmp_pa
     from tests.helpers import ROOT
 
     out, _ = lora_dpo_run
-    zt = [sys.executable, "-m", "engine.cli"]
+    zt = [sys.executable, "-m", "engine.apps.cli"]
     for cmd in (["extract-adapter", str(out), str(tmp_path / "adapter")],
                 ["consolidate", str(out), str(tmp_path / "merged")],
                 ["inspect", str(out)],

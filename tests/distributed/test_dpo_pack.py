@@ -28,7 +28,7 @@ def _steps(rank: int, world_size: int, out: Path, base_model_dir: Path, name: st
 
 
 def test_a_packed_dpo_run_with_a_precomputed_reference_takes_the_padded_runs_steps(base_model_dir, tmp_path):
-    """engine.builders picks the packed pair collate for --pack, and --precompute-ref runs the
+    """engine.training.build picks the packed pair collate for --pack, and --precompute-ref runs the
     reference over packed batches: the steps are the padded run's (live reference)."""
     runs = {}
     # seq-len 256: most sample pairs fit whole, and are short enough that rows hold several

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.checkpoint import tag_problems
-from engine.checksums import recorded_digests
-from engine.sidecar import Sidecar
+from engine.checkpoint.checksums import recorded_digests
+from engine.checkpoint.resume import tag_problems
+from engine.checkpoint.sidecar import Sidecar
 from tests.helpers import launcher_env, metrics, run_launcher, train_losses
 
 pytestmark = pytest.mark.distributed

@@ -1,5 +1,5 @@
 """The loop in-process: world size 1 and 2 (gloo, real DeepSpeed), the debug preset, built with
-engine.train.setup and driven step by step. What the launcher tests see only through logs is
+engine.training.main.setup and driven step by step. What the launcher tests see only through logs is
 checked here against the model itself: a step's loss is the mean over every trained token of
 every micro-batch on every rank; one rank and two ranks take the same step; validation is the
 token-weighted mean; an exception on rank 0 reaches the other ranks at once."""
@@ -40,10 +40,10 @@ def _rank_main(rank: int, fn, world_size: int, args) -> None:
 
 def build(rank: int, world_size: int, out: Path, base_model_dir: Path, stage: str, **flags):
     """A trainer for a tiny SFT (padded batches) or pretraining run, set up as the launchers do."""
-    from engine.config import parse_config
+    from engine.config.parse import parse_config
     from engine.distributed import World
     from engine.objectives.causal_lm import PRETRAIN, SFT
-    from engine.train import setup
+    from engine.training.main import setup
 
     values = {"init-from": base_model_dir, "data": SHAREGPT, "output-dir": out / f"run{world_size}", "seq-len": 64,
               "micro-batch-size": 2, "grad-accum": 1, "max-steps": 4, "warmup-steps": 1, "lr": 5e-3,
@@ -178,11 +178,11 @@ def test_any_exception_on_rank0_reaches_every_rank_at_once(tmp_path):
 def _late_signal(rank, world_size, out, base_model_dir):
     import signal
 
-    import engine.trainer
+    import engine.training.trainer
 
     trainer = build(rank, world_size, out, base_model_dir, "pretrain", seq_len=32, max_steps=5, save_interval=100,
                     eval_interval=100, data=SAMPLES / "tinyshakespeare.txt")
-    reduce = engine.trainer.all_reduce_sums
+    reduce = engine.training.trainer.all_reduce_sums
 
     def signal_after_the_step_reduction(sums, device):
         totals = reduce(sums, device)
@@ -191,7 +191,7 @@ def _late_signal(rank, world_size, out, base_model_dir):
             trainer.stop_signal = signal.SIGUSR1
         return totals
 
-    engine.trainer.all_reduce_sums = signal_after_the_step_reduction
+    engine.training.trainer.all_reduce_sums = signal_after_the_step_reduction
     status = trainer.fit()
     (out / f"rank{rank}.json").write_text(json.dumps({"status": status, "step": trainer.state.step}))
 

@@ -53,9 +53,10 @@ def run_args(base_model_dir, tokenizer, data, out, **overrides) -> list[str]:
 
 
 def test_continued_pretraining_resizes_embeddings(base_model_dir, tokenizer, extended, chinese, tmp_path):
-    from engine.builders import build_model, plan_run
-    from engine.config import parse_config
+    from engine.config.parse import parse_config
     from engine.objectives.causal_lm import PRETRAIN
+    from engine.training.build import build_model
+    from engine.training.plan import plan_run
     from model.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     size = len(load_tokenizer(str(extended)))
@@ -88,7 +89,7 @@ def test_lora_adapter_carries_the_resized_embeddings(base_model_dir, tokenizer, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from engine.cli import main
+    from engine.apps.cli import main
     from model.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     size = len(load_tokenizer(str(extended)))
@@ -119,7 +120,7 @@ def test_lora_adapter_carries_the_resized_embeddings(base_model_dir, tokenizer, 
                  "--max-new-tokens", "4"]) == 0
 
     # unmerged: the base grown to the adapter's tokenizer, then the adapter, as PEFT's own loading above
-    from engine.generate import load_for_inference
+    from engine.apps.generate import load_for_inference
 
     unmerged, tok = load_for_inference(base_model_dir, tmp_path / "adapter")
     assert len(tok) == size

@@ -71,7 +71,7 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(tokenizer_dir, pre
 
 
 def test_crash_in_the_middle_of_a_save_is_skipped(tokenizer_dir, pretrain_data, tmp_path, unbroken):
-    from engine.checkpoint import tag_problems
+    from engine.checkpoint.resume import tag_problems
 
     out = tmp_path / "run"
     proc = run_launcher("tests/fault_launcher.py", args(tokenizer_dir, pretrain_data, out, keep_last=1,
@@ -152,7 +152,7 @@ def test_disk_full_during_save_is_a_clear_error(tokenizer_dir, pretrain_data, sm
     assert "not enough disk space for a checkpoint" in proc.stderr
     tags = sorted((out / "checkpoints").glob("global_step*"))
     assert tags, "the first checkpoint fits"
-    from engine.checkpoint import tag_problems
+    from engine.checkpoint.resume import tag_problems
 
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text()
     assert tag_problems(latest) == []

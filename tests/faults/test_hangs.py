@@ -1,7 +1,7 @@
 """A stalled, killed or frozen rank ends the whole job quickly, under torchrun and the deepspeed
 launcher (srun: tests/system/test_slurm.py): 2 CPU ranks, ZeRO-2, the debug preset. Every launch
 runs in its own session, so "every process has exited" is checked on all of them, launcher
-included. engine.watchdog's logic on its own: tests/unit/test_watchdog.py."""
+included. engine.training.watchdog's logic on its own: tests/unit/test_watchdog.py."""
 
 from __future__ import annotations
 

@@ -69,15 +69,15 @@ def publish_no_space(module_name: str):
 FAULTS = {
     "shards-no-space": (shards_no_space, "No space left on device"),
     "shards-permission-denied": (shards_permission_denied, "Permission denied"),
-    "sidecar-no-space": (lambda _: publish_no_space("engine.sidecar"), "No space left on device"),
+    "sidecar-no-space": (lambda _: publish_no_space("engine.checkpoint.sidecar"), "No space left on device"),
     "latest-no-space": (lambda _: publish_no_space("engine.checkpoint"), "No space left on device"),
 }
 
 
 def _failing_saves(rank, world_size, out, base_model_dir):
     from common.errors import ZerotrainError
-    from engine.checkpoint import find_resume_tag, tag_problems
-    from engine.run_dir import SIDECAR
+    from engine.checkpoint.resume import find_resume_tag, tag_problems
+    from engine.checkpoint.run_dir import SIDECAR
 
     trainer = build(rank, world_size, out, base_model_dir, "pretrain", seq_len=32, max_steps=4, save_interval=100,
                     eval_interval=100, keep_last=1, data=SAMPLES / "tinyshakespeare.txt")

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from common.errors import ZerotrainError
-from engine.preflight import Host, Probe, judge, read_hostfile
+from engine.apps.preflight import Host, Probe, judge, read_hostfile
 from tests.helpers import ROOT, VENV_BIN, free_port
 
 pytestmark = pytest.mark.system

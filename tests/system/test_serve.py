@@ -56,7 +56,7 @@ def _answers(url: str) -> bool:
 def server(base_model_dir, tmp_path_factory) -> Server:
     log = tmp_path_factory.mktemp("serve") / "server.log"
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", str(base_model_dir), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "engine.apps.cli", "serve", str(base_model_dir), "--port", str(port)],
                             cwd=ROOT, env=launcher_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -77,7 +77,7 @@ def reference(base_model_dir):
     """The served model and tokenizer, loaded in the test to decode with transformers directly."""
     import torch
 
-    from engine.generate import load_for_inference
+    from engine.apps.generate import load_for_inference
 
     torch.set_num_threads(1)
     return load_for_inference(base_model_dir)

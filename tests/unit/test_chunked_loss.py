@@ -120,8 +120,7 @@ def test_a_batch_without_trained_tokens():
 
 def distill_pair(kind: str, top_k: int = 0):
     """A student and a teacher with a larger (padded) embedding, the objective, and the batch."""
-    from engine.config import DistillConfig
-    from engine.objectives.distill import Distill
+    from engine.objectives.distill import Distill, DistillConfig
 
     student = tiny_model("llama", True, "sdpa")
     torch.manual_seed(5)
@@ -131,7 +130,7 @@ def distill_pair(kind: str, top_k: int = 0):
     full.teacher = chunked.teacher = teacher
     b = batch(997, packed=True)
     if top_k:
-        from engine.teacher_logits import top_k as keep_top
+        from engine.objectives.teacher import top_k as keep_top
 
         mask = b["labels"][:, 1:] != IGNORE_INDEX
         with torch.no_grad():
@@ -216,8 +215,7 @@ def pair_batch(packed: bool) -> dict[str, torch.Tensor]:
 def test_preference_chunked_equals_the_full_logits(kind, packed):
     """Per-sequence log-probs through the head chunk by chunk (7 tokens, so chunks straddle sequences):
     the loss, every metric and gradient of the full logits; the reference's without gradients."""
-    from engine.config import PrefConfig
-    from engine.objectives.preference import Preference, model_logps
+    from engine.objectives.preference import PrefConfig, Preference, model_logps
 
     model = tiny_model("llama", True, "sdpa")
     other = copy.deepcopy(model)

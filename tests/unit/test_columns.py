@@ -3,14 +3,14 @@
 import pytest
 
 from common.errors import ZerotrainError
-from engine.config import parse_config
+from engine.config.parse import parse_config
 from engine.data.chat import encode_chat
 from engine.data.columns import parse_columns
 from engine.data.conversations import read_conversations
 from engine.data.files import ReadStats
 from engine.data.kinds import detect_kind
-from engine.data.prepare import prepare, prepare_cached
 from engine.data.pairs import read_pairs
+from engine.data.prepare import prepare, prepare_cached
 from tests.unit.test_data import labelled_runs, write_jsonl
 
 DOLLY = [
@@ -152,7 +152,7 @@ def test_pair_mappings_equal_the_native_pair_shapes(tokenizer, tmp_path):
 
 
 def test_columns_is_a_config_key_and_a_prepare_flag(tokenizer_dir, tmp_path):
-    from engine.cli import main
+    from engine.apps.cli import main
 
     assert parse_config(["--columns", "prompt=q,response=a"]).data.columns == "prompt=q,response=a"
     renamed = write_jsonl(tmp_path / "renamed.jsonl", [renamed_dolly(r) for r in DOLLY])
@@ -221,7 +221,7 @@ def test_a_record_without_a_mapped_field_names_file_line_and_the_fields_present(
 def test_eval_reads_a_mapped_file_as_training_does(base_model_dir, tmp_path, capsys):
     import json
 
-    from engine.cli import main
+    from engine.apps.cli import main
 
     native = write_jsonl(tmp_path / "dolly.jsonl", DOLLY)
     renamed = write_jsonl(tmp_path / "renamed.jsonl", [renamed_dolly(r) for r in DOLLY])
@@ -235,8 +235,8 @@ def test_eval_reads_a_mapped_file_as_training_does(base_model_dir, tmp_path, cap
 
 
 def test_a_mapping_given_with_a_prepared_directory_must_be_the_one_it_was_prepared_with(tokenizer_dir, tmp_path):
-    from engine.builders import plan_run
     from engine.objectives.causal_lm import SFT
+    from engine.training.plan import plan_run
     from model.tokenizer import load_tokenizer
 
     renamed = write_jsonl(tmp_path / "renamed.jsonl", [renamed_dolly(r) for r in DOLLY])

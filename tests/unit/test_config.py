@@ -1,8 +1,9 @@
 import pytest
 import yaml
 
-from engine.config import Config, parse_config
 from common.errors import ZerotrainError
+from engine.config.parse import parse_config
+from engine.config.tree import Config
 
 
 def test_flags_fill_every_section():
@@ -39,8 +40,11 @@ def test_yaml_nested_and_flat_then_flags_win(tmp_path):
     (["--pref-loss", "simpo", "--ref-from", "x"], "--pref-loss simpo uses no reference model"),
 ])
 def test_bad_flags_are_named(argv, message):
+    from engine.objectives.preference import DPO
+    from engine.stages import config_for
+
     with pytest.raises(ZerotrainError) as e:
-        parse_config(argv)
+        config_for(DPO, argv)  # the common sections and DPO's own
     assert message in str(e.value)
 
 
@@ -79,7 +83,7 @@ def test_no_flag_is_taken_by_torchrun_or_the_deepspeed_launcher():
     import deepspeed.launcher.runner as ds_runner
     from torch.distributed.run import get_args_parser
 
-    from engine.config import build_parser
+    from engine.config.parse import build_parser
 
     theirs = {o for a in get_args_parser()._actions for o in a.option_strings}
     captured = {}
@@ -101,19 +105,31 @@ def test_boolean_flags_take_an_optional_value():
 
 
 def test_flags_of_another_stage_are_refused():
-    from engine.builders import check_stage_sections
     from engine.objectives.causal_lm import SFT
     from engine.objectives.preference import DPO
+    from engine.stages import config_for
 
-    cfg = parse_config(["--beta", "0.2", "--precompute-ref"])
-    check_stage_sections(cfg, DPO)
-    with pytest.raises(ZerotrainError, match=r"--beta, --precompute-ref: not a flag of sft \(pref section\)"):
-        check_stage_sections(cfg, SFT)
-    check_stage_sections(parse_config([]), SFT)
+    cfg = config_for(DPO, ["--beta", "0.2", "--precompute-ref"])
+    assert cfg.section(DPO.section).beta == 0.2 and list(cfg.to_dict())[-1] == "pref"
+    with pytest.raises(ZerotrainError, match=r"--beta, --precompute-ref: not a flag of sft \(pref section\); drop it, "
+                                             r"or run the launcher it belongs to \(launcher/dpo.py\)"):
+        config_for(SFT, ["--beta", "0.2", "--precompute-ref"])
+    assert "pref" not in config_for(SFT, []).to_dict()  # an SFT run's config has no DPO section
     for stage in (SFT, DPO):  # a train-section flag: every stage has it
-        check_stage_sections(parse_config(["--loss-chunk-size", "512"]), stage)
+        config_for(stage, ["--loss-chunk-size", "512"])
     with pytest.raises(ZerotrainError, match=r"train.loss_chunk_size \(--loss-chunk-size\) must be"):
         parse_config(["--loss-chunk-size", "-1"])
+
+
+def test_a_config_saved_with_every_stage_section_still_loads(tmp_path):
+    """Earlier versions saved every stage's section in every run's config.yaml; they reload."""
+    from engine.objectives.distill import DistillConfig
+    from engine.objectives.preference import PrefConfig
+    from engine.stages import load_config
+
+    old = {**parse_config(["--lr", "1e-3"]).to_dict(), "pref": {"beta": 0.3}, "distill": {"kd_alpha": 0.2}}
+    cfg = load_config(old, source="config.yaml")
+    assert cfg.optim.lr == 1e-3 and cfg.section(PrefConfig).beta == 0.3 and cfg.section(DistillConfig).kd_alpha == 0.2
 
 
 @pytest.mark.parametrize("argv, warmup", [

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import ZerotrainError
 from engine.data.chat import encode_chat
 from engine.data.collate import collate_packed, collate_pad, collate_stack
 from engine.data.conversations import SFTDataset, read_conversations
@@ -13,7 +14,6 @@ from engine.data.format import IGNORE_INDEX
 from engine.data.loader import BatchLoader, ShardedSampler, eval_batches
 from engine.data.prepare import prepare
 from engine.data.text import PretrainDataset, read_documents
-from common.errors import ZerotrainError
 from tests.conftest import SAMPLES
 
 SHAREGPT = SAMPLES / "sharegpt_identity_500.json"

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.config import DistillConfig, parse_config
-from engine.objectives.distill import Distill, token_divergence
 from common.errors import ZerotrainError
+from engine.objectives.distill import DISTILL, Distill, DistillConfig, token_divergence
+from engine.stages import config_for
 
 VOCAB = 37
 
@@ -125,7 +125,7 @@ def test_a_teacher_with_fewer_tokens_is_refused(logits):
 ])
 def test_bad_distill_flags_are_named(argv, message):
     with pytest.raises(ZerotrainError) as e:
-        parse_config(argv)
+        config_for(DISTILL, argv)
     assert message in str(e.value)
 
 
@@ -133,7 +133,7 @@ def test_bad_distill_flags_are_named(argv, message):
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_top_k_divergence_rises_to_the_full_one(logits, kind):
-    from engine.teacher_logits import bucketed, top_k
+    from engine.objectives.teacher import bucketed, top_k
 
     student, teacher, _ = logits
     s, t = F.log_softmax(student / 1.5, -1), F.log_softmax(teacher / 1.5, -1)
@@ -150,7 +150,7 @@ def test_top_k_divergence_rises_to_the_full_one(logits, kind):
 
 
 def test_the_objective_reads_stored_teacher_log_probs(logits):
-    from engine.teacher_logits import bucketed, top_k
+    from engine.objectives.teacher import bucketed, top_k
 
     student, teacher, labels = logits
     objective = Distill(DistillConfig(teacher="t", kd_loss="jsd", kd_temperature=2.0, teacher_top_k=5))
@@ -188,7 +188,7 @@ def test_a_fraction_of_the_steps_is_on_policy_the_same_on_every_rank():
 
 
 def test_the_prompt_is_everything_before_the_last_reply():
-    from engine.rollout import prompts
+    from engine.objectives.rollout import prompts
 
     ids = torch.arange(10, 22).unsqueeze(0)
     labels = torch.full_like(ids, -100)
@@ -202,7 +202,7 @@ def test_the_prompt_is_everything_before_the_last_reply():
 def test_a_store_that_does_not_match_the_data_is_named(tmp_path):
     import numpy as np
 
-    from engine.teacher_logits import WithTeacher
+    from engine.objectives.teacher import WithTeacher
 
     np.save(tmp_path / "train.offsets.npy", np.array([0, 2, 5, 6]))
     np.save(tmp_path / "train.ids.npy", np.zeros((6, 4), np.int32))

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import model.attention  # noqa: F401  registers zerotrain_sdpa
 from common.errors import ZerotrainError
-from engine.config import parse_config
+from engine.config.parse import parse_config
 from engine.data.collate import collate_packed, collate_stack
 from engine.data.prepare import prepare
 from engine.data.text import PretrainDataset, document_positions
-import model.attention  # noqa: F401  registers zerotrain_sdpa
 from model.presets import preset_config
 
 EOS = 2
@@ -84,8 +84,8 @@ def test_the_dataset_marks_documents_and_the_collates_keep_them(windows):
 
 
 def test_document_mask_is_refused_where_it_cannot_apply(tmp_path, tokenizer_dir):
-    from engine.builders import plan_run
     from engine.objectives.causal_lm import PRETRAIN, SFT
+    from engine.training.plan import plan_run
 
     text, chats = tmp_path / "a.txt", tmp_path / "c.jsonl"
     text.write_text("one document\n\nanother\n")

@@ -15,11 +15,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.ds_checkpoint import SAFE_GLOBALS, describe, list_tags, load_checkpoint, resolve_tag, safe_load
-from engine.tensor_io import (Entry, parse_size, state_dict_entries, write_hf_dir, write_output, write_pth,
-                              write_safetensors)
 from common.errors import ZerotrainError
+from engine.ds_checkpoint import SAFE_GLOBALS, describe, list_tags, load_checkpoint, resolve_tag, safe_load
 from engine.lora import LoraSettings, fold_lora
+from engine.tensor_io import (
+    Entry,
+    parse_size,
+    state_dict_entries,
+    write_hf_dir,
+    write_output,
+    write_pth,
+    write_safetensors,
+)
 from tests.unit.test_tensor_io import ROOT, peak_rss_child
 
 
@@ -197,7 +204,7 @@ def test_consolidate_prints_no_deprecation_warning_for_a_pth(tmp_path):
     """The whole command in a fresh process, since torch's C++ warnings (such as write_record()'s
     'Passing Storage by data pointer is deprecated') go to stderr once per process."""
     ckpt = make_dir(tmp_path, 3, 2)
-    run = subprocess.run([sys.executable, "-m", "engine.cli", "consolidate", str(ckpt), str(tmp_path / "m.pth")],
+    run = subprocess.run([sys.executable, "-m", "engine.apps.cli", "consolidate", str(ckpt), str(tmp_path / "m.pth")],
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "deprecat" not in (run.stdout + run.stderr).lower(), run.stdout + run.stderr

@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from engine.config import parse_config
-from engine.ds_config import DS_CONFIG_DIR, fill_ds_config, load_ds_config, resolve_precision
 from common.errors import ZerotrainError
-from engine.builders import lr_lambda, param_groups
+from engine.config.deepspeed import DS_CONFIG_DIR, fill_ds_config, load_ds_config
+from engine.config.parse import parse_config
+from engine.config.precision import resolve_precision
+from engine.training.build import lr_lambda, param_groups
 
 
 def filled(argv, world_size=2, precision="bf16", device_type="cpu", raw=None):

@@ -7,7 +7,7 @@ import json
 import deepspeed
 import torch
 
-from engine.cli import main
+from engine.apps.cli import main
 
 
 def test_env_json_reports_the_imported_versions(capsys, tmp_path):
@@ -33,7 +33,7 @@ def test_env_table_is_aligned_name_value_lines(capsys):
 def test_env_lists_each_gpu_torch_sees(monkeypatch):
     from types import SimpleNamespace
 
-    from engine import env_report
+    from engine.apps import env_report
 
     h200 = SimpleNamespace(name="NVIDIA H200", total_memory=140 * env_report.GIB, major=9, minor=0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

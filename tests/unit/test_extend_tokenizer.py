@@ -33,7 +33,7 @@ def assert_keeps_ids(base, extended) -> None:
 
 
 def test_byte_level_bpe_extension(tokenizer, tokenizer_dir, tmp_path, capsys):
-    from engine.cli import main
+    from engine.apps.cli import main
     from model.tokenizer import load_tokenizer
 
     text = poems(300, skip=3000)
@@ -123,8 +123,8 @@ def test_refusals_leave_the_output_alone(tokenizer_dir, tmp_path):
 def test_the_model_grows_only_for_an_extension_of_its_own_tokenizer(tokenizer, tokenizer_dir, tmp_path):
     import torch
 
-    from engine.modeling import fit_vocabulary
-    from engine.run_dir import Resolved
+    from engine.checkpoint.run_dir import Resolved
+    from engine.training.init_from import fit_vocabulary
     from model.build import build_model
     from model.tokenizer import extend_tokenizer
 

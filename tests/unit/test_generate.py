@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.cli import main
+from common.errors import ZerotrainError
+from engine.apps.cli import main
+from engine.apps.evaluate import evaluate
+from engine.apps.generate import generate, load_for_inference, resolve_model_dir
 from engine.data.chat import encode_chat
 from engine.data.format import IGNORE_INDEX
-from common.errors import ZerotrainError
 from engine.data.kinds import detect_kind
-from engine.generate import evaluate, generate, load_for_inference, resolve_model_dir
 from model.build import build_model
 
 VENV_BIN = Path(sys.executable).parent
@@ -192,7 +193,7 @@ def test_chat_over_a_pipe(model_dir):
 def test_chat_keeps_history_and_resets(loaded, monkeypatch):
     import io
 
-    from engine import generate as gen
+    from engine.apps import generate as gen
 
     model, tok = loaded
     seen = []

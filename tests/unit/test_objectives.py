@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import parse_config
+from engine.config.parse import parse_config
 from engine.data.format import IGNORE_INDEX
 from engine.objectives.causal_lm import SFT, CausalLM, token_nll_sum, trained_tokens
 from model.build import build_model

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main
 from common.errors import ZerotrainError
-from engine.plot import plot_runs, read_metrics, run_curves, run_labels
+from engine.apps.cli import main
+from engine.apps.plot import plot_runs, read_metrics, run_curves, run_labels
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

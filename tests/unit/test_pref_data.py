@@ -9,9 +9,9 @@ from engine.data.chat import encode_chat
 from engine.data.files import ReadStats
 from engine.data.format import IGNORE_INDEX
 from engine.data.kinds import detect_kind
+from engine.data.pairs import PrefDataset, PrefPair, collate_pref, encode_pair, read_pairs
 from engine.data.prepare import prepare
 from engine.data.sources import parse_data_sources
-from engine.data.pairs import PrefDataset, PrefPair, collate_pref, encode_pair, read_pairs
 from tests.unit.test_data import labelled_runs, write_jsonl
 
 EN = {"system": "You are terse.", "user": "What colour is the sky?", "earlier": "Blue, mostly.",
@@ -341,7 +341,7 @@ def test_collate_carries_reference_logps_chosen_then_rejected():
 # ----------------------------------------------------------------------------- command line
 
 def test_cli_prepare_pref_and_eval_refuses_pairs(tokenizer_dir, tmp_path, capsys):
-    from engine.cli import main
+    from engine.apps.cli import main
 
     src = write_jsonl(tmp_path / "dpo.jsonl", [minimind(ZH), minimind(EN)])
     out = tmp_path / "prepared"

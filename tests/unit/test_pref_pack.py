@@ -20,14 +20,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.config import DistillConfig, PrefConfig
 from engine.data.collate import collate_packed, collate_pad
 from engine.data.format import IGNORE_INDEX
-from engine.distributed import World
-from engine.objectives import model_inputs
-from engine.objectives.distill import Distill
-from engine.objectives.preference import Preference, batch_logps, pair_losses
 from engine.data.pairs import collate_pref, collate_pref_packed
+from engine.distributed import World
+from engine.objectives.base import model_inputs
+from engine.objectives.distill import Distill, DistillConfig
+from engine.objectives.preference import PrefConfig, Preference, batch_logps, model_logps, pair_losses
 from model.build import build_model
 
 # transformers 5 renames the gradient_checkpointing argument peft still reads
@@ -140,8 +139,8 @@ def test_pairs_are_packed_chosen_then_rejected_with_a_map_of_whose_token_is_whos
 # --------------------------------------------------------------------------- preference losses
 
 def run_cfg(lora: bool, micro_batch_size: int = 2, chunk: int = 0) -> SimpleNamespace:
-    """What engine.reference reads of a run's config."""
-    return SimpleNamespace(lora=SimpleNamespace(enabled=lora), pref=SimpleNamespace(ref_from=None),
+    """What engine.objectives.reference reads of a run's config."""
+    return SimpleNamespace(lora=SimpleNamespace(enabled=lora),
                            train=SimpleNamespace(micro_batch_size=micro_batch_size, loss_chunk_size=chunk))
 
 
@@ -149,13 +148,13 @@ PLAN = SimpleNamespace(init_source=None, ds_config={"zero_optimization": {"stage
 
 
 def live_reference(monkeypatch, reference, policy, lora: bool, chunk: int = 0):
-    """engine.reference.reference_logps, its frozen model being `reference` (built elsewhere from
+    """engine.objectives.reference.reference_logps, its frozen model being `reference` (built elsewhere from
     the run's source; here the fixture's model)."""
-    from engine import reference as ref_module
+    from engine.objectives import reference as ref_module
 
     monkeypatch.setattr(ref_module, "frozen_model", lambda *args, **kwargs: reference)
     return ref_module.reference_logps(run_cfg(lora, chunk=chunk), PLAN,
-                                      SimpleNamespace(module=policy, device=torch.device("cpu")))
+                                      SimpleNamespace(module=policy, device=torch.device("cpu")), "", model_logps)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["frozen", "lora-disabled"])
@@ -167,15 +166,15 @@ def test_a_live_reference_through_the_head_in_chunks_gives_the_full_logits_log_p
 
 
 def precomputed(monkeypatch, tmp_path: Path, reference, collate) -> list[dict]:
-    """The pairs with their reference log-probs from engine.reference.precompute, run over the
+    """The pairs with their reference log-probs from engine.objectives.reference.precompute, run over the
     data with `collate` (the run's own: packed or padded)."""
-    from engine import reference as ref_module
+    from engine.objectives import reference as ref_module
 
     monkeypatch.setattr(ref_module, "frozen_model", lambda *args, **kwargs: reference)
-    monkeypatch.setattr(ref_module, "reference_key", lambda cfg, plan: "key")
+    monkeypatch.setattr(ref_module, "reference_key", lambda cfg, plan, ref_from: "key")
     data = SimpleNamespace(train=pairs(), val=None, collate=collate, loader=SimpleNamespace(dataset=None))
     ref_module.precompute(run_cfg(False), PLAN, SimpleNamespace(module=None, device=torch.device("cpu")), data,
-                          tmp_path, World(), lambda message: None)
+                          tmp_path, World(), lambda message: None, "", model_logps)
     return [data.train[i] for i in range(len(data.train))]
 
 
@@ -290,17 +289,17 @@ class _Vocab:
 
 
 def with_store(monkeypatch, tmp_path: Path, teacher, collate, k: int) -> SimpleNamespace:
-    """`data` after engine.teacher_logits.compute + attach, with `collate` the run's own."""
-    from engine import teacher_logits
+    """`data` after engine.objectives.teacher.compute + attach, with `collate` the run's own."""
+    from engine.objectives import teacher as teacher_logits
 
     monkeypatch.setattr(teacher_logits, "frozen_model", lambda *args, **kwargs: teacher)
-    monkeypatch.setattr(teacher_logits, "store_key", lambda cfg, plan, source: "key")
-    cfg = SimpleNamespace(distill=SimpleNamespace(teacher_top_k=k, kd_temperature=2.0),
-                          train=SimpleNamespace(micro_batch_size=2))
+    monkeypatch.setattr(teacher_logits, "frozen_key", lambda *args, **kwargs: "key")
+    cfg = SimpleNamespace(train=SimpleNamespace(micro_batch_size=2))
     plan = SimpleNamespace(tokenizer=_Vocab(), precision="fp32")
     data = SimpleNamespace(train=conversations(), val=None, collate=collate, loader=SimpleNamespace())
     store = teacher_logits.compute(cfg, plan, torch.device("cpu"), data, tmp_path, World(),
-                                   SimpleNamespace(path=tmp_path / "teacher"), False, lambda message: None)
+                                   SimpleNamespace(path=tmp_path / "teacher"), False, lambda message: None, top_k=k,
+                                   temperature=2.0)
     teacher_logits.attach(data, store)
     return data
 

@@ -21,13 +21,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-
-from engine.config import PrefConfig
-from engine.data.format import IGNORE_INDEX
-from engine.objectives.preference import Preference, pair_losses, sequence_logps
-from model.build import build_model
-
 from trl import DPOConfig, DPOTrainer
+
+from engine.data.format import IGNORE_INDEX
+from engine.objectives.preference import PrefConfig, Preference, pair_losses, sequence_logps
+from model.build import build_model
 
 with warnings.catch_warnings():  # "APIs here are unstable": they are what this test pins down
     warnings.filterwarnings("ignore", message=".*trl.experimental.*")

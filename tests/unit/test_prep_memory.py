@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.data import conversations, text, writer
 from common.errors import ZerotrainError
+from engine.data import conversations, text, writer
 from engine.data.files import ReadStats
 from engine.data.prepare import prepare
 from engine.data.writer import PrepareProgress

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import parse_config
 from engine.data.kinds import detect_kind
 from engine.data.sources import parse_data_sources
+from engine.objectives.distill import DistillConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -16,6 +16,13 @@ KINDS = {"pretrain": "pretrain", "sft": "sft", "dpo": "pref", "distill": "auto"}
 
 def recipe_kind(recipe: Path) -> str:
     return KINDS[recipe.name.split("_", 1)[0]]
+
+
+def parse_config(argv: list[str]):
+    """The config of a recipe, as the launcher its name starts with parses it."""
+    from engine.stages import all_stages, config_for
+
+    return config_for(all_stages()[Path(argv[1]).name.split("_", 1)[0]], argv)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -59,12 +66,12 @@ def test_the_minillm_chain_sfts_teacher_and_student_then_distills_with_reverse_k
     assert student_sft.model.init_from == debug.train.output_dir
     assert teacher_sft.data.data == student_sft.data.data == distill.data.data
     assert distill.model.init_from == student_sft.train.output_dir
-    assert distill.distill.teacher == teacher_sft.train.output_dir
-    assert distill.distill.kd_loss == "reverse_kl" and distill.distill.on_policy_ratio > 0
+    assert distill.section(DistillConfig).teacher == teacher_sft.train.output_dir
+    assert distill.section(DistillConfig).kd_loss == "reverse_kl" and distill.section(DistillConfig).on_policy_ratio > 0
     assert len({c.train.output_dir for c in cfgs}) == len(cfgs)
 
 
 def test_the_gpu_minillm_recipe_is_gpt2_sized_with_reverse_kl(monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = parse_config(["--config", "recipes/distill_minillm_gpt2.yaml"])
-    assert cfg.model.preset == "gpt2-124m" and cfg.distill.kd_loss == "reverse_kl" and cfg.distill.on_policy_ratio > 0
+    assert cfg.model.preset == "gpt2-124m" and cfg.section(DistillConfig).kd_loss == "reverse_kl" and cfg.section(DistillConfig).on_policy_ratio > 0

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from common.errors import ZerotrainError
-from engine.checkpoint import prune
-from engine.run_dir import SIDECAR, universal_dir
+from engine.checkpoint.run_dir import SIDECAR, universal_dir
+from engine.checkpoint.save import prune
 from tests.unit.test_checksums import FakeEngine, one_rank, sidecar  # noqa: F401 - one_rank is a fixture
 
 
@@ -46,7 +46,8 @@ def test_a_failed_save_over_a_later_lineage_leaves_latest_on_a_complete_tag(tmp_
     """Resumed from global_step4 while global_step6 (named by `latest`) is still there: the save
     of step 6 deletes the old tag first, so `latest` moves back to global_step4 before that; the
     save then fails and `latest` still names a complete checkpoint."""
-    from engine.checkpoint import save, tag_problems
+    from engine.checkpoint.resume import tag_problems
+    from engine.checkpoint.save import save
 
     ckpt = tmp_path / "ckpt"
     for step in (2, 4, 6):

@@ -1,9 +1,9 @@
 import pytest
 
-from engine.checkpoint import find_resume_tag
-from engine.config import parse_config
 from common.errors import ZerotrainError
-from engine.builders import check_output_dir
+from engine.checkpoint.resume import find_resume_tag
+from engine.config.parse import parse_config
+from engine.training.plan import check_output_dir
 
 
 def run_dir_with_checkpoint(tmp_path, preset="tiny"):
@@ -59,7 +59,7 @@ def fake_tag(ckpt_dir, step=4):
 
 
 def test_resolve_run_directories_and_what_they_hold(tmp_path):
-    from engine.run_dir import resolve
+    from engine.checkpoint.run_dir import resolve
 
     run = tmp_path / "run"
     tag = fake_tag(run / "checkpoints")
@@ -86,7 +86,7 @@ def test_resolve_run_directories_and_what_they_hold(tmp_path):
 
 
 def test_resolve_foreign_layouts(tmp_path):
-    from engine.run_dir import resolve
+    from engine.checkpoint.run_dir import resolve
 
     # HF Trainer's checkpoint-N/: config.json beside DeepSpeed's shards and no weights file
     trainer_ckpt = tmp_path / "checkpoint-10"

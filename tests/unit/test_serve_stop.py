@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.serve import cut_at_stop, held_back
+from engine.apps.serve import cut_at_stop, held_back
 
 
 @pytest.mark.parametrize("text, stop, expected", [

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from engine.data import chat, conversations, writer
-from engine.data.kinds import KINDS
 from common.errors import ZerotrainError
+from engine.data import chat, conversations, writer
 from engine.data.conversations import read_conversations
 from engine.data.format import IGNORE_INDEX
+from engine.data.kinds import KINDS
 from engine.data.prepare import prepare
 from tests.conftest import SAMPLES
 

@@ -16,9 +16,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.errors import ZerotrainError
-from engine.tensor_io import (SAFETENSORS_CODES, SAFETENSORS_DTYPES, Entry, load_located, safetensors_entries,
-                              write_pth, write_safetensors)
 from engine import tensor_io
+from engine.tensor_io import (
+    SAFETENSORS_CODES,
+    SAFETENSORS_DTYPES,
+    Entry,
+    load_located,
+    safetensors_entries,
+    write_pth,
+    write_safetensors,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

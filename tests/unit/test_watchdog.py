@@ -1,4 +1,4 @@
-"""engine.watchdog in one process: ranks are Watchdog objects sharing an in-memory store
+"""engine.training.watchdog in one process: ranks are Watchdog objects sharing an in-memory store
 (torch's HashStore, the same interface as the job's TCPStore), their exits recorded instead of
 taken. The launcher-level tests (a hung or killed rank under torchrun, deepspeed and srun) are in
 tests/faults/test_hangs.py."""
@@ -10,7 +10,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from engine.watchdog import FAILED_EXIT, FLOOR_S, HANG_EXIT, REQUEUE_FILE_ENV, Watchdog
+from engine.training.watchdog import FAILED_EXIT, FLOOR_S, HANG_EXIT, REQUEUE_FILE_ENV, Watchdog
 
 FAST = {"interval": 0.05, "dead_after": 0.5, "gather": 3.0}
 

@@ -1,6 +1,6 @@
 """The training loop, shared by every stage: get batches -> objective loss -> engine.backward ->
 engine.step, then log / evaluate / save, and final/ at the end. The parts come built
-(engine.builders); what is optimised comes from the stage's objective (engine.objectives).
+(engine.training.build); what is optimised comes from the stage's objective (engine.objectives).
 
 One optimizer step takes grad_accum micro-batches per rank; DeepSpeed steps the optimizer on
 the accumulation boundary. The step's loss is the mean over every unit (trained token, or pair)
@@ -22,16 +22,18 @@ from typing import Any, Callable
 import torch
 
 from common.errors import ZerotrainError
-from engine import checkpoint
-from engine.builders import Data, Model, RunPlan
-from engine.config import Config
-from engine.distributed import World, all_reduce_sums
-from engine.ds_config import zero_stage
-from engine.export import export_final, write_adapter
-from engine.objectives import Batch, Objective
-from engine.run_dir import ADAPTER
-from engine.sidecar import Sidecar
-from engine.watchdog import Watchdog
+from engine.checkpoint import resume
+from engine.checkpoint.export import export_final, write_adapter
+from engine.checkpoint.run_dir import ADAPTER
+from engine.checkpoint.save import save as save_checkpoint
+from engine.checkpoint.sidecar import Sidecar
+from engine.config.deepspeed import zero_stage
+from engine.config.tree import Config
+from engine.data.loader import eval_batches
+from engine.distributed import World, all_reduce_sums, log_on_rank0
+from engine.objectives.base import Batch, Objective, Stage, summed_over
+from engine.training.parts import Data, Model, RunPlan
+from engine.training.watchdog import Watchdog
 from model.flops import device_peak_flops, mfu
 
 
@@ -66,7 +68,10 @@ class Hooks:
 
 @dataclass
 class Trainer:
+    """One run's loop over its built parts (engine.training.main.setup builds them)."""
+
     cfg: Config
+    stage: Stage
     plan: RunPlan
     world: World
     data: Data
@@ -159,12 +164,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------- evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
         """Validation loss and metrics (val_ prefixed): sums over this rank's share of the
         validation batches, reduced over ranks, divided by the units counted."""
-        from engine.data.loader import eval_batches
-
         batches = list(eval_batches(self.data.val, self.world.rank, self.world.size, self.cfg.train.micro_batch_size,
                                     self.cfg.train.eval_batches, self.data.collate)) if self.data.val else []
         if not batches:
@@ -172,14 +174,7 @@ class Trainer:
         self.engine.eval()
         if self.hooks.evaluate is not None:
             self.hooks.evaluate(self.state.step)
-        sums: dict[str, float] = {"units": 0.0, "loss": 0.0}
-        for batch in batches:
-            batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-            out = self.objective.loss(self.engine, batch)
-            sums["units"] += self.objective.units(batch)
-            sums["loss"] += float(out.loss)
-            for name, value in out.metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
+        sums = summed_over(self.objective, self.engine, batches, self.engine.device)
         self.engine.train()
         totals = all_reduce_sums(sums, self.engine.device)
         units = totals.pop("units")
@@ -197,11 +192,11 @@ class Trainer:
         data position, the sidecar, and for LoRA runs the PEFT adapter beside them."""
         client = {"zerotrain": {"state": self.state.state_dict(), "loader": self.data.loader.state_dict(),
                                 "config": self.cfg.to_dict()}}
-        sidecar = Sidecar(step=self.state.step, tokens_seen=self.state.tokens_seen, kind=self.plan.stage.name,
+        sidecar = Sidecar(step=self.state.step, tokens_seen=self.state.tokens_seen, kind=self.stage.name,
                           zero_stage=zero_stage(self.plan.ds_config), world_size=self.world.size,
                           precision=self.plan.precision, config=self.cfg.to_dict(),
                           model_config=self.model.config.to_dict(), lora=self.model.lora, data=self.data.identity)
-        tag = checkpoint.save(self.engine, self.plan.run.checkpoints, client, sidecar, self.cfg.checkpoint.keep_last,
+        tag = save_checkpoint(self.engine, self.plan.run.checkpoints, client, sidecar, self.cfg.checkpoint.keep_last,
                               estimated_bytes=self.model.checkpoint_bytes,
                               after_shards=self.hooks.after_checkpoint_shards,
                               verify=self.cfg.checkpoint.verify_checkpoints)
@@ -213,7 +208,7 @@ class Trainer:
 
     def restore(self, tag: Path) -> None:
         """Model, optimizer, scheduler, this rank's RNG, the counters and the data position."""
-        client = checkpoint.load(self.engine, tag)
+        client = resume.load(self.engine, tag)
         self.state.load_state_dict(client["state"])
         self.data.loader.load_state_dict(client["loader"])
         self.resumed_from = tag
@@ -225,7 +220,7 @@ class Trainer:
 
     def fit(self) -> int:
         """Train to max_steps, or until the ranks agree on a stop signal (a checkpoint is saved
-        then); 0 when done. The hang watchdog (engine.watchdog) watches every step, evaluation
+        then); 0 when done. The hang watchdog (engine.training.watchdog) watches every step, evaluation
         and save."""
         self.watchdog = Watchdog(self.plan.run.hang, self.world.rank, self.world.size, self.cfg.train.hang_timeout)
         with self.watchdog.start(self.state.step):
@@ -236,7 +231,7 @@ class Trainer:
 
         cfg, watchdog = self.cfg, self.watchdog
         bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, disable=self.world.rank != 0,
-                   desc=self.plan.stage.name, unit="step", dynamic_ncols=True)
+                   desc=self.stage.name, unit="step", dynamic_ncols=True)
         window_start, window_tokens = time.perf_counter(), 0
         last_saved = self.state.step if self.resumed_from is not None else -1
         while self.state.step < cfg.train.max_steps:
@@ -254,8 +249,8 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 record = self._metrics(out, window_tokens / max(elapsed, 1e-9))
                 shown = {"loss": "nan" if record["loss"] is None else f"{record['loss']:.4f}"}
-                if record.get("rewards/accuracies") is not None:  # preference tuning's headline
-                    shown["acc"] = f"{record['rewards/accuracies']:.2f}"
+                shown.update({label: f"{record[metric]:.2f}" for label, metric in self.stage.headline
+                              if record.get(metric) is not None})
                 bar.set_postfix(**shown, lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_sec']:.0f}")
                 self.write_metrics(record)
                 window_start, window_tokens = time.perf_counter(), 0
@@ -300,12 +295,6 @@ class Trainer:
             scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
             record["loss_scale"] = _number(scale)
         return record
-
-
-def log_on_rank0(rank: int, message: str) -> None:
-    """A progress line on rank 0 only, as every zerotrain run prints them."""
-    if rank == 0:
-        print(f"[zerotrain] {message}", flush=True)
 
 
 def batch_tokens(batch: Batch) -> int:

@@ -1,22 +1,20 @@
-"""Using a trained model: load it (plus a LoRA adapter), generate, chat, and measure loss/perplexity.
+"""Using a trained model: load it (plus a LoRA adapter) for inference, generate and chat.
 
-Generation is transformers' own `model.generate`; evaluation reads the data through the same
-`engine.data.prepare` path as training, so its windows and SFT label masks are the ones the
-model was trained on, and its loss is comparable to the run's `val_loss`.
+Generation is transformers' own `model.generate`; `zerotrain eval` (engine.apps.evaluate) and
+`zerotrain serve` (engine.apps.serve) load models through load_for_inference too.
 """
 
 from __future__ import annotations
 
-import math
 import sys
-import tempfile
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
 from common.errors import ZerotrainError
-from engine.run_dir import resolve
+from engine.checkpoint.run_dir import resolve
+from engine.distributed import local_device
 
 Messages = list[dict[str, str]]
 
@@ -53,7 +51,7 @@ def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
         model.resize_token_embeddings(len(tok))  # the adapter's saved embeddings fill the new rows
     if adapter is not None:
         model = _load_adapter(model, Path(adapter), model_dir)
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    model.to(local_device()).eval()
     return model, tok
 
 
@@ -199,57 +197,3 @@ def _fit_history(model: torch.nn.Module, tokenizer, history: Messages, keep: int
         ids = encode_prompt(tokenizer, history, model.device)
     _check_fits(model, ids.shape[1], max_new_tokens)
     return ids
-
-
-# --------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, tokenizer, data: list[str], *, kind: str = "auto", seq_len: int = 512,
-             batch_size: int = 8, max_batches: int | None = None, show_progress: bool = False,
-             columns: str = "") -> dict[str, Any]:
-    """Loss (total token NLL / trained tokens) and perplexity of `model` on raw data files
-    (conversations read through a --columns mapping when one is given).
-
-    Pretraining text: fixed windows of `seq_len` tokens (the tail that fills no window is left
-    out), every next token counted. SFT: each conversation (truncated to `seq_len`), only the
-    assistant's tokens counted. The same reading, encoding and masking as training.
-    """
-    from tqdm import tqdm
-
-    from engine.data.collate import collate_pad, collate_stack
-    from engine.data.conversations import SFTDataset
-    from engine.data.kinds import detect_kind
-    from engine.data.prepare import prepare
-    from engine.data.text import PretrainDataset
-    from engine.objectives.causal_lm import CausalLM
-
-    objective = CausalLM()
-    kind = detect_kind(data, columns) if kind == "auto" else kind
-    limit = context_length(model)
-    if limit is not None and seq_len > limit:
-        raise ZerotrainError(f"--seq-len {seq_len} is longer than the model's context of {limit} tokens")
-    if seq_len < 2 or batch_size < 1 or (max_batches is not None and max_batches < 1):
-        raise ZerotrainError("--seq-len must be at least 2, --batch-size and --max-batches at least 1")
-    with tempfile.TemporaryDirectory(prefix="zerotrain-eval-") as tmp:
-        meta = prepare(kind, data, tokenizer, Path(tmp) / "data", seq_len=seq_len, val_fraction=0.0,
-                       show_progress=False, columns=columns)
-        if kind == "pretrain":
-            dataset, collate = PretrainDataset(Path(tmp) / "data", "train", seq_len), collate_stack
-        else:
-            dataset = SFTDataset(Path(tmp) / "data", "train", seq_len)
-            collate = lambda examples: collate_pad(examples, tokenizer.pad_token_id)
-        if len(dataset) == 0:
-            raise ZerotrainError(f"{', '.join(data)}: {meta['splits']['train']['tokens']} tokens do not fill one "
-                                 f"window of --seq-len {seq_len}; use a smaller --seq-len")
-        starts = range(0, len(dataset), batch_size)[:max_batches]
-        nll, tokens = 0.0, 0
-        for start in tqdm(starts, desc=f"eval {kind}", disable=not show_progress):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            # The training objective scores and counts exactly as training and validation do.
-            nll += float(objective.loss(model, batch).loss)
-            tokens += objective.units(batch)
-        sequences = min(len(dataset), len(starts) * batch_size)
-    loss = nll / tokens
-    return {"kind": kind, "loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
-            "tokens": tokens, "sequences": sequences, "skipped": {k: v for k, v in meta["stats"].items() if v}}

@@ -14,7 +14,7 @@ int32, `<split>.logps.npy` [tokens, k + 1] float32 (the tail last) and `<split>.
 teacher's files, precision, attention backend, vocabulary, k and the temperature, so a changed
 teacher is never read from a stale store. The directory appears whole (common.publish).
 
-`zerotrain teacher-logits` fills it ahead of training (under torchrun too, the ranks sharing the
+`zerotrain teacher-logits` (engine.apps.teacher_logits) fills it ahead of training (under torchrun too, the ranks sharing the
 examples); a distill run with --teacher-top-k fills it at start when it is missing, then frees
 the teacher before the first step.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gc
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -35,16 +34,15 @@ from common.errors import ZerotrainError
 from common.publish import publishing
 from engine.data.collate import collate_pad
 from engine.distributed import World
-from engine.frozen import frozen_key, frozen_model, over_dataset
-from engine.objectives import Batch, model_inputs
+from engine.objectives.base import Batch, model_inputs
 from engine.objectives.causal_lm import trained_tokens
+from engine.objectives.frozen import frozen_key, frozen_model, over_dataset
 
 if TYPE_CHECKING:
-    from engine.builders import Data, RunPlan
-    from engine.config import Config
-    from engine.run_dir import Resolved
+    from engine.checkpoint.run_dir import Resolved
+    from engine.config.tree import Config
+    from engine.training.parts import Data, RunPlan
 
-SPLITS = ("train", "val")
 FLOOR = 1e-30
 """Smallest tail probability kept: an empty tail (k = vocabulary) would be log 0."""
 
@@ -66,12 +64,10 @@ def bucketed(logps: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return with_tail(logps.gather(-1, ids.long()))
 
 
-def store_key(cfg: Config, plan: RunPlan, source: Resolved) -> str:
-    return frozen_key(cfg, plan, source, top_k=cfg.distill.teacher_top_k, temperature=cfg.distill.kd_temperature)
-
-
-def store_dir(prepared: Path, cfg: Config, plan: RunPlan, source: Resolved) -> Path:
-    return prepared / "teacher" / store_key(cfg, plan, source)
+def store_dir(prepared: Path, cfg: Config, plan: RunPlan, source: Resolved, top_k: int, temperature: float) -> Path:
+    """Where the store of a teacher's top-k log-probs at a temperature lies, beside prepared data:
+    keyed by what the log-probs depend on (engine.objectives.frozen.frozen_key)."""
+    return prepared / "teacher" / frozen_key(cfg, plan, source, top_k=top_k, temperature=temperature)
 
 
 # --------------------------------------------------------------------------- computing
@@ -90,14 +86,15 @@ def _per_example(teacher: Callable[..., Any], k: int, temperature: float, vocab:
 
 
 def compute(cfg: Config, plan: RunPlan, device: torch.device, data: Data, prepared: Path, world: World,
-            source: Resolved, zero3: bool, log: Callable[[str], None]) -> Path:
-    """The store for `data` (one prepared source): read if there, else computed now (every rank
-    its share of the examples) and written. Returns its directory."""
-    target = store_dir(prepared, cfg, plan, source)
+            source: Resolved, zero3: bool, log: Callable[[str], None], *, top_k: int, temperature: float) -> Path:
+    """The store of the teacher `source`'s `top_k` log-probs at `temperature` for `data` (one
+    prepared source): read if there, else computed now (every rank its share of the examples) and
+    written. Returns its directory."""
+    target = store_dir(prepared, cfg, plan, source, top_k, temperature)
     if (target / "meta.json").is_file():
-        log(f"teacher top-{cfg.distill.teacher_top_k} log-probs from {target}")
+        log(f"teacher top-{top_k} log-probs from {target}")
         return target
-    k, temperature = cfg.distill.teacher_top_k, cfg.distill.kd_temperature
+    k = top_k
     teacher = frozen_model(cfg, plan, device, source, zero3=zero3)
     run = _per_example(teacher, k, temperature, len(plan.tokenizer))
     pad = lambda examples: collate_pad(examples, plan.tokenizer.pad_token_id)  # noqa: E731  one example a row
@@ -173,37 +170,3 @@ def attach(data: Data, store: Path) -> None:
         data.val = WithTeacher(data.val, store, "val")
     data.collate = with_teacher_collate(data.collate)
     data.loader.dataset, data.loader.collate = data.train, data.collate
-
-
-# --------------------------------------------------------------------------- the CLI
-
-def main(argv: list[str], top_k: int) -> int:
-    """`zerotrain teacher-logits --top-k K [distill flags]`: fill the store of the distill run
-    those flags describe, and train nothing."""
-    import tempfile
-
-    from engine.builders import build_data, plan_run
-    from engine.config import parse_config
-    from engine.distributed import init_distributed, quiet_output, shutdown_distributed, world
-    from engine.objectives.distill import DISTILL
-    from engine.trainer import log_on_rank0
-
-    here = world()
-    cfg = parse_config([*argv, "--teacher-top-k", str(top_k)], description="zerotrain teacher-logits")
-    quiet_output(here.rank, cfg.train.verbose)
-    with tempfile.TemporaryDirectory() as scratch:
-        if not cfg.train.output_dir:  # the plan wants a run directory; nothing is written to it
-            cfg.train.output_dir = str(Path(scratch) / "run")
-        plan = plan_run(cfg, DISTILL, here.size)
-        objective = DISTILL.objective(cfg)
-        objective.check(cfg, plan)
-        init_distributed(here.local_rank, cfg.distributed.dist_timeout)
-        log = lambda message: log_on_rank0(here.rank, message)  # noqa: E731
-        data = build_data(cfg, plan, here, log)
-        device = torch.device("cuda", here.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        target = compute(cfg, plan, device, data, data.directories[0], here, objective.source,
-                         objective.teacher_zero3(plan), log)
-        if here.rank == 0:
-            print(target, file=sys.stdout, flush=True)
-    shutdown_distributed()
-    return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common.errors import ZerotrainError
 from common.publish import publishing
-from engine.run_dir import RunDir
+from engine.checkpoint.run_dir import RunDir
 
 # (metrics.jsonl key, panel title, y-axis label)
 PANELS = (("loss", "training loss", "loss"),

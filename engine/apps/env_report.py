@@ -39,7 +39,7 @@ def collect(output_dir: str = ".") -> dict[str, Any]:
         report.update(_torch_builds())
         report.update(_accelerator())
     report.update(_jit_tools())
-    from engine.config import DataConfig
+    from engine.config.sections import DataConfig
 
     report.update(_free_disk("data_cache", DataConfig().cache_dir))
     report.update(_free_disk("output", Path(output_dir)))

@@ -6,7 +6,7 @@
 
 Both POSTs stream with `stream: true` (server-sent events of OpenAI's chunk objects, then
 `data: [DONE]`). Decoding is transformers' `model.generate`, configured as `zerotrain generate`
-does (engine.generate). The model answers one request at a time: each generation runs in a
+does (engine.apps.generate). The model answers one request at a time: each generation runs in a
 worker thread holding a lock, so the event loop stays free and concurrent requests queue instead
 of sharing the model's state or the global RNG that `seed` sets.
 """
@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, set_seed
 
 from common.errors import ZerotrainError
-from engine.generate import Messages, context_length, encode_prompt, generation_config
+from engine.apps.generate import Messages, context_length, encode_prompt, generation_config
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 GRACEFUL_SHUTDOWN_S = 5  # how long SIGTERM waits for responses in flight before cancelling them
@@ -336,7 +336,7 @@ def serve(model: str | Path, *, adapter: str | Path | None = None, tokenizer: st
 
     import uvicorn
 
-    from engine.generate import load_for_inference
+    from engine.apps.generate import load_for_inference
 
     name = model_name or Path(model).resolve().name
     loaded, tok = load_for_inference(model, adapter, tokenizer)

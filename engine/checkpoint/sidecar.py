@@ -4,7 +4,7 @@ Written once, last, by rank 0 after every rank has saved (so its presence marks 
 save), and read by resume, consolidate, extract-adapter and inspect. It carries what the shards
 do not say: the run's config and model config, the LoRA settings, the training state, and a
 manifest of every file's fingerprint to catch truncated or foreign shards. Whole-file digests,
-which come later from a background thread, live beside it in checksums/ (engine.checksums).
+which come later from a background thread, live beside it in checksums/ (engine.checkpoint.checksums).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from common.errors import ZerotrainError
 from common.jsonio import read_json_object
 from common.publish import write_text
-from engine.run_dir import SIDECAR
+from engine.checkpoint.run_dir import SIDECAR
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Sidecar:
     """Data-parallel ranks that saved the checkpoint."""
     precision: str
     config: dict[str, Any]
-    """The run's resolved config (engine.config.Config.to_dict())."""
+    """The run's resolved config (engine.config.tree.Config.to_dict())."""
     model_config: dict[str, Any]
     """The transformers config of the model trained (PretrainedConfig.to_dict())."""
     lora: dict[str, Any] | None = None
@@ -39,7 +39,7 @@ class Sidecar:
     files: dict[str, str] = field(default_factory=dict)
     """Fingerprint of every other file of the tag, by path relative to it."""
     data: list[dict[str, Any]] | None = None
-    """The data the run trained on (engine.builders.Data.identity); None in checkpoints saved
+    """The data the run trained on (engine.training.parts.Data.identity); None in checkpoints saved
     before it was recorded."""
 
     def write(self, tag_dir: Path) -> None:

@@ -4,10 +4,10 @@
     RUN/tokenizer/           the tokenizer the run uses (HF format)
     RUN/metrics.jsonl        one JSON object per logged step
     RUN/checkpoints/         DeepSpeed's save_checkpoint dir: latest, global_stepN/ (+ _universal)
-        global_stepN/zerotrain.json   the sidecar, written last (engine.sidecar)
+        global_stepN/zerotrain.json   the sidecar, written last (engine.checkpoint.sidecar)
     RUN/final/               the trained model in HF format, with the tokenizer
     RUN/final/adapter/       LoRA runs: the PEFT adapter
-    RUN/hang/rankN.txt       a stalled job's Python stacks, one file per rank (engine.watchdog)
+    RUN/hang/rankN.txt       a stalled job's Python stacks, one file per rank (engine.training.watchdog)
 
 Every command that takes a model, an adapter or a checkpoint accepts a run directory for it, and
 `resolve` turns what the user passed into what the command reads.

@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from common.process import exit_process
+
 HANG_EXIT = 75  # EX_TEMPFAIL: a stall or a lost rank; starting again (it resumes) can succeed
 FAILED_EXIT = 1  # another rank stopped with an error, which its own output shows
 FLOOR_S = 600.0  # the allowance of work not timed yet, and the least a default allowance is
@@ -50,9 +52,7 @@ REQUEUE_FILE_ENV = "ZEROTRAIN_REQUEUE_FILE"
 
 def end_process(status: int) -> None:
     """The watchdog's way out: the main thread may be blocked in a collective for good."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    exit_process(status, finish=False)
 
 
 class Watchdog:

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from engine.checkpoint.run_dir import Resolved
 from engine.distributed import World
-from engine.run_dir import Resolved
 
 if TYPE_CHECKING:
-    from engine.builders import RunPlan
-    from engine.config import Config
+    from engine.config.tree import Config
+    from engine.training.parts import RunPlan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -34,9 +34,9 @@ def frozen_model(cfg: Config, plan: RunPlan, device: torch.device, source: Resol
     model's own starting point), without gradients, in eval mode."""
     import deepspeed
 
-    from engine.modeling import build_base_model
+    from engine.training.init_from import build_base_model
 
-    # The seed of the trained model's init (engine.builders.build_model), without moving the
+    # The seed of the trained model's init (engine.training.build.build_model), without moving the
     # run's own random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)

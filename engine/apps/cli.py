@@ -115,7 +115,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_preflight(args: argparse.Namespace) -> None:
-    from engine.preflight import format_report, preflight
+    from engine.apps.preflight import format_report, preflight
 
     report = preflight(args.hostfile, output_dir=args.output_dir, master_addr=args.master_addr,
                        master_port=args.master_port, ssh_port=args.ssh_port, timeout=args.timeout,
@@ -129,7 +129,7 @@ def cmd_preflight(args: argparse.Namespace) -> None:
 def _load_for_inference(args: argparse.Namespace):
     from transformers.utils import logging
 
-    from engine.generate import load_for_inference
+    from engine.apps.generate import load_for_inference
 
     logging.disable_progress_bar()  # "Loading weights" bars would interleave with the output
     return load_for_inference(args.model, args.adapter, args.tokenizer)
@@ -141,7 +141,7 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from engine.generate import generate
+    from engine.apps.generate import generate
 
     model, tokenizer = _load_for_inference(args)
     completions = generate(model, tokenizer, args.prompt, chat=args.chat, **_sampling(args))
@@ -150,21 +150,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from engine.generate import chat
+    from engine.apps.generate import chat
 
     model, tokenizer = _load_for_inference(args)
     chat(model, tokenizer, system=args.system, **_sampling(args))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from engine.data.kinds import detect_kind
-    from engine.generate import evaluate
+    from engine.apps.evaluate import eval_kind, evaluate
 
-    kind = detect_kind(args.data, args.columns) if args.kind == "auto" else args.kind
-    if kind == "pref":
-        raise ZerotrainError(f"{' '.join(args.data)}: preference pairs (chosen/rejected); eval measures language-model "
-                             "loss on pretraining text or SFT conversations only. Evaluate on SFT data, or watch a "
-                             "DPO run's val_rewards/* in its metrics.jsonl")
+    kind = eval_kind(args.data, args.kind, args.columns)  # before the model is loaded
     model, tokenizer = _load_for_inference(args)
     result = evaluate(model, tokenizer, args.data, kind=kind, seq_len=args.seq_len, batch_size=args.batch_size,
                       max_batches=args.max_batches, show_progress=not args.json, columns=args.columns)
@@ -183,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from transformers.utils import logging
 
-    from engine.serve import serve
+    from engine.apps.serve import serve
 
     logging.disable_progress_bar()  # "Loading weights" bars would interleave with the server's log
     serve(args.model, adapter=args.adapter, tokenizer=args.tokenizer, host=args.host, port=args.port,
@@ -193,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from engine.plot import plot_runs
+    from engine.apps.plot import plot_runs
 
     out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else Path("curves.png"))
     runs = plot_runs(args.run_dirs, out, title=args.title)
@@ -201,14 +196,14 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_env(args: argparse.Namespace) -> None:
-    from engine.env_report import collect, format_report
+    from engine.apps.env_report import collect, format_report
 
     report = collect(args.output_dir)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 
 
 def cmd_teacher_logits(args: argparse.Namespace) -> None:
-    from engine.teacher_logits import main as teacher_logits
+    from engine.apps.teacher_logits import main as teacher_logits
 
     if args.top_k < 1:
         raise ZerotrainError(f"--top-k {args.top_k}: keep at least one log-prob per token")
@@ -248,6 +243,8 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.data.kinds import KINDS
+
     parser = argparse.ArgumentParser(prog="zerotrain", description="DeepSpeed ZeRO training for GPT-style models",
                                      allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -277,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", allow_abbrev=False,
                        help="tokenize pretraining text, SFT conversations or preference pairs into token files")
-    p.add_argument("--kind", choices=("pretrain", "sft", "pref"), required=True,
+    p.add_argument("--kind", choices=tuple(KINDS), required=True,
                    help="pref: chosen/rejected pairs for launcher/dpo.py (two sequences a pair)")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="HF tokenizer dir or sentencepiece .model")
@@ -394,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "NLL / counted tokens; perplexity = exp(loss).")
     _inference_args(p)
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help=".txt/.jsonl/.parquet text or SFT .json/.jsonl")
-    p.add_argument("--kind", choices=("auto", "pretrain", "sft"), default="auto",
+    p.add_argument("--kind", choices=("auto", *(k for k, kind in KINDS.items() if kind.language_modeling)), default="auto",
                    help="auto: sft for .json and for .jsonl/.parquet of conversations, else pretrain "
                         "(preference pairs are refused)")
     p.add_argument("--seq-len", type=int, default=512, help="window length (pretrain), truncation length (SFT)")

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from common.publish import publishing
+from engine.checkpoint.run_dir import ADAPTER, RunDir
 from engine.distributed import on_rank0
-from engine.modeling import merged_model, save_adapter
-from engine.run_dir import ADAPTER, RunDir
+from engine.training.lora import merged_model, save_adapter
 
 
 def full_state_dict(engine, *, zero3: bool, precision: str, only_trainable: bool = False

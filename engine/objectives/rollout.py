@@ -16,7 +16,7 @@ import torch
 from common.errors import ZerotrainError
 from engine.data.collate import collate_pad
 from engine.data.format import IGNORE_INDEX
-from engine.objectives import Batch
+from engine.objectives.base import Batch
 
 
 def prompts(batch: Batch) -> list[torch.Tensor]:

@@ -1,7 +1,7 @@
 """Whole-file digests of a checkpoint tag (`--verify-checkpoints full`), so that a flipped byte
 anywhere in a shard is caught before the tag is resumed from or consolidated.
 
-The sidecar's manifest (engine.checkpoint.manifest) holds each file's size and a hash of its last
+The sidecar's manifest (engine.checkpoint.save.manifest) holds each file's size and a hash of its last
 MiB: cheap, and enough for truncation and for a foreign file, but blind to damage in the middle
 of a shard (torch.load does not check the zip records' CRCs). Hashing whole files on the save's
 critical path would stall every rank, so once a save is complete (`latest` names it) each rank
@@ -22,7 +22,7 @@ from pathlib import Path
 from common.errors import ZerotrainError
 from common.jsonio import read_json_object
 from common.publish import publishing, remove
-from engine.run_dir import SIDECAR
+from engine.checkpoint.run_dir import SIDECAR
 
 CHECKSUMS = "checksums"
 """The folder of a tag that holds the digests, one JSON file per rank that hashed."""

@@ -5,7 +5,7 @@ same seeded random init when there is none). How it runs, holding the least memo
 
 - LoRA, no --ref-from: the policy itself with its adapter disabled (peft's disable_adapter), so
   there is no second copy at all.
-- Full fine-tuning: a frozen copy (engine.frozen), partitioned like the policy under ZeRO-3, whole
+- Full fine-tuning: a frozen copy (engine.objectives.frozen), partitioned like the policy under ZeRO-3, whole
   on every rank in the run's precision under ZeRO 0-2.
 
 With --precompute-ref the reference runs once over the prepared pairs before training; the
@@ -24,33 +24,35 @@ import numpy as np
 import torch
 
 from common.publish import publishing
+from engine.checkpoint.run_dir import Resolved
+from engine.config.deepspeed import zero_stage
 from engine.distributed import World
-from engine.ds_config import zero_stage
-from engine.frozen import frozen_key, frozen_model, over_dataset
-from engine.objectives import Batch
-from engine.objectives.preference import model_logps
-from engine.run_dir import Resolved
+from engine.objectives.base import Batch
+from engine.objectives.frozen import frozen_key, frozen_model, over_dataset
 
 if TYPE_CHECKING:
-    from engine.builders import Data, RunPlan
-    from engine.config import Config
+    from engine.config.tree import Config
+    from engine.training.parts import Data, RunPlan
 
 ReferenceLogps = Callable[[Batch], torch.Tensor]
 """Batch -> the reference's summed response log-probs per sequence ([2 x pairs], fp32)."""
+SequenceLogps = Callable[[Any, Batch, int], tuple[torch.Tensor, torch.Tensor]]
+"""The objective's own (model, batch, --loss-chunk-size) -> (summed log-probs, trained tokens) per
+sequence, which the reference runs exactly as the policy does."""
 
 
-def _source(cfg: Config, plan: RunPlan) -> Resolved | None:
+def _source(ref_from: str, plan: RunPlan) -> Resolved | None:
     """--ref-from, else the policy's own starting point."""
-    from engine.modeling import resolve_init_from
+    from engine.training.init_from import resolve_init_from
 
-    return resolve_init_from(cfg.pref.ref_from) if cfg.pref.ref_from else plan.init_source
+    return resolve_init_from(ref_from) if ref_from else plan.init_source
 
 
-def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
+def reference_logps(cfg: Config, plan: RunPlan, engine: Any, ref_from: str, logps: SequenceLogps) -> ReferenceLogps:
     """The reference as a function of a batch, built as the module docstring says (through the
     LM head --loss-chunk-size tokens at a time, as the policy)."""
     chunk = cfg.train.loss_chunk_size
-    if cfg.lora.enabled and not cfg.pref.ref_from:
+    if cfg.lora.enabled and not ref_from:
         policy = engine.module
 
         @torch.no_grad()
@@ -60,27 +62,27 @@ def reference_logps(cfg: Config, plan: RunPlan, engine: Any) -> ReferenceLogps:
             policy.eval()
             try:
                 with policy.disable_adapter():
-                    return model_logps(policy, batch, chunk)[0]
+                    return logps(policy, batch, chunk)[0]
             finally:
                 policy.train(was_training)
 
         return adapter_disabled
 
-    module = frozen_model(cfg, plan, engine.device, _source(cfg, plan), zero3=zero_stage(plan.ds_config) == 3)
+    module = frozen_model(cfg, plan, engine.device, _source(ref_from, plan), zero3=zero_stage(plan.ds_config) == 3)
 
     @torch.no_grad()
     def frozen(batch: Batch) -> torch.Tensor:
-        return model_logps(module, batch, chunk)[0]
+        return logps(module, batch, chunk)[0]
 
     return frozen
 
 
 # --------------------------------------------------------------------------- precomputed
 
-def reference_key(cfg: Config, plan: RunPlan) -> str:
+def reference_key(cfg: Config, plan: RunPlan, ref_from: str) -> str:
     """What the cached log-probs depend on besides the prepared pairs: which reference (its
     files, or the preset and seed of a random init), the precision and the attention backend."""
-    return frozen_key(cfg, plan, _source(cfg, plan))
+    return frozen_key(cfg, plan, _source(ref_from, plan))
 
 
 def _all_logps(reference: ReferenceLogps, dataset, collate, world: World, micro_batch_size: int,
@@ -111,17 +113,17 @@ class WithReference(torch.utils.data.Dataset):
 
 
 def precompute(cfg: Config, plan: RunPlan, engine: Any, data: Data, prepared: Path, world: World,
-               log: Callable[[str], None]) -> None:
+               log: Callable[[str], None], ref_from: str, logps: SequenceLogps) -> None:
     """Give `data`'s pairs their reference log-probs: from the cache beside the prepared
     directory, else computed now (every rank its share) and cached, then the model is freed."""
-    cache = prepared / "reference" / f"{reference_key(cfg, plan)}.npz"
+    cache = prepared / "reference" / f"{reference_key(cfg, plan, ref_from)}.npz"
     splits = {"train": data.train, "val": data.val}
     if cache.is_file():
         with np.load(cache) as saved:
             logps = {split: saved[split] for split in splits}
         log(f"reference log-probs from {cache}")
     else:
-        reference = reference_logps(cfg, plan, engine)
+        reference = reference_logps(cfg, plan, engine, ref_from, logps)
         logps = {split: _all_logps(reference, dataset, data.collate, world, cfg.train.micro_batch_size,
                                    engine.device) if dataset is not None else np.zeros((0, 2), np.float32)
                  for split, dataset in splits.items()}

@@ -1,25 +1,30 @@
-"""The entry point every launcher calls: parse the config, build the run's parts, train.
+"""The entry point every launcher calls: parse the stage's config, set the run up, train.
 
-    sys.exit(main(sys.argv[1:], PRETRAIN))      # launcher/pretrain.py
+    run(PRETRAIN)      # launcher/pretrain.py
+
+setup runs the steps in order, each checked before the next costs more: the plan (no process
+group yet), the data (prepared once, compared with a resumed checkpoint's), the model and the
+DeepSpeed engine, what the objective runs beside the model, and the checkpoint; config.yaml and
+tokenizer/ are written only then, so a refused start leaves the run directory as it was.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import signal
 import sys
 import warnings
 from typing import NoReturn
 
 from common.errors import ZerotrainError
-from engine.builders import (build_data, build_engine, build_model, check_same_data, plan_run, resume_point,
-                             write_run_files)
-from engine.checksums import wait_for_checksums
-from engine.config import Config, parse_config
-from engine.distributed import World, init_distributed, quiet_output, shutdown_distributed, world
-from engine.objectives import Stage
-from engine.trainer import Hooks, Trainer, log_on_rank0
+from common.process import exit_process
+from engine.checkpoint.checksums import wait_for_checksums
+from engine.config.tree import Config
+from engine.distributed import World, init_distributed, log_on_rank0, quiet_output, shutdown_distributed, world
+from engine.objectives.base import Stage
+from engine.stages import config_for
+from engine.training.build import build_data, build_engine, build_model, check_same_data, resume_point, write_run_files
+from engine.training.plan import plan_run
+from engine.training.trainer import Hooks, Trainer
 
 
 def setup(cfg: Config, stage: Stage, here: World, hooks: Hooks | None = None) -> Trainer:
@@ -35,34 +40,18 @@ def setup(cfg: Config, stage: Stage, here: World, hooks: Hooks | None = None) ->
     model = build_model(cfg, plan)
     engine = build_engine(cfg, plan, model)
     objective.build(cfg, plan, engine, data)
-    trainer = Trainer(cfg, plan, here, data, model, engine, objective, hooks or Hooks())
+    trainer = Trainer(cfg, stage, plan, here, data, model, engine, objective, hooks or Hooks())
     if resume_tag is not None:
         trainer.restore(resume_tag)
     write_run_files(plan, cfg, here)
     return trainer
 
 
-def exit_process(status: int) -> NoReturn:
-    """End a launcher's process with `status` once its output is flushed, skipping interpreter
-    teardown. After a finished multi-rank run that teardown sometimes aborted in a C++ destructor
-    of the communication stack ("terminate called without an active exception", exit -6; seen in
-    ZeRO-3 CI runs even after the process group was destroyed), which torchrun and SLURM report as
-    a failed run although its final model is saved. A wandb run (DeepSpeed's monitor) is finished
-    first, as its exit hook would."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 def main(argv: list[str] | None, stage: Stage, hooks: Hooks | None = None) -> int:
     """Train `stage` with the flags in `argv`; the exit status (2 for a ZerotrainError)."""
     here = world()
     try:
-        cfg = parse_config(argv, description=f"zerotrain {stage.name}")
+        cfg = config_for(stage, argv)
         # Before anything imports DeepSpeed (setup does): every rank would log its accelerator line.
         quiet_output(here.rank, cfg.train.verbose)
         trainer: Trainer | None = None
@@ -95,3 +84,9 @@ def main(argv: list[str] | None, stage: Stage, hooks: Hooks | None = None) -> in
         print(f"zerotrain {stage.name}: error{f' (rank {here.rank})' if here.size > 1 else ''}: {e}", file=sys.stderr,
               flush=True)
         return 2
+
+
+def run(stage: Stage) -> NoReturn:
+    """A launcher's whole life: train `stage` with the process's flags, then end the process with
+    its status (common.process.exit_process)."""
+    exit_process(main(sys.argv[1:], stage))

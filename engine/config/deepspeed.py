@@ -13,25 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from engine.config import Config
 from common.errors import ZerotrainError
+from engine.config.tree import Config
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 DEFAULT_STAGE = 2
-
-
-def resolve_precision(requested: str, device_type: str) -> str:
-    """`auto` -> bf16 where the device supports it, else fp16 on GPU, fp32 on CPU."""
-    if requested == "fp16" and device_type == "cpu":
-        raise ZerotrainError("--precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU: \"Type fp16 is not "
-                             "supported on your device\"); use --precision bf16 or fp32 on CPU")
-    if requested != "auto":
-        return requested
-    if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
 
 
 def load_ds_config(cfg: Config) -> tuple[dict[str, Any], str]:
@@ -132,4 +118,5 @@ def _find_auto(node: Any, prefix: str = ""):
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
+    """The ZeRO stage a filled DeepSpeed config runs (0 when it names none)."""
     return int(ds.get("zero_optimization", {}).get("stage", 0))
