@@ -25,9 +25,9 @@ import torch
 from common.errors import ZerotrainError
 from common.jsonio import read_json_object
 from common.publish import check_apart
-from engine.ds_checkpoint import Checkpoint, load_checkpoint, resolve_tag
+from engine.ds_checkpoint import Checkpoint, load_checkpoint
 from engine.lora import fold_lora, lora_settings
-from engine.run_dir import SIDECAR, TOKENIZER_FILES, RunDir, has_tokenizer
+from engine.run_dir import SIDECAR, TOKENIZER_FILES, RunDir, has_tokenizer, resolve_tag
 from engine.tensor_io import Entry, output_kind, parse_size, source_entries, write_output
 from model.state_dict import check_state_dict
 

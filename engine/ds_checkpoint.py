@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from common.errors import ZerotrainError
-from engine.run_dir import LATEST, RunDir, is_checkpoint_dir, is_tag_dir, resolve
+from engine.run_dir import is_universal_dir
 from engine.sidecar import Sidecar
 from engine.tensor_io import Piece, TensorSource, load_located, tied_names, torch_load
 from model.state_dict import strip_wrappers
@@ -104,68 +104,6 @@ class _File:
 
     def source(self, t: torch.Tensor, origin: str) -> TensorSource:
         return self.locator.source(t, origin)
-
-
-# --------------------------------------------------------------------------------------------
-# Tags
-
-
-def list_tags(ckpt_dir: str | os.PathLike) -> list[str]:
-    """The checkpoint subfolders (those holding *_model_states.pt), by step number."""
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        return []
-    tags = [p.name for p in root.iterdir() if is_tag_dir(p) and not _is_universal(p)]
-    return sorted(tags, key=_tag_key)
-
-
-def _is_universal(tag_dir: Path) -> bool:
-    """ds_to_universal's output: model states beside a zero/ folder of per-parameter files."""
-    return (tag_dir / "zero").is_dir()
-
-
-def _tag_key(tag: str) -> tuple:
-    m = re.search(r"(\d+)$", tag)
-    return (0, int(m.group(1)), tag) if m else (1, 0, tag)
-
-
-def checkpoint_dir(ckpt_dir: str | os.PathLike) -> Path:
-    """What a CKPT_DIR argument names: the directory itself (a checkpoint directory or one tag
-    folder), or for a zerotrain run directory its checkpoints/."""
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        raise ZerotrainError(f"checkpoint directory {root} does not exist")
-    if is_checkpoint_dir(RunDir(root).checkpoints):
-        root = resolve(root, ("deepspeed",), "CKPT_DIR").path
-    return root
-
-
-def resolve_tag(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Path:
-    """The tag folder to read: `tag` if given, else the one `latest` names.
-
-    CKPT_DIR may also be a tag folder itself (it holds *_model_states.pt) when no tag is given, or
-    a zerotrain run directory (its checkpoints/).
-    """
-    root = checkpoint_dir(ckpt_dir)
-    if tag is None and is_tag_dir(root):
-        return root
-    tags = list_tags(root)
-    available = f"available tags: {', '.join(tags)}" if tags else "it holds no checkpoint tags"
-    if tag is not None:
-        if (root / tag).is_dir():
-            return root / tag
-        raise ZerotrainError(f"no checkpoint tag {tag!r} in {root}; {available}")
-    if not tags:
-        raise ZerotrainError(f"{root} holds no DeepSpeed checkpoint (no global_stepN/ folder with "
-                             f"*_model_states.pt files); pass the directory given to save_checkpoint")
-    latest = root / LATEST
-    if not latest.is_file():
-        raise ZerotrainError(f"{root} has no 'latest' file; pass --tag ({available})")
-    name = latest.read_text().strip()
-    if not (root / name).is_dir():
-        raise ZerotrainError(f"{latest} names {name!r}, which does not exist in {root} (deleted or not yet "
-                             f"written?); pass --tag ({available})")
-    return root / name
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +188,7 @@ def describe(tag_dir: str | os.PathLike, *, trust_pickle: bool = False) -> Check
     info.files = sorted(p.name for p in tag_dir.iterdir() if p.is_file())
     info.bytes = sum((tag_dir / f).stat().st_size for f in info.files)
     problems = info.problems
-    if _is_universal(tag_dir):
+    if is_universal_dir(tag_dir):
         problems.append(f"{tag_dir} is a DeepSpeed universal checkpoint (ds_to_universal output); read the tag it "
                         f"was made from")
         return info

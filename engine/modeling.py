@@ -16,7 +16,7 @@ import torch
 from common.errors import ZerotrainError
 from common.publish import publishing
 from engine.config import Config
-from engine.run_dir import Resolved, resolve
+from engine.run_dir import Resolved, resolve, resolve_tag
 
 
 def resolve_init_from(init_from: str) -> Resolved | None:
@@ -106,7 +106,7 @@ def _model_from_checkpoint(cfg: Config, source: Resolved) -> torch.nn.Module:
     """The weights of a DeepSpeed checkpoint tag (fp32 masters, a LoRA adapter folded in) in a model
     built from the config consolidate would write beside them, read one tensor at a time."""
     from engine.consolidate import checkpoint_entries, find_model_config, untie_trained_head
-    from engine.ds_checkpoint import load_checkpoint, resolve_tag
+    from engine.ds_checkpoint import load_checkpoint
     from model.build import build_from_config
     from model.state_dict import check_state_dict, copy_into
 

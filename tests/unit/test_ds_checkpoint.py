@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.ds_checkpoint import SAFE_GLOBALS, describe, list_tags, load_checkpoint, resolve_tag, safe_load
+from engine.ds_checkpoint import SAFE_GLOBALS, describe, load_checkpoint, safe_load
 from engine.tensor_io import (Entry, parse_size, state_dict_entries, write_hf_dir, write_output, write_pth,
                               write_safetensors)
 from common.errors import ZerotrainError
 from engine.lora import LoraSettings, fold_lora
+from engine.run_dir import list_tags, resolve_tag
 from tests.unit.test_tensor_io import ROOT, peak_rss_child
 
 
@@ -180,7 +181,8 @@ def test_reading_a_checkpoint_reads_no_optimizer_moments(tmp_path):
     loaded, control = peak_rss_child(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        from engine.ds_checkpoint import SAFE_GLOBALS, load_checkpoint, resolve_tag, safe_load  # imports deepspeed
+        from engine.ds_checkpoint import SAFE_GLOBALS, load_checkpoint, safe_load  # imports deepspeed
+        from engine.run_dir import resolve_tag
         start = phase_start()
         ckpt = load_checkpoint(resolve_tag(sys.argv[1]))
         weights = {{name: src.read() for name, src in ckpt.tensors.items()}}
