@@ -13,10 +13,11 @@ import torch
 
 from common.errors import ZerotrainError
 from common.publish import check_apart
-from engine.consolidate import (Written, check_against_config, load_config_json, output_dtype, plan_output,
-                                tokenizer_source, write_extras, write_tokenizer)
+from engine.consolidate import (Written, check_against_config, load_config_json, plan_output, tokenizer_source,
+                                write_extras, write_tokenizer)
 from engine.ds_checkpoint import load_checkpoint
 from engine.lora import fold_lora, lora_module, lora_name_in_model, lora_settings, peft_adapter, strip_peft
+from engine.precision import output_dtype
 from engine.run_dir import ADAPTER, FINAL, has_tokenizer, resolve, resolve_tag
 from engine.tensor_io import Entry, model_entries, source_entries, staged, state_dict_entries, write_safetensors
 

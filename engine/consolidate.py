@@ -27,6 +27,7 @@ from common.jsonio import read_json_object
 from common.publish import check_apart
 from engine.ds_checkpoint import Checkpoint, load_checkpoint
 from engine.lora import fold_lora, lora_settings
+from engine.precision import output_dtype
 from engine.run_dir import SIDECAR, TOKENIZER_FILES, RunDir, has_tokenizer, resolve_tag
 from engine.tensor_io import Entry, output_kind, parse_size, source_entries, write_output
 from model.state_dict import check_state_dict
@@ -34,7 +35,6 @@ from model.state_dict import check_state_dict
 if TYPE_CHECKING:
     from transformers import PretrainedConfig  # imported where used: it takes seconds
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What is copied from a tokenizer directory into an HF directory: the files that make one
 # (run_dir.TOKENIZER_FILES) and those that come with them.
 COPIED_TOKENIZER_FILES = (*TOKENIZER_FILES, "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
@@ -175,15 +175,6 @@ def write_tokenizer(out: Path, tokenizer: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # The command
-
-
-def output_dtype(name: str) -> torch.dtype | None:
-    """The dtype a --dtype flag names (fp32, bf16, fp16); None for auto (each tensor's own)."""
-    if name == "auto":
-        return None
-    if name not in DTYPES:
-        raise ZerotrainError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 @dataclass(frozen=True)

@@ -40,12 +40,11 @@ from typing import Any
 import torch
 
 from common.errors import ZerotrainError
+from engine.precision import DTYPE_NAMES
 from engine.run_dir import is_universal_dir
 from engine.sidecar import Sidecar
 from engine.tensor_io import Piece, TensorSource, load_located, tied_names, torch_load
 from model.state_dict import strip_wrappers
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 _ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
