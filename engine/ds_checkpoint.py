@@ -56,8 +56,9 @@ _UNSUPPORTED = {
 
 
 @functools.cache
-def _safe_globals() -> list:
-    """The classes DeepSpeed pickles into its checkpoints, and nothing else."""
+def deepspeed_globals() -> list:
+    """The classes DeepSpeed pickles into its checkpoints, and nothing else: the allowlist of
+    `safe_load`. Found on first use, since importing deepspeed costs a second and ~25 MB."""
     first_import = "deepspeed" not in sys.modules
     captured = io.StringIO()
     # Importing deepspeed prints its accelerator detection to stdout, which would corrupt
@@ -72,21 +73,14 @@ def _safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def __getattr__(name: str) -> Any:
-    # SAFE_GLOBALS is computed on first use: importing deepspeed costs a second and ~25 MB.
-    if name == "SAFE_GLOBALS":
-        return list(_safe_globals())
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def safe_load(path: str | os.PathLike, *, trust_pickle: bool = False, mmap: bool = True) -> Any:
-    """`torch.load` onto the CPU with `weights_only=True`, allowing only SAFE_GLOBALS.
+    """`torch.load` onto the CPU with `weights_only=True`, allowing only `deepspeed_globals()`.
 
     A refused class, a truncated or corrupt file: ZerotrainError naming the file. With
     `trust_pickle` the file is unpickled without restrictions (it can run arbitrary code).
     """
     return torch_load(path, map_location="cpu", mmap=mmap, trust_pickle=trust_pickle,
-                      safe_globals=() if trust_pickle else _safe_globals(), kind="DeepSpeed checkpoints")
+                      safe_globals=() if trust_pickle else deepspeed_globals(), kind="DeepSpeed checkpoints")
 
 
 class _File:
@@ -95,7 +89,7 @@ class _File:
     def __init__(self, path: Path, trust_pickle: bool) -> None:
         self.path = path
         self.state, self.locator = load_located(path, trust_pickle=trust_pickle, kind="DeepSpeed checkpoints",
-                                                safe_globals=() if trust_pickle else _safe_globals())
+                                                safe_globals=() if trust_pickle else deepspeed_globals())
 
     def piece(self, t: torch.Tensor, start: int = 0, numel: int | None = None) -> Piece:
         """Elements [start, start + numel) of the contiguous tensor `t` of this file's state."""
