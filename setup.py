@@ -12,7 +12,7 @@ setup(
     # torch is installed first by `make install` (the CPU build here, CUDA on GPU machines);
     # a range it satisfies keeps pip from pulling another build.
     install_requires=[
-        "torch>=2.5",  # torch.serialization.skip_data and safe_globals (engine.tensor_io) came in 2.5
+        "torch>=2.5",  # torch.serialization.skip_data and safe_globals (engine.offline.pth_io) came in 2.5
         "deepspeed>=0.17,<0.20",
         "transformers>=5.0,<6",
         "peft>=0.17",

@@ -16,10 +16,10 @@ import torch
 from common.errors import ZerotrainError
 from engine import checksums
 from engine.checkpoint import find_resume_tag, manifest, save, tag_problems
-from engine.checkpoint_report import inspect
+from engine.offline.inspect import inspect
 from engine.checksums import CHECKSUMS, recorded_digests, share, start_digests, wait_for_checksums, write_digests
-from engine.consolidate import consolidate
-from engine.ds_checkpoint import file_fingerprint
+from engine.offline.consolidate import consolidate
+from engine.offline.ds_layout import file_fingerprint
 from engine.run_dir import SIDECAR
 from engine.sidecar import Sidecar
 from tests.unit.test_ds_checkpoint import save_zero3, weights

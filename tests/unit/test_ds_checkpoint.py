@@ -1,4 +1,4 @@
-"""engine.ds_checkpoint and the writers and readers of engine.tensor_io on small synthetic checkpoints
+"""engine.offline.ds_layout and the writers and readers of engine.offline.pth_io on small synthetic checkpoints
 laid out as DeepSpeed lays them (the real ones are in tests/distributed/test_consolidate.py): the
 pickle allowlist, tags, ZeRO-2/3 partitions for odd world sizes, streaming writers, LoRA folding."""
 
@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.ds_checkpoint import deepspeed_globals, describe, load_checkpoint, safe_load
-from engine.tensor_io import (Entry, parse_size, state_dict_entries, write_hf_dir, write_output, write_pth,
+from engine.offline.ds_layout import deepspeed_globals, describe, load_checkpoint, safe_load
+from engine.offline.pth_io import (Entry, parse_size, state_dict_entries, write_hf_dir, write_output, write_pth,
                               write_safetensors)
 from common.errors import ZerotrainError
-from engine.lora import LoraSettings, fold_lora
+from engine.offline.peft_names import LoraSettings, fold_lora
 from engine.run_dir import list_tags, resolve_tag
 from tests.unit.test_tensor_io import ROOT, peak_rss_child
 
@@ -181,7 +181,7 @@ def test_reading_a_checkpoint_reads_no_optimizer_moments(tmp_path):
     loaded, control = peak_rss_child(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        from engine.ds_checkpoint import deepspeed_globals, load_checkpoint, safe_load
+        from engine.offline.ds_layout import deepspeed_globals, load_checkpoint, safe_load
         deepspeed_globals()  # imports deepspeed before the phase measured
         from engine.run_dir import resolve_tag
         start = phase_start()

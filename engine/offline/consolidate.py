@@ -1,10 +1,10 @@
 """`zerotrain consolidate`: a DeepSpeed checkpoint -> one `.pth`, one `.safetensors`, or an HF model
 directory (weights, config.json, generation_config.json, tokenizer), a LoRA adapter folded in; and
-the OUTPUT argument and HF-directory pieces that extract-adapter and merge-adapter (engine.adapters)
+the OUTPUT argument and HF-directory pieces that extract-adapter and merge-adapter (engine.offline.adapters)
 use as well.
 
-Everything streams: a tensor is read from the shards (engine.ds_checkpoint), converted and written
-(engine.tensor_io) before the next is read, so memory holds one tensor, never the model. Output
+Everything streams: a tensor is read from the shards (engine.offline.ds_layout), converted and written
+(engine.offline.pth_io) before the next is read, so memory holds one tensor, never the model. Output
 goes to a temporary name next to OUTPUT and is renamed into place once complete; on any error
 nothing is left behind.
 
@@ -25,11 +25,11 @@ import torch
 from common.errors import ZerotrainError
 from common.jsonio import read_json_object
 from common.publish import check_apart
-from engine.ds_checkpoint import Checkpoint, load_checkpoint
-from engine.lora import fold_lora, lora_settings
+from engine.offline.ds_layout import Checkpoint, load_checkpoint
+from engine.offline.peft_names import fold_lora, lora_settings
 from engine.precision import output_dtype
 from engine.run_dir import SIDECAR, TOKENIZER_FILES, RunDir, has_tokenizer, resolve_tag
-from engine.tensor_io import Entry, output_kind, parse_size, source_entries, write_output
+from engine.offline.pth_io import Entry, output_kind, parse_size, source_entries, write_output
 from model.state_dict import check_state_dict
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ A tag folder (`global_stepN/`) holds `torch.save` files. What each ZeRO stage wr
                 'fp32_flat_groups', every trainable parameter's R-th slice (ceil(numel / world size)
                 elements, the last rank's padded) back to back, in 'param_shapes' order
 
-Files are unpickled with `weights_only=True` and mapped, not read (engine.tensor_io.load_located):
+Files are unpickled with `weights_only=True` and mapped, not read (engine.offline.pth_io.load_located):
 that reads only the pickle, and its locator gives each tensor's byte offset in the file. A tensor
 is then read with plain file reads from those offsets, one at a time, so Adam moments are never
 read and memory holds one tensor, not the checkpoint.
@@ -43,7 +43,7 @@ from common.errors import ZerotrainError
 from engine.precision import DTYPE_NAMES
 from engine.run_dir import is_universal_dir
 from engine.sidecar import Sidecar
-from engine.tensor_io import Piece, TensorSource, load_located, tied_names, torch_load
+from engine.offline.pth_io import Piece, TensorSource, load_located, tied_names, torch_load
 from model.state_dict import strip_wrappers
 
 _ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")

@@ -21,9 +21,9 @@ import torch
 
 from common.errors import ZerotrainError
 from common.jsonio import read_json_object
-from engine.ds_checkpoint import Checkpoint
+from engine.offline.ds_layout import Checkpoint
 from engine.run_dir import SIDECAR
-from engine.tensor_io import Entry
+from engine.offline.pth_io import Entry
 
 PEFT_PREFIX = "base_model.model."
 

@@ -1,7 +1,7 @@
 """`zerotrain extract-adapter`: the LoRA adapter of a DeepSpeed checkpoint, in PEFT format, straight
 from the shards; `zerotrain merge-adapter`: a PEFT adapter folded into its base model.
 
-Both stream as consolidate does (engine.tensor_io's readers and writers): one tensor in memory at a
+Both stream as consolidate does (engine.offline.pth_io's readers and writers): one tensor in memory at a
 time, written under a temporary name and put in place once complete.
 """
 
@@ -13,13 +13,13 @@ import torch
 
 from common.errors import ZerotrainError
 from common.publish import check_apart
-from engine.consolidate import (Written, check_against_config, load_config_json, plan_output, tokenizer_source,
+from engine.offline.consolidate import (Written, check_against_config, load_config_json, plan_output, tokenizer_source,
                                 write_extras, write_tokenizer)
-from engine.ds_checkpoint import load_checkpoint
-from engine.lora import fold_lora, lora_module, lora_name_in_model, lora_settings, peft_adapter, strip_peft
+from engine.offline.ds_layout import load_checkpoint
+from engine.offline.peft_names import fold_lora, lora_module, lora_name_in_model, lora_settings, peft_adapter, strip_peft
 from engine.precision import output_dtype
 from engine.run_dir import ADAPTER, FINAL, has_tokenizer, resolve, resolve_tag
-from engine.tensor_io import Entry, model_entries, source_entries, staged, state_dict_entries, write_safetensors
+from engine.offline.pth_io import Entry, model_entries, source_entries, staged, state_dict_entries, write_safetensors
 
 
 def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora_alpha: float | None = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from common.errors import ZerotrainError
-from engine.ds_checkpoint import CheckpointInfo, describe
+from engine.offline.ds_layout import CheckpointInfo, describe
 from engine.run_dir import LATEST, checkpoint_dir, is_tag_dir, list_tags
 
 
