@@ -15,7 +15,7 @@ from common.errors import ZerotrainError
 from common.publish import check_apart
 from engine.offline.consolidate import (Written, check_against_config, load_config_json, plan_output, tokenizer_source,
                                 write_extras, write_tokenizer)
-from engine.offline.ds_layout import load_checkpoint
+from engine.offline.ds_weights import load_checkpoint
 from engine.offline.peft_names import fold_lora, lora_module, lora_name_in_model, lora_settings, peft_adapter, strip_peft
 from engine.precision import output_dtype
 from engine.run_dir import ADAPTER, FINAL, has_tokenizer, resolve, resolve_tag

@@ -25,7 +25,7 @@ import torch
 from common.errors import ZerotrainError
 from common.jsonio import read_json_object
 from common.publish import check_apart
-from engine.offline.ds_layout import Checkpoint, load_checkpoint
+from engine.offline.ds_weights import Checkpoint, load_checkpoint
 from engine.offline.peft_names import fold_lora, lora_settings
 from engine.precision import output_dtype
 from engine.run_dir import SIDECAR, TOKENIZER_FILES, RunDir, has_tokenizer, resolve_tag

@@ -21,7 +21,7 @@ import torch
 
 from common.errors import ZerotrainError
 from common.jsonio import read_json_object
-from engine.offline.ds_layout import Checkpoint
+from engine.offline.ds_weights import Checkpoint
 from engine.run_dir import SIDECAR
 from engine.offline.pth_io import Entry
 

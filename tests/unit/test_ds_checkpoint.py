@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.offline.ds_layout import deepspeed_globals, describe, load_checkpoint, safe_load
+from engine.offline.ds_layout import deepspeed_globals, describe, safe_load
+from engine.offline.ds_weights import load_checkpoint
 from engine.offline.pth_io import (Entry, parse_size, state_dict_entries, write_hf_dir, write_output, write_pth,
                               write_safetensors)
 from common.errors import ZerotrainError
@@ -181,9 +182,10 @@ def test_reading_a_checkpoint_reads_no_optimizer_moments(tmp_path):
     loaded, control = peak_rss_child(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        from engine.offline.ds_layout import deepspeed_globals, load_checkpoint, safe_load
-        deepspeed_globals()  # imports deepspeed before the phase measured
+        from engine.offline.ds_layout import deepspeed_globals, safe_load
+        from engine.offline.ds_weights import load_checkpoint
         from engine.run_dir import resolve_tag
+        deepspeed_globals()  # imports deepspeed before the phase measured
         start = phase_start()
         ckpt = load_checkpoint(resolve_tag(sys.argv[1]))
         weights = {{name: src.read() for name, src in ckpt.tensors.items()}}
