@@ -19,7 +19,9 @@ from engine.offline.ds_weights import load_checkpoint
 from engine.offline.peft_names import fold_lora, lora_module, lora_name_in_model, lora_settings, peft_adapter, strip_peft
 from engine.precision import output_dtype
 from engine.run_dir import ADAPTER, FINAL, has_tokenizer, resolve, resolve_tag
-from engine.offline.pth_io import Entry, model_entries, source_entries, staged, state_dict_entries, write_safetensors
+from engine.offline.model_files import model_entries, staged, state_dict_entries
+from engine.offline.safetensors_io import write_safetensors
+from engine.offline.tensors import Entry, source_entries
 
 
 def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora_alpha: float | None = None,

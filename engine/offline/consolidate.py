@@ -29,7 +29,8 @@ from engine.offline.ds_weights import Checkpoint, load_checkpoint
 from engine.offline.peft_names import fold_lora, lora_settings
 from engine.precision import output_dtype
 from engine.run_dir import SIDECAR, TOKENIZER_FILES, RunDir, has_tokenizer, resolve_tag
-from engine.offline.pth_io import Entry, output_kind, parse_size, source_entries, write_output
+from engine.offline.model_files import output_kind, parse_size, write_output
+from engine.offline.tensors import Entry, source_entries
 from model.state_dict import check_state_dict
 
 if TYPE_CHECKING:

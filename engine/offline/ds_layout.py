@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from common.errors import ZerotrainError
-from engine.offline.pth_io import Piece, TensorSource, load_located, tied_names, torch_load
+from engine.offline.pth_io import load_located, tied_names, torch_load
+from engine.offline.tensors import Piece, TensorSource
 from engine.precision import DTYPE_NAMES
 from engine.run_dir import is_universal_dir
 from engine.sidecar import Sidecar

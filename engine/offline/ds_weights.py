@@ -19,7 +19,7 @@ import torch
 
 from common.errors import ZerotrainError
 from engine.offline.ds_layout import CheckpointInfo, ShardFile, describe, module_aliases, scan_layout
-from engine.offline.pth_io import Piece, TensorSource
+from engine.offline.tensors import Piece, TensorSource
 from engine.precision import DTYPE_NAMES
 from engine.sidecar import Sidecar
 from model.state_dict import strip_wrappers

@@ -23,7 +23,7 @@ from common.errors import ZerotrainError
 from common.jsonio import read_json_object
 from engine.offline.ds_weights import Checkpoint
 from engine.run_dir import SIDECAR
-from engine.offline.pth_io import Entry
+from engine.offline.tensors import Entry
 
 PEFT_PREFIX = "base_model.model."
 

@@ -1,253 +1,36 @@
-"""Tensor files read and written one tensor at a time, with public torch / safetensors API only.
+"""`torch.save` files, tensor by tensor, with public torch API only.
 
-Writing: an `Entry` says a tensor's name, shape and dtype and how to make it; the writers make
-one entry at a time and write it before making the next.
-- `write_pth`: a `torch.save`-format state dict. `torch.save` itself writes the file under
-  `torch.serialization.skip_data()` (the pickle, the records, holes where the bytes go), from
-  placeholder tensors that are never touched and so take address space but no memory; each
-  tensor is then made and written into its hole, and its CRC-32 set in the ZIP structures.
-- `write_safetensors`, `write_hf_dir`: one `.safetensors` file written from the shapes (header
-  first, then the tensors in order); save_pretrained's shards and index.
-- `write_output`: any of the three, to a temporary name put in place once complete.
+Reading: a file is unpickled with `weights_only=True` (`torch_load`, with an allowlist of classes)
+and loaded with `mmap=True` (`load_located`), which maps the file instead of reading tensor data;
+a `StorageLocator` says where each tensor lies in it, so that a `TensorSource` reads the bytes it
+needs with plain file reads.
 
-Reading: `safetensors_entries` reads through `safetensors.safe_open`; a `torch.save` file is loaded
-with `mmap=True` (`load_located`), which maps the file instead of reading tensor data, and a
-`StorageLocator` says where each tensor lies in it, so that a `TensorSource` reads the bytes it
-needs with plain file reads. `state_dict_entries` / `model_entries` read state-dict files and
-model directories either way.
-
-Memory holds one tensor (plus two scratch buffers sized for the largest), never the model.
+Writing: `write_pth` lets `torch.save` itself write the file under
+`torch.serialization.skip_data()` (the pickle, the records, holes where the bytes go), from
+placeholder tensors that are never touched and so take address space but no memory; each tensor
+is then made and written into its hole, and its CRC-32 set in the ZIP structures.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import pickle
 import re
 import struct
 import zipfile
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any, Sequence
 
 import torch
 
 from common.errors import ZerotrainError
-from common.jsonio import read_json_object
-from common.publish import publishing
-from model.state_dict import strip_wrappers
-
-# The one table between safetensors' dtype codes and torch dtypes, for the writer and the reader.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-SAFETENSORS_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+from engine.offline.tensors import Entry, Piece, Scratch, TensorSource, as_bytes, materialize, out_dtype
 
 
 # --------------------------------------------------------------------------------------------
-# Tensors to write
-
-
-@dataclass
-class Entry:
-    """One output tensor: its name, shape, the dtype it comes in, and how to make it.
-
-    `produce(into)` returns the tensor; `into`, when not None, is a buffer of that shape and dtype
-    it may fill and return instead of allocating.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    produce: Callable[[torch.Tensor | None], torch.Tensor]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def out_dtype(dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
-    """The dtype a tensor is written in: `target` for floating-point tensors, else its own."""
-    return target if target is not None and dtype.is_floating_point else dtype
-
-
-class Scratch:
-    """Two buffers sized for the largest tensor, one to read into and one to convert into, reused
-    for every tensor. (A fresh allocation per tensor fragments the heap, and RSS creeps up.)"""
-
-    def __init__(self, entries: list[Entry], target: torch.dtype | None) -> None:
-        casts = [e for e in entries if out_dtype(e.dtype, target) != e.dtype]
-        self.read = torch.empty(max((e.numel * e.dtype.itemsize for e in entries), default=0), dtype=torch.uint8)
-        self.cast = torch.empty(max((e.numel * target.itemsize for e in casts), default=0), dtype=torch.uint8)
-
-    @staticmethod
-    def view(buf: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        return buf[:math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-
-
-def materialize(entry: Entry, target: torch.dtype | None, scratch: Scratch) -> torch.Tensor:
-    """The entry's tensor in its output dtype, contiguous, in the scratch buffers where it can be;
-    valid until the next call."""
-    t = entry.produce(scratch.view(scratch.read, entry.dtype, entry.shape))
-    if tuple(t.shape) != entry.shape:
-        raise ZerotrainError(f"internal error: {entry.name} came out {tuple(t.shape)}, expected {entry.shape}")
-    dtype = out_dtype(t.dtype, target)
-    if dtype != t.dtype:
-        out = scratch.view(scratch.cast, dtype, entry.shape) if dtype == target and entry.dtype == t.dtype \
-            else torch.empty(entry.shape, dtype=dtype)
-        t = out.copy_(t)
-    return t.contiguous()
-
-
-def as_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-# --------------------------------------------------------------------------------------------
-# Tensors read by byte range
-
-
-@dataclass(frozen=True)
-class Piece:
-    """`numel` elements stored contiguously at byte `offset` of `path`."""
-
-    path: str
-    offset: int
-    numel: int
-
-
-@dataclass
-class TensorSource:
-    """One tensor of a file or of several (a checkpoint's rank slices): its pieces, concatenated
-    in order, viewed as `shape`."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    pieces: tuple[Piece, ...]
-    origin: str = "module"
-    """fp32 master, module (weights in the training dtype), frozen or buffer."""
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def read(self, into: torch.Tensor | None = None) -> torch.Tensor:
-        """Read the tensor from disk (plain reads, no mmap), into `into` (contiguous, this dtype and
-        shape) when given."""
-        if into is None:
-            into = torch.empty(self.shape, dtype=self.dtype)
-        elif into.dtype != self.dtype or tuple(into.shape) != self.shape or not into.is_contiguous():
-            raise ValueError(f"read into a {into.dtype} {tuple(into.shape)} buffer, need {self.dtype} {self.shape}")
-        out = into.reshape(-1)
-        buf = memoryview(out.view(torch.uint8).numpy())
-        itemsize = out.element_size()
-        pos = 0
-        for piece in self.pieces:
-            size = piece.numel * itemsize
-            with open(piece.path, "rb", buffering=0) as f:
-                f.seek(piece.offset)
-                got = 0
-                while got < size:
-                    n = f.readinto(buf[pos + got:pos + size])
-                    if not n:
-                        raise ZerotrainError(f"{piece.path} ends at byte {piece.offset + got}, inside a tensor "
-                                             f"({size} bytes from {piece.offset}): the file is truncated")
-                    got += n
-            pos += size
-        if pos != len(buf):
-            raise ZerotrainError(f"internal error: pieces of {pos} bytes for a tensor of {len(buf)} bytes")
-        return into
-
-
-def source_entries(tensors: dict[str, TensorSource]) -> list[Entry]:
-    """Entries that read each tensor from its source when written."""
-    return [Entry(name, src.shape, src.dtype, src.read) for name, src in tensors.items()]
-
-
-# --------------------------------------------------------------------------------------------
-# safetensors
-
-
-def write_safetensors(entries: list[Entry], path: Path, target: torch.dtype | None,
-                      metadata: dict[str, str] | None = None) -> int:
-    """Write one safetensors file, tensor by tensor (the header is known from the shapes); returns
-    the bytes of tensor data.
-
-    safetensors' own writers (`save_file`, `serialize_file`) need every tensor in memory at once,
-    so the format is written here: an 8-byte header length, the JSON header, then the data."""
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for e in entries:
-        dtype = out_dtype(e.dtype, target)
-        if dtype not in SAFETENSORS_CODES:
-            raise ZerotrainError(f"{e.name}: dtype {dtype} cannot be stored in safetensors")
-        nbytes = e.numel * dtype.itemsize
-        header[e.name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(e.shape),
-                          "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keeps the data 8-byte aligned, as safetensors does
-    scratch = Scratch(entries, target)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for e in entries:
-            f.write(as_bytes(materialize(e, target, scratch)))
-    return offset
-
-
-def _safe_open(path: Path) -> Any:
-    from safetensors import safe_open
-
-    try:
-        # pread reads only the asked tensor's bytes into its own buffer (safetensors >= 0.8) ...
-        return safe_open(str(path), framework="pt", backend="pread")
-    except TypeError:
-        # ... where older versions map the file; the pages read stay in RSS until it is closed.
-        return safe_open(str(path), framework="pt")
-
-
-def safetensors_entries(path: str | os.PathLike) -> list[Entry]:
-    """The tensors of a `.safetensors` file, in file order, each read on its own when produced.
-
-    The file is opened again for every tensor, so that with an mmap backend what was read is
-    unmapped before the next one; `produce` ignores `into` (safetensors allocates the tensor)."""
-    path = Path(path)
-    try:
-        with _safe_open(path) as f:
-            names = f.offset_keys() if hasattr(f, "offset_keys") else f.keys()
-            specs = [(name, f.get_slice(name)) for name in names]
-            specs = [(name, tuple(s.get_shape()), s.get_dtype()) for name, s in specs]
-    except Exception as e:  # safetensors raises SafetensorError, OSError, ...
-        raise ZerotrainError(f"{path} is not a readable safetensors file, or it is truncated ({e})") from None
-    entries = []
-    for name, shape, code in specs:
-        if code not in SAFETENSORS_DTYPES:
-            raise ZerotrainError(f"{path}: tensor {name} has dtype {code}, which zerotrain does not read")
-        entries.append(Entry(name, shape, SAFETENSORS_DTYPES[code], _safetensors_reader(path, name)))
-    return entries
-
-
-def _safetensors_reader(path: Path, name: str) -> Callable[[torch.Tensor | None], torch.Tensor]:
-    def produce(into: torch.Tensor | None = None) -> torch.Tensor:
-        try:
-            with _safe_open(path) as f:
-                return f.get_tensor(name)
-        except Exception as e:  # the file changed or broke since it was listed
-            raise ZerotrainError(f"cannot read tensor {name} from {path} ({e})") from None
-
-    return produce
-
-
-# --------------------------------------------------------------------------------------------
-# torch.save files: unpickling, and where their tensors lie
+# Reading: unpickling, and where the tensors lie
 
 
 def torch_load(path: str | os.PathLike, *, map_location: Any = "cpu", mmap: bool = True, trust_pickle: bool = False,
@@ -435,56 +218,7 @@ def tied_names(state: dict[str, Any]) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
-# State-dict files and model directories
-
-
-def state_dict_entries(path: str | os.PathLike, *, trust_pickle: bool = False
-                       ) -> tuple[list[Entry], dict[str, str]]:
-    """The tensors of a `.safetensors` or `torch.save` state-dict file, to read one at a time when
-    written, and its tied names (a `torch.save` file's entries sharing one storage); wrapper
-    prefixes (module., _orig_mod.) stripped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ZerotrainError(f"{path} does not exist")
-    if path.suffix == ".safetensors":
-        return [Entry(strip_wrappers(e.name), e.shape, e.dtype, e.produce) for e in safetensors_entries(path)], {}
-    state, locator = load_located(path, trust_pickle=trust_pickle)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ZerotrainError(f"{path} is not a flat state dict {{name: tensor}}")
-    aliases = tied_names(state)
-    tensors = {strip_wrappers(k): locator.source(t) for k, t in state.items() if k not in aliases}
-    return source_entries(tensors), {strip_wrappers(k): strip_wrappers(v) for k, v in aliases.items()}
-
-
-def model_entries(path: Path, *, trust_pickle: bool = False) -> tuple[list[Entry], dict[str, str]]:
-    """The tensors of a model, as `state_dict_entries` gives them: an HF directory (safetensors or
-    pytorch_model.bin, sharded or not) or one .safetensors / .pth file."""
-    if path.is_file():
-        return state_dict_entries(path, trust_pickle=trust_pickle)
-    if not path.is_dir():
-        raise ZerotrainError(f"base model {path} does not exist")
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (path / index_name).is_file():
-            files = list(dict.fromkeys(read_json_object(path / index_name).get("weight_map", {}).values()))
-        elif (path / single).is_file():
-            files = [single]
-        else:
-            continue
-        entries: dict[str, Entry] = {}
-        aliases: dict[str, str] = {}
-        for f in files:
-            e, a = state_dict_entries(path / f, trust_pickle=trust_pickle)
-            entries.update((x.name, x) for x in e)
-            aliases.update(a)
-        return list(entries.values()), aliases
-    raise ZerotrainError(f"{path} holds no model weights (model.safetensors[.index.json] or pytorch_model.bin)")
-
-
-# --------------------------------------------------------------------------------------------
-# torch.save format
+# Writing
 
 
 _CENTRAL_HEADER = 46  # bytes of a ZIP central directory header before its name, extra field and comment
@@ -563,84 +297,3 @@ def _fill(f: IO[bytes], e: Entry, target: torch.dtype | None, scratch: Scratch, 
     f.write(data)
     _set_crc32(f, infos[record.name], record, zlib.crc32(data), central[record.name])
     return len(data)
-
-
-# --------------------------------------------------------------------------------------------
-# Outputs: a .pth, a .safetensors or an HF directory, put in place once complete
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB' -> 5 * 10**9 bytes; also KB/MB/TB, KiB/MiB/GiB/TiB and plain byte counts."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
-    if not m:
-        raise ZerotrainError(f"--max-shard-size {size!r} is not a size such as 5GB, 500MB or 2GiB")
-    unit = (m.group(2) or "B").upper()
-    power = "BKMGT".index(unit[0])
-    value = float(m.group(1)) * ((1024 if "I" in unit else 1000) ** power)
-    if value < 1:
-        raise ZerotrainError(f"--max-shard-size {size!r} must be positive")
-    return int(value)
-
-
-def write_hf_dir(entries: list[Entry], out_dir: Path, target: torch.dtype | None, max_shard_size: int) -> int:
-    """Safetensors shards of at most `max_shard_size` bytes (a larger tensor gets a shard of its
-    own) and, when there is more than one, model.safetensors.index.json, as save_pretrained names them."""
-    shards: list[list[Entry]] = [[]]
-    size = 0
-    for e in entries:
-        nbytes = e.numel * out_dtype(e.dtype, target).itemsize
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += nbytes
-    total = 0
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(shard, out_dir / name, target)
-        weight_map.update({e.name: name for e in shard})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return total
-
-
-def output_kind(output: Path) -> str:
-    """pth, safetensors or dir (an HF directory): what an OUTPUT path asks for."""
-    if output.suffix == ".pth":
-        return "pth"
-    if output.suffix == ".safetensors":
-        return "safetensors"
-    if output.suffix in (".pt", ".bin", ".ckpt"):
-        raise ZerotrainError(f"output {output}: use a .pth or .safetensors file name, or a directory name "
-                             f"(HF format)")
-    return "dir"
-
-
-@contextmanager
-def staged(output: Path, overwrite: bool, is_dir: bool) -> Iterator[Path]:
-    """A temporary path beside `output`, put in place of `output` only if the body succeeds."""
-    if output.exists() and not overwrite:
-        raise ZerotrainError(f"{output} already exists; remove it, choose another path, or pass --overwrite")
-    with publishing(output, directory=is_dir) as tmp:
-        yield tmp
-
-
-def write_output(entries: list[Entry], aliases: dict[str, str], output: Path, kind: str, target: torch.dtype | None,
-                 max_shard_size: int, overwrite: bool, extras: Callable[[Path], None] | None = None) -> int:
-    """Write the entries as `output` of `kind` (`output_kind`; a .pth keeps the tied `aliases`) and,
-    in an HF directory, what `extras(directory)` adds; returns the bytes of tensor data written.
-    On any error nothing is left behind."""
-    with staged(output, overwrite, is_dir=kind == "dir") as tmp:
-        if kind == "pth":
-            return write_pth(entries, aliases, tmp, target)
-        if kind == "safetensors":
-            return write_safetensors(entries, tmp, target)
-        total = write_hf_dir(entries, tmp, target, max_shard_size)
-        if extras is not None:
-            extras(tmp)
-        return total
-

@@ -17,8 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from engine.offline.ds_layout import deepspeed_globals, describe, safe_load
 from engine.offline.ds_weights import load_checkpoint
-from engine.offline.pth_io import (Entry, parse_size, state_dict_entries, write_hf_dir, write_output, write_pth,
-                              write_safetensors)
+from engine.offline.model_files import parse_size, state_dict_entries, write_hf_dir, write_output
+from engine.offline.pth_io import write_pth
+from engine.offline.safetensors_io import write_safetensors
+from engine.offline.tensors import Entry
 from common.errors import ZerotrainError
 from engine.offline.peft_names import LoraSettings, fold_lora
 from engine.run_dir import list_tags, resolve_tag

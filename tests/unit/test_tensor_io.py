@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.errors import ZerotrainError
-from engine.offline.pth_io import (SAFETENSORS_CODES, SAFETENSORS_DTYPES, Entry, load_located, safetensors_entries,
-                              write_pth, write_safetensors)
+from engine.offline.pth_io import load_located, write_pth
+from engine.offline.safetensors_io import SAFETENSORS_CODES, SAFETENSORS_DTYPES, safetensors_entries, write_safetensors
+from engine.offline.tensors import Entry
 from engine.offline import pth_io
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,7 +161,8 @@ def test_pth_writer_warns_nothing(tmp_path):
         import sys, warnings, torch
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
-        from engine.offline.pth_io import Entry, write_pth
+        from engine.offline.pth_io import write_pth
+        from engine.offline.tensors import Entry
         entries = [Entry("w", (3, 2), torch.float32, lambda into=None: torch.ones(3, 2)),
                    Entry("i", (4,), torch.int64, lambda into=None: torch.arange(4))]
         with warnings.catch_warnings(record=True) as caught:
@@ -212,7 +214,8 @@ def test_pth_peak_memory_is_one_tensor_not_the_model(tmp_path):
         import sys, torch
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
-        from engine.offline.pth_io import Entry, write_pth
+        from engine.offline.pth_io import write_pth
+        from engine.offline.tensors import Entry
 
         def maker(i):
             return lambda into=None: (into if into is not None else torch.empty(1024, 1024)).fill_(i)
