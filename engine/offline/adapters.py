@@ -1,8 +1,8 @@
 """`zerotrain extract-adapter`: the LoRA adapter of a DeepSpeed checkpoint, in PEFT format, straight
 from the shards; `zerotrain merge-adapter`: a PEFT adapter folded into its base model.
 
-Both stream as consolidate does (engine.offline.pth_io's readers and writers): one tensor in memory at a
-time, written under a temporary name and put in place once complete.
+Both stream as consolidate does (engine.offline.model_files' readers and writers): one tensor in
+memory at a time, written under a temporary name and put in place once complete.
 """
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ import torch
 
 from common.errors import ZerotrainError
 from common.publish import check_apart
-from engine.offline.consolidate import (Written, check_against_config, load_config_json, plan_output, tokenizer_source,
-                                write_extras, write_tokenizer)
 from engine.offline.ds_weights import load_checkpoint
+from engine.offline.hf_dir import check_against_config, load_config_json, tokenizer_source, write_extras, write_tokenizer
+from engine.offline.model_files import Written, model_entries, plan_output, staged, state_dict_entries
 from engine.offline.peft_names import fold_lora, lora_module, lora_name_in_model, lora_settings, peft_adapter, strip_peft
-from engine.precision import output_dtype
-from engine.run_dir import ADAPTER, FINAL, has_tokenizer, resolve, resolve_tag
-from engine.offline.model_files import model_entries, staged, state_dict_entries
 from engine.offline.safetensors_io import write_safetensors
 from engine.offline.tensors import Entry, source_entries
+from engine.precision import output_dtype
+from engine.run_dir import ADAPTER, FINAL, has_tokenizer, resolve, resolve_tag
 
 
 def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora_alpha: float | None = None,

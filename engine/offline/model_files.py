@@ -1,6 +1,7 @@
 """A model as files in any format: reading a state-dict file (.safetensors or torch.save) or an HF
-model directory as entries, and writing OUTPUT as a .pth, a .safetensors or an HF directory
-(save_pretrained's shards and index), under a temporary name put in place once complete.
+model directory as entries, and writing OUTPUT (the argument of consolidate and merge-adapter,
+checked before any work) as a .pth, a .safetensors or an HF directory (save_pretrained's shards and
+index), under a temporary name put in place once complete.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 import os
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,6 +22,7 @@ from common.publish import publishing
 from engine.offline.pth_io import load_located, tied_names, write_pth
 from engine.offline.safetensors_io import safetensors_entries, write_safetensors
 from engine.offline.tensors import Entry, out_dtype, source_entries
+from engine.precision import output_dtype
 from model.state_dict import strip_wrappers
 
 
@@ -150,3 +153,46 @@ def write_output(entries: list[Entry], aliases: dict[str, str], output: Path, ki
         if extras is not None:
             extras(tmp)
         return total
+
+
+@dataclass
+class Written:
+    """What a consolidate / extract / merge wrote."""
+
+    output: Path
+    tensors: int
+    params: int
+    bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """An OUTPUT argument, checked before any work is done."""
+
+    path: Path
+    kind: str
+    """pth, safetensors or dir (an HF directory)."""
+    target: torch.dtype | None
+    """The dtype floating-point weights are written in; None: each in its own."""
+    shard_bytes: int
+    """An HF directory's largest shard."""
+    overwrite: bool
+
+    def write(self, entries: list[Entry], aliases: dict[str, str],
+              extras: Callable[[Path], None] | None = None) -> int:
+        """Write the entries (a .pth keeps the tied `aliases`) and, in an HF directory, what
+        `extras(directory)` adds; returns the bytes of tensor data written."""
+        return write_output(entries, aliases, self.path, self.kind, self.target, self.shard_bytes, self.overwrite,
+                            extras)
+
+
+def plan_output(output: str, dtype: str, max_shard_size: str | int, overwrite: bool) -> OutputPlan:
+    """The OutputPlan of OUTPUT, --dtype, --max-shard-size and --overwrite."""
+    out = Path(output)
+    kind = output_kind(out)
+    target = output_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)
+    if out.exists() and not overwrite:
+        raise ZerotrainError(f"{out} already exists; remove it, choose another path, or pass --overwrite")
+    return OutputPlan(out, kind, target, shard_bytes, overwrite)

@@ -22,8 +22,8 @@ import torch
 from common.errors import ZerotrainError
 from common.jsonio import read_json_object
 from engine.offline.ds_weights import Checkpoint
-from engine.run_dir import SIDECAR
 from engine.offline.tensors import Entry
+from engine.run_dir import SIDECAR
 
 PEFT_PREFIX = "base_model.model."
 
