@@ -15,7 +15,8 @@ from common.errors import ZerotrainError
 from common.publish import check_apart
 from engine.offline.ds_weights import load_checkpoint
 from engine.offline.hf_dir import check_against_config, load_config_json, tokenizer_source, write_extras, write_tokenizer
-from engine.offline.model_files import Written, model_entries, plan_output, staged, state_dict_entries
+from engine.offline.model_files import (Written, model_entries, plan_output, refuse_existing, staged,
+                                        state_dict_entries)
 from engine.offline.peft_names import fold_lora, lora_module, lora_name_in_model, lora_settings, peft_adapter, strip_peft
 from engine.offline.safetensors_io import write_safetensors
 from engine.offline.tensors import Entry, source_entries
@@ -31,14 +32,13 @@ def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora
     extend the base model's vocabulary)."""
     out = Path(out_dir)
     target = output_dtype(dtype)
-    if out.exists() and not overwrite:
-        raise ZerotrainError(f"{out} already exists; remove it, choose another path, or pass --overwrite")
+    refuse_existing(out, overwrite)
     tag_dir = resolve_tag(ckpt_dir, tag)
     check_apart(out, [("the checkpoint directory", tag_dir.parent)])
     ckpt = load_checkpoint(tag_dir, trust_pickle=trust_pickle)
     if not ckpt.info.is_lora:
         raise ZerotrainError(f"{tag_dir} holds no LoRA weights (no lora_A keys); nothing to extract")
-    settings = lora_settings(tag_dir.parent, ckpt, lora_alpha=lora_alpha, adapter_config=adapter_config)
+    settings = lora_settings(tag_dir, ckpt.sidecar, lora_alpha=lora_alpha, adapter_config=adapter_config)
     if settings is None:
         raise ZerotrainError(f"the lora_alpha of {tag_dir} is unknown (no zerotrain.json or adapter_config.json "
                              f"beside it): pass --lora-alpha A or --adapter-config FILE")

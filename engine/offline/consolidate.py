@@ -32,7 +32,7 @@ def checkpoint_entries(ckpt: Checkpoint, *, keep_lora_keys: bool = False, lora_a
     entries, aliases = source_entries(ckpt.tensors), dict(ckpt.aliases)
     notes = list(ckpt.notes)
     if ckpt.info.is_lora and not keep_lora_keys:
-        settings = lora_settings(tag_dir.parent, ckpt, lora_alpha=lora_alpha, adapter_config=adapter_config)
+        settings = lora_settings(tag_dir, ckpt.sidecar, lora_alpha=lora_alpha, adapter_config=adapter_config)
         if settings is None:
             raise ZerotrainError(f"{tag_dir} is a LoRA checkpoint and its lora_alpha is unknown (no zerotrain.json "
                                  f"or adapter_config.json beside it): pass --lora-alpha A or --adapter-config FILE "

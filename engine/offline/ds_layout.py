@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from common.errors import ZerotrainError
+from engine.offline.peft_names import is_lora_matrix
 from engine.offline.pth_io import load_located, tied_names, torch_load
 from engine.offline.tensors import Piece, TensorSource
 from engine.precision import DTYPE_NAMES
@@ -197,7 +198,7 @@ def describe(tag_dir: str | os.PathLike, *, trust_pickle: bool = False) -> Check
         module = model_state.get("module") or {}
         info.dtype = next((DTYPE_NAMES.get(t.dtype) for t in module.values()
                            if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
-        info.is_lora = any(_is_lora_key(k) for k in _param_names(model_state))
+        info.is_lora = any(is_lora_matrix(k) for k in _param_names(model_state))
         info.num_params = _count_params(model_state, layout.zero3)
 
     ws = info.world_size or 1
@@ -313,10 +314,6 @@ def _param_names(model_state: dict) -> list[str]:
         names += list(shapes)
     names += list(model_state.get("frozen_param_shapes") or {})
     return names
-
-
-def _is_lora_key(name: str) -> bool:
-    return ".lora_A." in name or ".lora_embedding_A." in name
 
 
 def _count_params(model_state: dict, zero3: bool) -> int:

@@ -205,6 +205,14 @@ def _match_master(model: ShardFile, t: torch.Tensor, pos: int, candidates: list[
     return None
 
 
+def _zero3_cut(numel: int, world: int) -> tuple[int, list[int]]:
+    """How ZeRO-3 cuts a parameter of `numel` elements over `world` ranks: each holds a slice of
+    ceil(numel / world) elements, of which the first `takes[r]` are the parameter's (the rest, on the
+    last ranks, padding)."""
+    part = math.ceil(numel / world)
+    return part, [min(part, numel - r * part) for r in range(world)]
+
+
 def _zero3_sources(models: dict[int, ShardFile], optims: dict[int, ShardFile], world: int
                    ) -> tuple[dict[str, TensorSource], dict[str, str]]:
     """Stage 3: each parameter is cut in `world` equal slices (the last padded), one per rank."""
@@ -230,11 +238,9 @@ def _zero3_sources(models: dict[int, ShardFile], optims: dict[int, ShardFile], w
     offset = 0
     masters: dict[str, TensorSource] = {}
     for name, shape in shapes.items():
-        numel = math.prod(shape)
-        part = math.ceil(numel / world)
+        part, takes = _zero3_cut(math.prod(shape), world)
         pieces: list[Piece] = []
-        for r in range(world):
-            take = min(part, numel - r * part)
+        for r, take in enumerate(takes):
             if take > 0:
                 pieces += _slice([(optims[r], t) for t in flat[r]], offset, take, total)
         masters[name] = TensorSource(shape, flat[0][0].dtype if flat[0] else torch.float32, tuple(pieces),
@@ -246,15 +252,12 @@ def _zero3_sources(models: dict[int, ShardFile], optims: dict[int, ShardFile], w
 
     frozen_sources: dict[str, TensorSource] = {}
     for name, shape in frozen.items():
-        numel = math.prod(shape)
-        part = math.ceil(numel / world)
         pieces = []
         dtype = None
-        for r in range(world):
+        for r, take in enumerate(_zero3_cut(math.prod(shape), world)[1]):
             frags = models[r].state.get("frozen_param_fragments") or {}
             if name not in frags:
                 raise ZerotrainError(f"{models[r].path} lacks its slice of frozen parameter {name}")
-            take = min(part, numel - r * part)
             dtype = frags[name].dtype
             if take > 0:
                 pieces.append(models[r].piece(frags[name], 0, take))

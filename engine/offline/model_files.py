@@ -130,11 +130,16 @@ def output_kind(output: Path) -> str:
     return "dir"
 
 
+def refuse_existing(output: Path, overwrite: bool) -> None:
+    """An OUTPUT that exists is replaced only with --overwrite; the commands check before any work."""
+    if output.exists() and not overwrite:
+        raise ZerotrainError(f"{output} already exists; remove it, choose another path, or pass --overwrite")
+
+
 @contextmanager
 def staged(output: Path, overwrite: bool, is_dir: bool) -> Iterator[Path]:
     """A temporary path beside `output`, put in place of `output` only if the body succeeds."""
-    if output.exists() and not overwrite:
-        raise ZerotrainError(f"{output} already exists; remove it, choose another path, or pass --overwrite")
+    refuse_existing(output, overwrite)
     with publishing(output, directory=is_dir) as tmp:
         yield tmp
 
@@ -193,6 +198,5 @@ def plan_output(output: str, dtype: str, max_shard_size: str | int, overwrite: b
     kind = output_kind(out)
     target = output_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    if out.exists() and not overwrite:
-        raise ZerotrainError(f"{out} already exists; remove it, choose another path, or pass --overwrite")
+    refuse_existing(out, overwrite)
     return OutputPlan(out, kind, target, shard_bytes, overwrite)
