@@ -1,5 +1,5 @@
-"""engine.offline.ds_layout and the writers and readers of engine.offline.pth_io on small synthetic checkpoints
-laid out as DeepSpeed lays them (the real ones are in tests/distributed/test_consolidate.py): the
+"""engine.offline.ds_layout and ds_weights, and the writers and readers of engine.offline, on small synthetic
+checkpoints laid out as DeepSpeed lays them (the real ones are in tests/distributed/test_consolidate.py): the
 pickle allowlist, tags, ZeRO-2/3 partitions for odd world sizes, streaming writers, LoRA folding."""
 
 from __future__ import annotations

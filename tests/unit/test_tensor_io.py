@@ -1,4 +1,4 @@
-"""engine.offline.pth_io: the streaming .pth and .safetensors writers (against torch.save and
+"""engine.offline.pth_io and safetensors_io: the streaming .pth and .safetensors writers (against torch.save and
 safetensors' own reader), the safetensors reader, and the locator of tensor data in torch.save files."""
 
 from __future__ import annotations
