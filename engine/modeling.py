@@ -106,8 +106,8 @@ def _model_from_checkpoint(cfg: Config, source: Resolved) -> torch.nn.Module:
     """The weights of a DeepSpeed checkpoint tag (fp32 masters, a LoRA adapter folded in) in a model
     built from the config consolidate would write beside them, read one tensor at a time."""
     from engine.offline.consolidate import checkpoint_entries
-    from engine.offline.hf_dir import find_model_config, untie_trained_head
     from engine.offline.ds_weights import load_checkpoint
+    from engine.offline.hf_dir import find_model_config, untie_trained_head
     from model.build import build_from_config
     from model.state_dict import check_state_dict, copy_into
 
