@@ -1,18 +1,20 @@
-"""zerotrain: DeepSpeed ZeRO 0-3 pretraining and SFT for GPT-style language models."""
+"""zerotrain: DeepSpeed ZeRO 0-3 training of GPT-style language models: pretraining, SFT (full and
+LoRA), preference tuning (DPO, IPO, ORPO, SimPO) and distillation, and the tools to ship the result."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="zerotrain",
     version="0.1.0",
-    description="DeepSpeed ZeRO 0-3 pretraining and SFT (full and LoRA) for GPT-style language models",
+    description="DeepSpeed ZeRO 0-3 pretraining, SFT (full and LoRA), preference tuning and distillation of "
+                "GPT-style language models",
     python_requires=">=3.10",
-    packages=["common", "engine", "model"],
+    packages=find_packages(include=["common", "engine", "engine.*", "model"]),
     package_data={"model": ["default_tokenizer/*"]},  # the tokenizer of runs from scratch
     # torch is installed first by `make install` (the CPU build here, CUDA on GPU machines);
     # a range it satisfies keeps pip from pulling another build.
     install_requires=[
-        "torch>=2.5",  # torch.serialization.skip_data and safe_globals (engine.tensor_io) came in 2.5
+        "torch>=2.5",  # torch.serialization.skip_data and safe_globals (engine.offline.pth_io) came in 2.5
         "deepspeed>=0.17,<0.20",
         "transformers>=5.0,<6",
         "peft>=0.17",

@@ -75,7 +75,7 @@ def sidecar(run: Path):
 
 def safetensors_params(path: Path) -> int:
     """Elements in a .safetensors file, from its header alone."""
-    from engine.tensor_io import safetensors_entries
+    from engine.offline.safetensors_io import safetensors_entries
 
     return sum(e.numel for e in safetensors_entries(path))
 

@@ -66,7 +66,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _report(written, what: str) -> None:
-    from engine.checkpoint_report import human_count
+    from engine.offline.inspect import human_count
 
     print(f"{what} {written.output}: {written.tensors} tensors, {human_count(written.params)} parameters, "
           f"{human_count(written.bytes, 'B')}")
@@ -75,7 +75,7 @@ def _report(written, what: str) -> None:
 
 
 def cmd_consolidate(args: argparse.Namespace) -> None:
-    from engine.consolidate import consolidate
+    from engine.offline.consolidate import consolidate
 
     written = consolidate(args.ckpt_dir, args.output, tag=args.tag, dtype=args.dtype,
                           max_shard_size=args.max_shard_size, keep_lora_keys=args.keep_lora_keys,
@@ -85,7 +85,7 @@ def cmd_consolidate(args: argparse.Namespace) -> None:
 
 
 def cmd_extract_adapter(args: argparse.Namespace) -> None:
-    from engine.adapters import extract_adapter
+    from engine.offline.adapters import extract_adapter
 
     written = extract_adapter(args.ckpt_dir, args.out_dir, tag=args.tag, lora_alpha=args.lora_alpha,
                               adapter_config=args.adapter_config, dtype=args.dtype, trust_pickle=args.trust_pickle,
@@ -94,7 +94,7 @@ def cmd_extract_adapter(args: argparse.Namespace) -> None:
 
 
 def cmd_merge_adapter(args: argparse.Namespace) -> None:
-    from engine.adapters import merge_adapter
+    from engine.offline.adapters import merge_adapter
 
     written = merge_adapter(args.base, args.adapter, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
                             trust_pickle=args.trust_pickle, overwrite=args.overwrite)
@@ -104,7 +104,7 @@ def cmd_merge_adapter(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from engine.checkpoint_report import format_inspect, inspect
+    from engine.offline.inspect import format_inspect, inspect
 
     latest, infos = inspect(args.ckpt_dir, trust_pickle=args.trust_pickle)
     if args.json:

@@ -19,7 +19,7 @@ from engine.checkpoint.sidecar import Sidecar
 
 def tag_problems(tag_dir: Path) -> list[str]:
     """Why a tag cannot be resumed from (empty when it is complete)."""
-    from engine.ds_checkpoint import describe
+    from engine.offline.ds_layout import describe
 
     if not (tag_dir / SIDECAR).is_file():
         return [f"{tag_dir / SIDECAR} is missing (the save did not finish)"]
@@ -76,7 +76,7 @@ def find_resume_tag(ckpt_dir: Path, resume: str) -> Path | None:
 def check_loadable(tag_dir: Path) -> None:
     """Open every file of the tag with torch.load(weights_only=True) and the DeepSpeed allowlist
     before DeepSpeed (which unpickles with weights_only=False) reads them."""
-    from engine.ds_checkpoint import safe_load
+    from engine.offline.ds_layout import safe_load
 
     for path in sorted(tag_dir.glob("*.pt")):
         safe_load(path)
@@ -126,7 +126,7 @@ def load(engine, tag_dir: Path) -> dict[str, Any]:
     if client_state is None or "zerotrain" not in client_state:
         raise ZerotrainError(f"{tag_dir} was not written by zerotrain (no client state); start a new run from "
                              "its weights instead (consolidate it, then initialise from the file)")
-    from engine.ds_checkpoint import safe_load
+    from engine.offline.ds_layout import safe_load
 
     rank_file = tag_dir / f"rng_state_{dist.get_rank()}.pt"
     if rank_file.is_file() and saved_world_size(tag_dir) == dist.get_world_size():

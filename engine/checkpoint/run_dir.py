@@ -10,7 +10,8 @@
     RUN/hang/rankN.txt       a stalled job's Python stacks, one file per rank (engine.training.watchdog)
 
 Every command that takes a model, an adapter or a checkpoint accepts a run directory for it, and
-`resolve` turns what the user passed into what the command reads.
+`resolve` turns what the user passed into what the command reads (`resolve_tag`: a CKPT_DIR and
+its --tag into one tag folder).
 """
 
 from __future__ import annotations
@@ -87,17 +88,30 @@ def tag_name(step: int) -> str:
     return f"global_step{step}"
 
 
+def tag_order(tag: str) -> tuple:
+    """Sort key of tags: by the step number they end with (global_step2 before global_step10),
+    tags without one last, by name."""
+    m = re.search(r"(\d+)$", tag)
+    return (0, int(m.group(1)), tag) if m else (1, 0, tag)
+
+
 def universal_dir(tag_dir: Path) -> Path:
-    """Where DeepSpeed's universal conversion of a tag lives (beside it)."""
+    """Where zerotrain puts DeepSpeed's universal conversion of a tag (beside it)."""
     return tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
 
 
+def is_universal_dir(path: Path) -> bool:
+    """A universal checkpoint (ds_to_universal's output, whatever its name): model states beside a
+    zero/ folder of per-parameter files. It is not a tag folder of its own."""
+    return (path / "zero").is_dir()
+
+
 def zerotrain_tags(ckpt_dir: Path) -> list[str]:
-    """global_stepN folders, oldest first."""
+    """global_stepN folders, oldest first (unfinished saves included)."""
     if not ckpt_dir.is_dir():
         return []
     tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
-    return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+    return sorted(tags, key=tag_order)
 
 
 def is_tag_dir(path: Path) -> bool:
@@ -108,6 +122,16 @@ def is_tag_dir(path: Path) -> bool:
 def is_checkpoint_dir(path: Path) -> bool:
     """A DeepSpeed checkpoint directory (the one given to save_checkpoint): `latest` or tag folders."""
     return path.is_dir() and ((path / LATEST).is_file() or any(is_tag_dir(p) for p in path.iterdir()))
+
+
+def list_tags(ckpt_dir: str | Path) -> list[str]:
+    """The tag folders of any DeepSpeed checkpoint directory (those holding *_model_states.pt, not
+    universal conversions), by step number."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if is_tag_dir(p) and not is_universal_dir(p)]
+    return sorted(tags, key=tag_order)
 
 
 # --------------------------------------------------------------------------- what a path stands for
@@ -154,7 +178,7 @@ def _classify(path: Path) -> Resolved | None:
         return Resolved("hf", path, _tokenizer_near(path))
     if has_weights:
         return Resolved("weights", path, _tokenizer_near(path))
-    if is_tag_dir(path) and not path.name.endswith(UNIVERSAL_SUFFIX):
+    if is_tag_dir(path) and not is_universal_dir(path):
         ckpt_dir = path.parent
         return Resolved("deepspeed", ckpt_dir, _tokenizer_near(ckpt_dir, ckpt_dir.parent / TOKENIZER), path.name)
     if is_checkpoint_dir(path):  # also HF Trainer's checkpoint-N/: config.json beside the shards
@@ -196,3 +220,42 @@ def resolve(path: str | Path, accept: tuple[Kind, ...], what: str) -> Resolved:
                              f"checkpoint into a model with `zerotrain consolidate {run.checkpoints} OUT_DIR`")
     it_is = f" (it is {DESCRIPTIONS[found.kind]})" if found is not None else ""
     raise ZerotrainError(f"{what} {path} is not {wanted}, nor a zerotrain run directory holding one{it_is}")
+
+
+def checkpoint_dir(ckpt_dir: str | Path) -> Path:
+    """What a CKPT_DIR argument names: the directory itself (a checkpoint directory or one tag
+    folder), or for a zerotrain run directory its checkpoints/."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise ZerotrainError(f"checkpoint directory {root} does not exist")
+    if is_checkpoint_dir(RunDir(root).checkpoints):
+        root = resolve(root, ("deepspeed",), "CKPT_DIR").path
+    return root
+
+
+def resolve_tag(ckpt_dir: str | Path, tag: str | None = None) -> Path:
+    """The tag folder a CKPT_DIR argument and --tag name: `tag` if given, else the one `latest` names.
+
+    CKPT_DIR may also be a tag folder itself (it holds *_model_states.pt) when no tag is given, or
+    a zerotrain run directory (its checkpoints/).
+    """
+    root = checkpoint_dir(ckpt_dir)
+    if tag is None and is_tag_dir(root):
+        return root
+    tags = list_tags(root)
+    available = f"available tags: {', '.join(tags)}" if tags else "it holds no checkpoint tags"
+    if tag is not None:
+        if (root / tag).is_dir():
+            return root / tag
+        raise ZerotrainError(f"no checkpoint tag {tag!r} in {root}; {available}")
+    if not tags:
+        raise ZerotrainError(f"{root} holds no DeepSpeed checkpoint (no global_stepN/ folder with "
+                             f"*_model_states.pt files); pass the directory given to save_checkpoint")
+    latest = root / LATEST
+    if not latest.is_file():
+        raise ZerotrainError(f"{root} has no 'latest' file; pass --tag ({available})")
+    name = latest.read_text().strip()
+    if not (root / name).is_dir():
+        raise ZerotrainError(f"{latest} names {name!r}, which does not exist in {root} (deleted or not yet "
+                             f"written?); pass --tag ({available})")
+    return root / name

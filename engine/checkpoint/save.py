@@ -30,7 +30,7 @@ from engine.distributed import comm_device, on_rank0
 
 def manifest(tag_dir: Path) -> dict[str, str]:
     """Fingerprints of every file of a tag (the sidecar aside), relative to it; `describe` checks them."""
-    from engine.ds_checkpoint import file_fingerprint
+    from engine.offline.ds_layout import file_fingerprint
 
     return {str(p.relative_to(tag_dir)): file_fingerprint(p) for p in sorted(tag_dir.rglob("*"))
             if p.is_file() and p.name != SIDECAR}

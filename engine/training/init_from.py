@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from common.errors import ZerotrainError
-from engine.checkpoint.run_dir import Resolved, resolve
+from engine.checkpoint.run_dir import Resolved, resolve, resolve_tag
 from engine.config.tree import Config
 from engine.distributed import log_on_rank0, world
 
@@ -92,8 +92,9 @@ def fit_vocabulary(model: torch.nn.Module, tokenizer: Any, source: Resolved) -> 
 def _model_from_checkpoint(cfg: Config, source: Resolved) -> torch.nn.Module:
     """The weights of a DeepSpeed checkpoint tag (fp32 masters, a LoRA adapter folded in) in a model
     built from the config consolidate would write beside them, read one tensor at a time."""
-    from engine.consolidate import checkpoint_entries, find_model_config, untie_trained_head
-    from engine.ds_checkpoint import load_checkpoint, resolve_tag
+    from engine.offline.consolidate import checkpoint_entries
+    from engine.offline.ds_weights import load_checkpoint
+    from engine.offline.hf_dir import find_model_config, untie_trained_head
     from model.build import build_from_config
     from model.state_dict import check_state_dict, copy_into
 

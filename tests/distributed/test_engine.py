@@ -125,7 +125,7 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tokenizer_dir, pretrain_da
 
     assert math.isfinite(records[4]["loss"])
     # the skipped step changed no weight
-    from engine.ds_checkpoint import safe_load
+    from engine.offline.ds_layout import safe_load
 
     def module(step):
         return safe_load(out / "checkpoints" / f"global_step{step}" / "mp_rank_00_model_states.pt")["module"]

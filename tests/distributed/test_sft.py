@@ -72,7 +72,7 @@ def test_adapter_is_complete_and_modules_to_save_trained(lora_run, base_model_di
 
 
 def test_frozen_base_weights_are_bit_identical(lora_run, base_model_dir, tmp_path):
-    from engine.consolidate import consolidate
+    from engine.offline.consolidate import consolidate
 
     out = tmp_path / "raw.safetensors"
     consolidate(str(lora_run / "checkpoints"), str(out), keep_lora_keys=True)

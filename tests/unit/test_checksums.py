@@ -27,9 +27,9 @@ from engine.checkpoint.resume import find_resume_tag, tag_problems
 from engine.checkpoint.run_dir import SIDECAR
 from engine.checkpoint.save import manifest, save
 from engine.checkpoint.sidecar import Sidecar
-from engine.checkpoint_report import inspect
-from engine.consolidate import consolidate
-from engine.ds_checkpoint import file_fingerprint
+from engine.offline.consolidate import consolidate
+from engine.offline.ds_layout import file_fingerprint
+from engine.offline.inspect import inspect
 from tests.unit.test_ds_checkpoint import save_zero3, weights
 
 WORLD = 2

@@ -1,5 +1,5 @@
-"""engine.ds_checkpoint and the writers and readers of engine.tensor_io on small synthetic checkpoints
-laid out as DeepSpeed lays them (the real ones are in tests/distributed/test_consolidate.py): the
+"""engine.offline.ds_layout and ds_weights, and the writers and readers of engine.offline, on small synthetic
+checkpoints laid out as DeepSpeed lays them (the real ones are in tests/distributed/test_consolidate.py): the
 pickle allowlist, tags, ZeRO-2/3 partitions for odd world sizes, streaming writers, LoRA folding."""
 
 from __future__ import annotations
@@ -16,17 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.errors import ZerotrainError
-from engine.ds_checkpoint import SAFE_GLOBALS, describe, list_tags, load_checkpoint, resolve_tag, safe_load
-from engine.lora import LoraSettings, fold_lora
-from engine.tensor_io import (
-    Entry,
-    parse_size,
-    state_dict_entries,
-    write_hf_dir,
-    write_output,
-    write_pth,
-    write_safetensors,
-)
+from engine.checkpoint.run_dir import list_tags, resolve_tag
+from engine.offline.ds_layout import deepspeed_globals, describe, safe_load
+from engine.offline.ds_weights import load_checkpoint
+from engine.offline.model_files import parse_size, state_dict_entries, write_hf_dir, write_output
+from engine.offline.peft_names import LoraSettings, fold_lora
+from engine.offline.pth_io import write_pth
+from engine.offline.safetensors_io import write_safetensors
+from engine.offline.tensors import Entry
 from tests.unit.test_tensor_io import ROOT, peak_rss_child
 
 
@@ -113,7 +110,7 @@ def test_safe_load_allows_deepspeed_classes_only(tmp_path):
     ok = tmp_path / "ok.pt"
     torch.save({"scaler": LossScaler(1.0), "stage": ZeroStageEnum.weights, "frag": fragment_address(numel=3, start=1),
                 "t": torch.arange(3)}, ok)
-    assert {c.__name__ for c in SAFE_GLOBALS} >= {"LossScaler", "ZeroStageEnum", "fragment_address"}
+    assert {c.__name__ for c in deepspeed_globals()} >= {"LossScaler", "ZeroStageEnum", "fragment_address"}
     loaded = safe_load(ok)
     assert loaded["stage"] == ZeroStageEnum.weights and loaded["frag"].start == 1
 
@@ -187,7 +184,10 @@ def test_reading_a_checkpoint_reads_no_optimizer_moments(tmp_path):
     loaded, control = peak_rss_child(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        from engine.ds_checkpoint import SAFE_GLOBALS, load_checkpoint, resolve_tag, safe_load  # imports deepspeed
+        from engine.offline.ds_layout import deepspeed_globals, safe_load
+        from engine.offline.ds_weights import load_checkpoint
+        from engine.checkpoint.run_dir import resolve_tag
+        deepspeed_globals()  # imports deepspeed before the phase measured
         start = phase_start()
         ckpt = load_checkpoint(resolve_tag(sys.argv[1]))
         weights = {{name: src.read() for name, src in ckpt.tensors.items()}}

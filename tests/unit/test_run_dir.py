@@ -105,7 +105,7 @@ def test_resolve_foreign_layouts(tmp_path):
 
 
 def test_checkpoint_tools_take_a_run_directory(tmp_path):
-    from engine.ds_checkpoint import checkpoint_dir, resolve_tag
+    from engine.checkpoint.run_dir import checkpoint_dir, resolve_tag
 
     run = tmp_path / "run"
     tag = fake_tag(run / "checkpoints", 6)

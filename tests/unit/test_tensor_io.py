@@ -1,4 +1,4 @@
-"""engine.tensor_io: the streaming .pth and .safetensors writers (against torch.save and
+"""engine.offline.pth_io and safetensors_io: the streaming .pth and .safetensors writers (against torch.save and
 safetensors' own reader), the safetensors reader, and the locator of tensor data in torch.save files."""
 
 from __future__ import annotations
@@ -16,16 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.errors import ZerotrainError
-from engine import tensor_io
-from engine.tensor_io import (
-    SAFETENSORS_CODES,
-    SAFETENSORS_DTYPES,
-    Entry,
-    load_located,
-    safetensors_entries,
-    write_pth,
-    write_safetensors,
-)
+from engine.offline import pth_io
+from engine.offline.pth_io import load_located, write_pth
+from engine.offline.safetensors_io import SAFETENSORS_CODES, SAFETENSORS_DTYPES, safetensors_entries, write_safetensors
+from engine.offline.tensors import Entry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -167,7 +161,8 @@ def test_pth_writer_warns_nothing(tmp_path):
         import sys, warnings, torch
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
-        from engine.tensor_io import Entry, write_pth
+        from engine.offline.pth_io import write_pth
+        from engine.offline.tensors import Entry
         entries = [Entry("w", (3, 2), torch.float32, lambda into=None: torch.ones(3, 2)),
                    Entry("i", (4,), torch.int64, lambda into=None: torch.arange(4))]
         with warnings.catch_warnings(record=True) as caught:
@@ -219,7 +214,8 @@ def test_pth_peak_memory_is_one_tensor_not_the_model(tmp_path):
         import sys, torch
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
-        from engine.tensor_io import Entry, write_pth
+        from engine.offline.pth_io import write_pth
+        from engine.offline.tensors import Entry
 
         def maker(i):
             return lambda into=None: (into if into is not None else torch.empty(1024, 1024)).fill_(i)
@@ -359,7 +355,7 @@ def test_locator_offsets_hold_each_tensors_bytes(tmp_path):
 def test_locator_refuses_storages_not_mapped_from_the_file(tmp_path):
     path = tmp_path / "m.pt"
     deepspeed_like(path)
-    locator = tensor_io.StorageLocator(path)
+    locator = pth_io.StorageLocator(path)
     state = torch.load(path, weights_only=True, map_location=locator.map_location)  # no mmap: copies
     with pytest.raises(ZerotrainError, match="mmap=True"):
         locator.offset(state["module"]["w"])
@@ -375,7 +371,7 @@ def test_locating_reads_no_tensor_data(tmp_path):
     located, read = peak_rss_child(f"""
         import sys, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from engine.tensor_io import load_located
+        from engine.offline.pth_io import load_located
         start = phase_start()
         state, locator = load_located(sys.argv[1])
         offsets = [locator.offset(t) for t in state.values()]
@@ -397,7 +393,7 @@ def test_central_directory_crc_positions_of_a_plain_zip(tmp_path):
         z.writestr("a/data/0", b"hello")
         z.writestr("a/émoji", b"world!")
     with open(path, "rb") as f, zipfile.ZipFile(path) as z:
-        positions = tensor_io._central_crc_positions(z, f)
+        positions = pth_io._central_crc_positions(z, f)
         assert set(positions) == set(z.namelist())
         for info in z.infolist():
             f.seek(positions[info.filename])

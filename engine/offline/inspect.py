@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from common.errors import ZerotrainError
-from engine.checkpoint.run_dir import LATEST, is_tag_dir
-from engine.ds_checkpoint import CheckpointInfo, checkpoint_dir, describe, list_tags
+from engine.checkpoint.run_dir import LATEST, checkpoint_dir, is_tag_dir, list_tags
+from engine.offline.ds_layout import CheckpointInfo, describe
 
 
 def inspect(ckpt_dir: str, *, trust_pickle: bool = False) -> tuple[str | None, list[CheckpointInfo]]:

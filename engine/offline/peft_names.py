@@ -22,8 +22,8 @@ import torch
 from common.errors import ZerotrainError
 from common.jsonio import read_json_object
 from engine.checkpoint.run_dir import SIDECAR
-from engine.ds_checkpoint import Checkpoint
-from engine.tensor_io import Entry
+from engine.checkpoint.sidecar import Sidecar
+from engine.offline.tensors import Entry
 
 PEFT_PREFIX = "base_model.model."
 
@@ -55,10 +55,11 @@ class LoraSettings:
         return float(self.lora_alpha)
 
 
-def lora_settings(ckpt_root: Path | None, ckpt: Checkpoint | None, *, lora_alpha: float | None = None,
+def lora_settings(tag_dir: Path | None, sidecar: Sidecar | None, *, lora_alpha: float | None = None,
                   adapter_config: str | None = None) -> LoraSettings | None:
-    """LoRA settings from --adapter-config FILE, else the run's saved config (zerotrain.json), else an
-    adapter_config.json in the checkpoint dir (HF Trainer); --lora-alpha overrides the alpha."""
+    """LoRA settings from --adapter-config FILE, else the run's saved config (the tag's zerotrain.json,
+    `sidecar`), else an adapter_config.json in the checkpoint dir beside `tag_dir` (HF Trainer);
+    --lora-alpha overrides the alpha."""
     config: dict[str, Any] | None = None
     source = ""
     if adapter_config:
@@ -67,10 +68,11 @@ def lora_settings(ckpt_root: Path | None, ckpt: Checkpoint | None, *, lora_alpha
         if not path.is_file():
             raise ZerotrainError(f"--adapter-config {adapter_config}: no such file")
         config, source = read_json_object(path), str(path)
-    elif ckpt is not None and ckpt.sidecar is not None and ckpt.sidecar.lora:
-        config, source = dict(ckpt.sidecar.lora), str(ckpt.info.path / SIDECAR)
-    elif ckpt_root is not None and (ckpt_root / "adapter_config.json").is_file():
-        config, source = read_json_object(ckpt_root / "adapter_config.json"), str(ckpt_root / "adapter_config.json")
+    elif tag_dir is not None and sidecar is not None and sidecar.lora:
+        config, source = dict(sidecar.lora), str(tag_dir / SIDECAR)
+    elif tag_dir is not None and (tag_dir.parent / "adapter_config.json").is_file():
+        path = tag_dir.parent / "adapter_config.json"
+        config, source = read_json_object(path), str(path)
     if lora_alpha is not None:
         config = dict(config or {}, lora_alpha=lora_alpha)
         source = source or "--lora-alpha"
@@ -81,6 +83,11 @@ def lora_settings(ckpt_root: Path | None, ckpt: Checkpoint | None, *, lora_alpha
     return LoraSettings(lora_alpha=float(config["lora_alpha"]), use_rslora=bool(config.get("use_rslora", False)),
                         alpha_pattern=dict(config.get("alpha_pattern") or {}),
                         fan_in_fan_out=config.get("fan_in_fan_out"), config=config, source=source)
+
+
+def is_lora_matrix(name: str) -> bool:
+    """A LoRA A or B matrix in a PEFT model's state dict (`M.lora_A.NAME.weight`, ...)."""
+    return _LORA_KEY.match(name) is not None
 
 
 def strip_peft(name: str) -> str:

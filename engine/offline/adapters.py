@@ -1,8 +1,8 @@
 """`zerotrain extract-adapter`: the LoRA adapter of a DeepSpeed checkpoint, in PEFT format, straight
 from the shards; `zerotrain merge-adapter`: a PEFT adapter folded into its base model.
 
-Both stream as consolidate does (engine.tensor_io's readers and writers): one tensor in memory at a
-time, written under a temporary name and put in place once complete.
+Both stream as consolidate does (engine.offline.model_files' readers and writers): one tensor in
+memory at a time, written under a temporary name and put in place once complete.
 """
 
 from __future__ import annotations
@@ -13,20 +13,27 @@ import torch
 
 from common.errors import ZerotrainError
 from common.publish import check_apart
-from engine.checkpoint.run_dir import ADAPTER, FINAL, has_tokenizer, resolve
-from engine.consolidate import (
-    Written,
+from engine.checkpoint.run_dir import ADAPTER, FINAL, has_tokenizer, resolve, resolve_tag
+from engine.config.precision import output_dtype
+from engine.offline.ds_weights import load_checkpoint
+from engine.offline.hf_dir import (
     check_against_config,
     load_config_json,
-    output_dtype,
-    plan_output,
     tokenizer_source,
     write_extras,
     write_tokenizer,
 )
-from engine.ds_checkpoint import load_checkpoint, resolve_tag
-from engine.lora import fold_lora, lora_module, lora_name_in_model, lora_settings, peft_adapter, strip_peft
-from engine.tensor_io import Entry, model_entries, source_entries, staged, state_dict_entries, write_safetensors
+from engine.offline.model_files import Written, model_entries, plan_output, refuse_existing, staged, state_dict_entries
+from engine.offline.peft_names import (
+    fold_lora,
+    lora_module,
+    lora_name_in_model,
+    lora_settings,
+    peft_adapter,
+    strip_peft,
+)
+from engine.offline.safetensors_io import write_safetensors
+from engine.offline.tensors import Entry, source_entries
 
 
 def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora_alpha: float | None = None,
@@ -37,14 +44,13 @@ def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora
     extend the base model's vocabulary)."""
     out = Path(out_dir)
     target = output_dtype(dtype)
-    if out.exists() and not overwrite:
-        raise ZerotrainError(f"{out} already exists; remove it, choose another path, or pass --overwrite")
+    refuse_existing(out, overwrite)
     tag_dir = resolve_tag(ckpt_dir, tag)
     check_apart(out, [("the checkpoint directory", tag_dir.parent)])
     ckpt = load_checkpoint(tag_dir, trust_pickle=trust_pickle)
     if not ckpt.info.is_lora:
         raise ZerotrainError(f"{tag_dir} holds no LoRA weights (no lora_A keys); nothing to extract")
-    settings = lora_settings(tag_dir.parent, ckpt, lora_alpha=lora_alpha, adapter_config=adapter_config)
+    settings = lora_settings(tag_dir, ckpt.sidecar, lora_alpha=lora_alpha, adapter_config=adapter_config)
     if settings is None:
         raise ZerotrainError(f"the lora_alpha of {tag_dir} is unknown (no zerotrain.json or adapter_config.json "
                              f"beside it): pass --lora-alpha A or --adapter-config FILE")
