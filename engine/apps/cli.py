@@ -12,8 +12,12 @@
     zerotrain chat --model DIR [--adapter DIR] [--system TEXT]
     zerotrain eval --model DIR [--adapter DIR] --data FILE... [--kind auto|pretrain|sft] [--json]
     zerotrain serve RUN_OR_MODEL [--adapter DIR] [--host 127.0.0.1] [--port 8000] [--model-name NAME]
+    zerotrain teacher-logits --top-k K [launcher/distill.py's flags]
     zerotrain plot RUN_DIR... [--out FILE.png]
     zerotrain env [--output-dir DIR] [--json]
+
+Training itself runs through the launchers (launcher/pretrain.py, sft.py, dpo.py, distill.py) under
+python, torchrun, deepspeed or sbatch.
 """
 
 from __future__ import annotations
@@ -231,8 +235,12 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="DeepSpeed checkpoint directory (holding 'latest' and global_stepN/), one tag folder, "
                         "or a zerotrain run directory (its checkpoints/)")
     p.add_argument("--tag", help="checkpoint tag to read, e.g. global_step1000 (default: the one 'latest' names)")
+    _trust_pickle_arg(p, "the DeepSpeed allowlist")
+
+
+def _trust_pickle_arg(p: argparse.ArgumentParser, allowlist: str) -> None:
     p.add_argument("--trust-pickle", action="store_true",
-                   help="unpickle classes outside the DeepSpeed allowlist (can run code: trusted files only)")
+                   help=f"unpickle classes outside {allowlist} (can run code: trusted files only)")
 
 
 def _lora_args(p: argparse.ArgumentParser) -> None:
@@ -242,13 +250,9 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--adapter-config", metavar="FILE", help="PEFT adapter_config.json giving alpha and the rest")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _data_commands(sub) -> None:
+    """Data and tokenizers: train-tokenizer, extend-tokenizer, prepare, teacher-logits."""
     from engine.data.kinds import KINDS
-
-    parser = argparse.ArgumentParser(prog="zerotrain", description="DeepSpeed ZeRO training for GPT-style models",
-                                     allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer (HF format) on text files",
                        allow_abbrev=False)
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".txt, .jsonl ({'text'}) or .parquet")
@@ -290,6 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sft: processes that encode conversations (0: every core; default 1); the output is the same")
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("teacher-logits", allow_abbrev=False,
+                       help="store a distillation teacher's top-k log-probs beside the prepared data",
+                       description="Run the teacher of a distill run once over its data and store, for every "
+                                   "trained token, its top-k log-probs and the rest of its probability mass beside "
+                                   "the prepared data (PREPARED/teacher/KEY/). Takes the flags of launcher/distill.py "
+                                   "(--teacher, --data, --preset, --kd-temperature, --precision, --config ...); "
+                                   "a distill run with the same flags and --teacher-top-k K then trains with no "
+                                   "teacher loaded. Runs under torchrun too, the ranks sharing the examples.")
+    p.add_argument("--top-k", type=int, default=64, metavar="K", help="log-probs kept per token (default 64)")
+    p.set_defaults(func=cmd_teacher_logits)
+
+
+def _checkpoint_commands(sub) -> None:
+    """Checkpoints: consolidate, extract-adapter, merge-adapter, inspect."""
+    from engine.config.precision import DTYPES
     p = sub.add_parser("consolidate", allow_abbrev=False,
                        help="DeepSpeed checkpoint (any ZeRO stage) -> one .pth / .safetensors or an HF model dir",
                        description="Gather the sharded weights of a DeepSpeed checkpoint (fp32 masters where they "
@@ -297,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "name for an HF model directory. Streams one tensor at a time.")
     _checkpoint_args(p)
     p.add_argument("output", metavar="OUTPUT", help="NAME.pth, NAME.safetensors or an HF directory")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                    help="dtype of the floating-point weights written (default fp32)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="HF directory shard size (default 5GB)")
     p.add_argument("--keep-lora-keys", action="store_true",
@@ -318,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_args(p)
     p.add_argument("out_dir", metavar="OUT_DIR")
     _lora_args(p)
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                    help="dtype of the adapter weights (default fp32, the masters)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(func=cmd_extract_adapter)
@@ -331,11 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", metavar="BASE")
     p.add_argument("adapter", metavar="ADAPTER")
     p.add_argument("output", metavar="OUTPUT")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="dtype of the weights written (default auto: the base model's)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="HF directory shard size (default 5GB)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="unpickle classes outside the allowlist in .pth/.bin inputs (trusted files only)")
+    _trust_pickle_arg(p, "the allowlist in .pth/.bin inputs")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_merge_adapter)
 
@@ -343,29 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stage, world size, dtype, size and completeness of each checkpoint tag")
     p.add_argument("ckpt_dir", metavar="CKPT_DIR")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="unpickle classes outside the DeepSpeed allowlist (trusted files only)")
+    _trust_pickle_arg(p, "the DeepSpeed allowlist")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("preflight", allow_abbrev=False,
-                       help="check the hosts of a hostfile before a multi-node launch",
-                       description="For every host of a DeepSpeed hostfile: ssh without a password (BatchMode), "
-                                   "the same Python path and python/torch/deepspeed/zerotrain versions, this "
-                                   "working directory present, the output directory shared, the master port free "
-                                   "and the master address resolvable, accelerators against slots. Prints a table; "
-                                   "exits non-zero if any check fails.")
-    p.add_argument("--hostfile", required=True, metavar="FILE", help="DeepSpeed hostfile ('HOSTNAME slots=N' a line)")
-    p.add_argument("--output-dir", metavar="DIR",
-                   help="run directory every host must share (checked with a marker file; created if missing)")
-    p.add_argument("--master-addr", metavar="ADDR", help="rendezvous address (default: the first host)")
-    p.add_argument("--master-port", type=int, default=29500, metavar="PORT",
-                   help="rendezvous port, checked free on the first host (default 29500)")
-    p.add_argument("--ssh-port", type=int, metavar="N", help="ssh port, as deepspeed's --ssh_port")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="ssh connect timeout (default 10)")
-    p.add_argument("--python", metavar="PATH",
-                   help="interpreter on every host (default: this one, as deepspeed's launch command uses)")
-    p.set_defaults(func=cmd_preflight)
 
+def _inference_commands(sub) -> None:
+    """Using a model: generate, chat, eval, serve."""
+    from engine.data.kinds import KINDS
     p = sub.add_parser("generate", allow_abbrev=False, help="complete prompts with a model (and a LoRA adapter)",
                        description="Each prompt is completed on its own; with --chat (the default) it is sent as a "
                                    "user message through the chat template and the reply stops at <|im_end|>.")
@@ -391,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "NLL / counted tokens; perplexity = exp(loss).")
     _inference_args(p)
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help=".txt/.jsonl/.parquet text or SFT .json/.jsonl")
-    p.add_argument("--kind", choices=("auto", *(k for k, kind in KINDS.items() if kind.language_modeling)), default="auto",
+    scored = tuple(name for name, kind in KINDS.items() if kind.language_modeling)
+    p.add_argument("--kind", choices=("auto", *scored), default="auto",
                    help="auto: sft for .json and for .jsonl/.parquet of conversations, else pretrain "
                         "(preference pairs are refused)")
     p.add_argument("--seq-len", type=int, default=512, help="window length (pretrain), truncation length (SFT)")
@@ -416,17 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's id in the API (default: the name of RUN_OR_MODEL's directory)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("teacher-logits", allow_abbrev=False,
-                       help="store a distillation teacher's top-k log-probs beside the prepared data",
-                       description="Run the teacher of a distill run once over its data and store, for every "
-                                   "trained token, its top-k log-probs and the rest of its probability mass beside "
-                                   "the prepared data (PREPARED/teacher/KEY/). Takes the flags of launcher/distill.py "
-                                   "(--teacher, --data, --preset, --kd-temperature, --precision, --config ...); "
-                                   "a distill run with the same flags and --teacher-top-k K then trains with no "
-                                   "teacher loaded. Runs under torchrun too, the ranks sharing the examples.")
-    p.add_argument("--top-k", type=int, default=64, metavar="K", help="log-probs kept per token (default 64)")
-    p.set_defaults(func=cmd_teacher_logits)
 
+def _runs_commands(sub) -> None:
+    """Runs and clusters: plot, env, preflight."""
     p = sub.add_parser("plot", allow_abbrev=False, help="loss, val loss, lr and tokens/s of runs in one PNG",
                        description="Four panels against the step (training loss, validation loss, learning "
                                    "rate, tokens/s) from each run's metrics.jsonl, one line per run labelled "
@@ -448,6 +443,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where runs will be written, for its free disk (default: the current directory)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("preflight", allow_abbrev=False,
+                       help="check the hosts of a hostfile before a multi-node launch",
+                       description="For every host of a DeepSpeed hostfile: ssh without a password (BatchMode), "
+                                   "the same Python path and python/torch/deepspeed/zerotrain versions, this "
+                                   "working directory present, the output directory shared, the master port free "
+                                   "and the master address resolvable, accelerators against slots. Prints a table; "
+                                   "exits non-zero if any check fails.")
+    p.add_argument("--hostfile", required=True, metavar="FILE", help="DeepSpeed hostfile ('HOSTNAME slots=N' a line)")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="run directory every host must share (checked with a marker file; created if missing)")
+    p.add_argument("--master-addr", metavar="ADDR", help="rendezvous address (default: the first host)")
+    p.add_argument("--master-port", type=int, default=29500, metavar="PORT",
+                   help="rendezvous port, checked free on the first host (default 29500)")
+    p.add_argument("--ssh-port", type=int, metavar="N", help="ssh port, as deepspeed's --ssh_port")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="ssh connect timeout (default 10)")
+    p.add_argument("--python", metavar="PATH",
+                   help="interpreter on every host (default: this one, as deepspeed's launch command uses)")
+    p.set_defaults(func=cmd_preflight)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zerotrain", description="DeepSpeed ZeRO training for GPT-style models",
+                                     allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_data_commands, _checkpoint_commands, _inference_commands, _runs_commands):
+        add(sub)
     return parser
 
 

@@ -255,6 +255,21 @@ def preflight(hostfile: str | os.PathLike, *, output_dir: str | None = None, mas
     return report
 
 
+@dataclass
+class Answers:
+    """What every check of `judge` reads: the probes, those that answered, and how to say "on every
+    host that answered"."""
+
+    probes: list[Probe]
+    answered: list[Probe]
+    everywhere: str
+
+    @property
+    def first(self) -> Probe:
+        """The first host: node rank 0, where the rendezvous store listens."""
+        return self.probes[0]
+
+
 def judge(probes: list[Probe], *, local: bool, workdir: str, output_dir: str | None, master: str | None,
           master_port: int, python: str) -> list[Check]:
     """Turn the probes' answers into pass/fail checks (pure: no I/O). A check that no host could
@@ -263,73 +278,81 @@ def judge(probes: list[Probe], *, local: bool, workdir: str, output_dir: str | N
     silent = len(probes) - len(answered)
     everywhere = ("on every host" if len(probes) > 1 else f"on {probes[0].host.name}") + (
         f" that answered ({silent} did not)" if silent else "")
-    first = probes[0]
-    checks: list[Check] = []
+    answers = Answers(probes, answered, everywhere)
+    return [_ssh(answers, local), _python(answers, python), _versions(answers), _workdir(answers, workdir),
+            _output_dir(answers, output_dir), _master(answers, master, master_port), _accelerators(answers)]
 
+
+def _ssh(a: Answers, local: bool) -> Check:
     if local:
-        checks.append(Check("ssh", True, ["one host: launched locally, ssh not needed"]))
-    else:
-        failing = [p for p in probes if p.error is not None and not p.python_missing]
-        checks.append(Check(
-            "ssh", not failing,
-            [f"{p.host.name}: {p.error}" for p in failing] or [f"{len(probes)}/{len(probes)} hosts reachable "
-                                                               "without a password"],
-            "set up key login from this machine (ssh-copy-id HOST), accept each host key once (ssh HOST true), "
-            "and check that `ssh -o BatchMode=yes HOST true` works"))
+        return Check("ssh", True, ["one host: launched locally, ssh not needed"])
+    failing = [p for p in a.probes if p.error is not None and not p.python_missing]
+    return Check("ssh", not failing,
+                 [f"{p.host.name}: {p.error}" for p in failing]
+                 or [f"{len(a.probes)}/{len(a.probes)} hosts reachable without a password"],
+                 "set up key login from this machine (ssh-copy-id HOST), accept each host key once (ssh HOST true), "
+                 "and check that `ssh -o BatchMode=yes HOST true` works")
 
-    missing = [p for p in probes if p.python_missing]
-    checks.append(Check(
-        "python", not missing if answered or missing else None,
-        [f"{p.host.name}: {python} not found" for p in missing]
-        or [f"{python} {everywhere}" if answered else "not checked: no host answered"],
-        "deepspeed runs the same interpreter path on every node: install the same environment at the same path "
-        "(or on a shared filesystem), or pass --python"))
 
+def _python(a: Answers, python: str) -> Check:
+    missing = [p for p in a.probes if p.python_missing]
+    return Check("python", not missing if a.answered or missing else None,
+                 [f"{p.host.name}: {python} not found" for p in missing]
+                 or [f"{python} {a.everywhere}" if a.answered else "not checked: no host answered"],
+                 "deepspeed runs the same interpreter path on every node: install the same environment at the same "
+                 "path (or on a shared filesystem), or pass --python")
+
+
+def _versions(a: Answers) -> Check:
     lines, ok = [], True
     for key in ("python", "torch", "deepspeed", "zerotrain"):
-        values = {p.host.name: p.info.get(key) for p in answered}
+        values = {p.host.name: p.info.get(key) for p in a.answered}
         if not values:
             continue
         if key in ("torch", "deepspeed") and None in values.values():
             ok = False
             lines.append(f"{key} is not installed on " + ", ".join(h for h, v in values.items() if v is None))
-        reference_host = answered[0].host.name
+        reference_host = a.answered[0].host.name
         differing = {h: v for h, v in values.items() if v != values[reference_host]}
         if differing:
             ok = False
             lines.append(f"{key} {values[reference_host] or 'missing'} on {reference_host}, but "
                          + ", ".join(f"{v or 'missing'} on {h}" for h, v in differing.items()))
-    if answered and ok:
-        lines.append(", ".join(f"{k} {answered[0].info.get(k) or '-'}" for k in ("python", "torch", "deepspeed",
-                                                                               "zerotrain")) + f" {everywhere}")
-    checks.append(Check("versions", ok if answered else None, lines or ["not checked: no host answered"],
-                        "install the same versions everywhere (one shared venv, or the same requirements)"))
+    if a.answered and ok:
+        lines.append(", ".join(f"{k} {a.answered[0].info.get(k) or '-'}" for k in ("python", "torch", "deepspeed",
+                                                                                 "zerotrain")) + f" {a.everywhere}")
+    return Check("versions", ok if a.answered else None, lines or ["not checked: no host answered"],
+                 "install the same versions everywhere (one shared venv, or the same requirements)")
 
-    absent = [p.host.name for p in answered if not p.info.get("workdir")]
-    checks.append(Check(
-        "working dir", not absent if answered else None,
-        [f"{workdir} is missing on " + ", ".join(absent)] if absent else [f"{workdir} exists {everywhere}"],
-        "each node cds into the launch directory and runs the script from there: put the code on a shared "
-        "filesystem or at the same path everywhere"))
 
+def _workdir(a: Answers, workdir: str) -> Check:
+    absent = [p.host.name for p in a.answered if not p.info.get("workdir")]
+    return Check("working dir", not absent if a.answered else None,
+                 [f"{workdir} is missing on " + ", ".join(absent)] if absent else [f"{workdir} exists {a.everywhere}"],
+                 "each node cds into the launch directory and runs the script from there: put the code on a shared "
+                 "filesystem or at the same path everywhere")
+
+
+def _output_dir(a: Answers, output_dir: str | None) -> Check:
+    first = a.first
     if not output_dir:
-        checks.append(Check("output dir", None, ["not checked (no --output-dir)"]))
-    elif first.error is not None:
-        checks.append(Check("output dir", None, [f"not checked: {first.host.name} did not answer"]))
-    elif first.info.get("marker") != "written":
-        checks.append(Check("output dir", False, [f"{first.host.name}: {output_dir}: {first.info.get('marker')}"],
-                            "the run directory must be writable on every node"))
-    else:
-        blind = [p.host.name for p in answered[1:] if p.info.get("marker") != "visible"]
-        checks.append(Check(
-            "output dir", not blind,
-            [f"a file written in {output_dir} on {first.host.name} is not visible on " + ", ".join(blind)] if blind
-            else [f"{output_dir}: a file written on {first.host.name} is visible {everywhere}" if len(probes) > 1
-                  else f"{output_dir} is writable on {first.host.name}"],
-            "checkpoints are written by every rank into one directory: use a shared filesystem (NFS, Lustre, ...) "
-            "mounted at the same path on every node"))
+        return Check("output dir", None, ["not checked (no --output-dir)"])
+    if first.error is not None:
+        return Check("output dir", None, [f"not checked: {first.host.name} did not answer"])
+    if first.info.get("marker") != "written":
+        return Check("output dir", False, [f"{first.host.name}: {output_dir}: {first.info.get('marker')}"],
+                     "the run directory must be writable on every node")
+    blind = [p.host.name for p in a.answered[1:] if p.info.get("marker") != "visible"]
+    return Check("output dir", not blind,
+                 [f"a file written in {output_dir} on {first.host.name} is not visible on " + ", ".join(blind)] if blind
+                 else [f"{output_dir}: a file written on {first.host.name} is visible {a.everywhere}"
+                       if len(a.probes) > 1 else f"{output_dir} is writable on {first.host.name}"],
+                 "checkpoints are written by every rank into one directory: use a shared filesystem (NFS, Lustre, ...) "
+                 "mounted at the same path on every node")
 
-    lines, ok = [], True
+
+def _master(a: Answers, master: str | None, master_port: int) -> Check:
+    first, lines, ok = a.first, [], True
     if first.error is not None:
         ok = None
         lines.append(f"not checked: {first.host.name} did not answer")
@@ -341,30 +364,32 @@ def judge(probes: list[Probe], *, local: bool, workdir: str, output_dir: str | N
             ok = False
             lines.append(f"no master address: deepspeed takes the first of `hostname -I` on {first.host.name}, "
                          f"and there {first.info.get('detect_error', 'it failed')}")
-        unresolved = [f"{p.host.name} ({p.info['master_resolves']})" for p in answered
+        unresolved = [f"{p.host.name} ({p.info['master_resolves']})" for p in a.answered
                       if master and p.info.get("master_resolves", True) is not True]
         if unresolved:
             ok = False
             lines.append(f"{master} does not resolve on " + ", ".join(unresolved))
-        unreachable = [f"{p.host.name} ({p.info['master_reachable']})" for p in answered
+        unreachable = [f"{p.host.name} ({p.info['master_reachable']})" for p in a.answered
                        if p.info.get("master_reachable", True) is not True]
         if unreachable:
             ok = False
             lines.append(f"{master}:{master_port} cannot be reached from " + ", ".join(unreachable))
         if ok:
-            reached = ", reachable from every other host" if len(answered) > 1 else ""
+            reached = ", reachable from every other host" if len(a.answered) > 1 else ""
             lines.append(f"{master}:{master_port} free on {first.host.name}{reached}")
-    checks.append(Check("master", ok, lines,
-                        "pick another port (--master_port for deepspeed, --master-port here) or stop what holds it; "
-                        "pass --master_addr with an address of the first host that every node can reach (and open "
-                        "the port range between nodes in the firewall)"))
+    return Check("master", ok, lines,
+                 "pick another port (--master_port for deepspeed, --master-port here) or stop what holds it; "
+                 "pass --master_addr with an address of the first host that every node can reach (and open "
+                 "the port range between nodes in the firewall)")
 
+
+def _accelerators(a: Answers) -> Check:
     lines, ok = [], True
-    errors = [f"{p.host.name}: torch failed ({p.info['accelerators_error']})" for p in answered
+    errors = [f"{p.host.name}: torch failed ({p.info['accelerators_error']})" for p in a.answered
               if "accelerators_error" in p.info]
-    devices = {p.host.name: p.info["accelerators"] for p in answered if "accelerators" in p.info}
+    devices = {p.host.name: p.info["accelerators"] for p in a.answered if "accelerators" in p.info}
     any_gpu = any(n > 0 for n, _ in devices.values())
-    for p in answered:
+    for p in a.answered:
         if p.host.name not in devices:
             continue
         n, kind = devices[p.host.name]
@@ -380,14 +405,13 @@ def judge(probes: list[Probe], *, local: bool, workdir: str, output_dir: str | N
     if ok and devices:
         if any_gpu:
             lines.append(", ".join(f"{p.host.name}: {p.host.slots} slots, {' '.join(map(str, devices[p.host.name]))}"
-                                   for p in answered if p.host.name in devices))
+                                   for p in a.answered if p.host.name in devices))
         else:
-            slots = sum(p.host.slots for p in answered)
+            slots = sum(p.host.slots for p in a.answered)
             lines.append(f"no GPU: {slots} slot{'s' * (slots != 1)} run as CPU ranks (gloo)")
-    checks.append(Check("accelerators", ok if answered else None, lines or ["not checked: no host answered"],
-                        "slots must not exceed the devices of a host: lower slots= in the hostfile, or check "
-                        "CUDA_VISIBLE_DEVICES and the driver on that host"))
-    return checks
+    return Check("accelerators", ok if a.answered else None, lines or ["not checked: no host answered"],
+                 "slots must not exceed the devices of a host: lower slots= in the hostfile, or check "
+                 "CUDA_VISIBLE_DEVICES and the driver on that host")
 
 
 def _cells(probe: Probe, local: bool) -> list[str]:

@@ -19,14 +19,12 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from engine.checkpoint.run_dir import Resolved
+from engine.config.precision import DTYPES
 from engine.distributed import World
 
 if TYPE_CHECKING:
     from engine.config.tree import Config
     from engine.training.parts import RunPlan
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def frozen_model(cfg: Config, plan: RunPlan, device: torch.device, source: Resolved | None, *,
                  zero3: bool) -> torch.nn.Module:
