@@ -84,18 +84,26 @@ def _lm_collate(seq_len: int, pad_id: int, pack: bool) -> Collate:
     return partial(collate_packed, seq_len=seq_len, pad_id=pad_id) if pack else partial(collate_pad, pad_id=pad_id)
 
 
+def _sequences(dataset: Callable[..., torch.utils.data.Dataset]) -> Callable[..., torch.utils.data.Dataset]:
+    """A kind's dataset that has no windows to split into documents (document_eos does not apply)."""
+    return lambda directory, split, seq_len, document_eos: dataset(directory, split, seq_len)
+
+
+def _pairs_collate(seq_len: int, pad_id: int, pack: bool) -> Collate:
+    """Preference pairs: their 2B sequences packed (with a sequence map) or padded, one row each."""
+    if pack:
+        return partial(collate_pref_packed, seq_len=seq_len, pad_id=pad_id)
+    return partial(collate_pref, pad_id=pad_id)
+
+
 KINDS: dict[str, DataKind] = {kind.name: kind for kind in (
     DataKind("pretrain", "pretraining text", "pretraining", PRETRAIN_SUFFIXES, write_pretrain, PretrainDataset,
              lambda seq_len, pad_id, pack: collate_stack, item="samples", unit="docs", language_modeling=True,
              cut_at_seq_len=False),
-    DataKind("sft", "SFT conversations", "SFT", SFT_SUFFIXES, write_sft,
-             lambda directory, split, seq_len, document_eos: SFTDataset(directory, split, seq_len), _lm_collate, item="samples",
-             unit="convs", language_modeling=True, mapped=True, reader_version=SFT_READER_VERSION),
-    DataKind("pref", "preference pairs", "preference", PREF_SUFFIXES, write_pref,
-             lambda directory, split, seq_len, document_eos: PrefDataset(directory, split, seq_len),
-             lambda seq_len, pad_id, pack: (partial(collate_pref_packed, seq_len=seq_len, pad_id=pad_id) if pack
-                                            else partial(collate_pref, pad_id=pad_id)),
-             item="pairs", unit="pairs", language_modeling=False, mapped=True, progress_by_bytes=False),
+    DataKind("sft", "SFT conversations", "SFT", SFT_SUFFIXES, write_sft, _sequences(SFTDataset), _lm_collate,
+             item="samples", unit="convs", language_modeling=True, mapped=True, reader_version=SFT_READER_VERSION),
+    DataKind("pref", "preference pairs", "preference", PREF_SUFFIXES, write_pref, _sequences(PrefDataset),
+             _pairs_collate, item="pairs", unit="pairs", language_modeling=False, mapped=True, progress_by_bytes=False),
 )}
 
 

@@ -14,9 +14,9 @@ int32, `<split>.logps.npy` [tokens, k + 1] float32 (the tail last) and `<split>.
 teacher's files, precision, attention backend, vocabulary, k and the temperature, so a changed
 teacher is never read from a stale store. The directory appears whole (common.publish).
 
-`zerotrain teacher-logits` (engine.apps.teacher_logits) fills it ahead of training (under torchrun too, the ranks sharing the
-examples); a distill run with --teacher-top-k fills it at start when it is missing, then frees
-the teacher before the first step.
+`zerotrain teacher-logits` (engine.apps.teacher_logits) fills it ahead of training (under torchrun
+too, the ranks sharing the examples); a distill run with --teacher-top-k fills it at start when it
+is missing, then frees the teacher before the first step.
 """
 
 from __future__ import annotations

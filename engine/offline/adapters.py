@@ -28,7 +28,7 @@ from engine.offline.peft_names import (
     fold_lora,
     lora_module,
     lora_name_in_model,
-    lora_settings,
+    read_adapter_config,
     peft_adapter,
     strip_peft,
 )
@@ -50,7 +50,7 @@ def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora
     ckpt = load_checkpoint(tag_dir, trust_pickle=trust_pickle)
     if not ckpt.info.is_lora:
         raise ZerotrainError(f"{tag_dir} holds no LoRA weights (no lora_A keys); nothing to extract")
-    settings = lora_settings(tag_dir, ckpt.sidecar, lora_alpha=lora_alpha, adapter_config=adapter_config)
+    settings = read_adapter_config(tag_dir, ckpt.sidecar, lora_alpha=lora_alpha, adapter_config=adapter_config)
     if settings is None:
         raise ZerotrainError(f"the lora_alpha of {tag_dir} is unknown (no zerotrain.json or adapter_config.json "
                              f"beside it): pass --lora-alpha A or --adapter-config FILE")
@@ -81,7 +81,7 @@ def merge_adapter(base: str, adapter: str, output: str, *, dtype: str = "auto", 
     check_apart(plan.path, [("the base model", base_path), ("the adapter", adapter_path)])
     base_entries, base_aliases = model_entries(base_path, trust_pickle=trust_pickle)
     config_file = adapter_path / "adapter_config.json"
-    settings = lora_settings(None, None, adapter_config=str(config_file))
+    settings = read_adapter_config(None, None, adapter_config=str(config_file))
     if settings.config.get("peft_type", "LORA") != "LORA" or settings.config.get("use_dora"):
         raise ZerotrainError(f"{config_file}: only plain LoRA adapters can be merged (peft_type "
                              f"{settings.config.get('peft_type')}, use_dora {settings.config.get('use_dora')})")

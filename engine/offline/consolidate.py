@@ -19,7 +19,7 @@ from engine.checkpoint.run_dir import resolve_tag
 from engine.offline.ds_weights import Checkpoint, load_checkpoint
 from engine.offline.hf_dir import check_against_config, find_model_config, tokenizer_source, write_extras
 from engine.offline.model_files import Written, plan_output
-from engine.offline.peft_names import fold_lora, lora_settings
+from engine.offline.peft_names import fold_lora, read_adapter_config
 from engine.offline.tensors import Entry, source_entries
 
 
@@ -27,12 +27,12 @@ def checkpoint_entries(ckpt: Checkpoint, *, keep_lora_keys: bool = False, lora_a
                        adapter_config: str | None = None) -> tuple[list[Entry], dict[str, str], list[str]]:
     """The weights of a loaded checkpoint tag (fp32 masters where it has them), its tied names, and
     notes for the user. A LoRA checkpoint's adapter is folded into the base weights, with the alpha
-    from `lora_settings`, unless `keep_lora_keys`."""
+    from `read_adapter_config`, unless `keep_lora_keys`."""
     tag_dir = ckpt.info.path
     entries, aliases = source_entries(ckpt.tensors), dict(ckpt.aliases)
     notes = list(ckpt.notes)
     if ckpt.info.is_lora and not keep_lora_keys:
-        settings = lora_settings(tag_dir, ckpt.sidecar, lora_alpha=lora_alpha, adapter_config=adapter_config)
+        settings = read_adapter_config(tag_dir, ckpt.sidecar, lora_alpha=lora_alpha, adapter_config=adapter_config)
         if settings is None:
             raise ZerotrainError(f"{tag_dir} is a LoRA checkpoint and its lora_alpha is unknown (no zerotrain.json "
                                  f"or adapter_config.json beside it): pass --lora-alpha A or --adapter-config FILE "

@@ -37,8 +37,10 @@ _ORIGINAL = re.compile(r"^(?P<module>.+)\.original_module\.(?P<rest>.+)$")
 
 
 @dataclass
-class LoraSettings:
-    """What the shards do not say about a LoRA adapter: its alpha and the rest of its PEFT config."""
+class AdapterConfig:
+    """A LoRA adapter's PEFT config, read back (read_adapter_config) for what the shards do not
+    say: its alpha and the rest. (The run's LoRA flags are engine.config.sections.LoraConfig;
+    training records a live model's with engine.training.lora.adapter_config.)"""
 
     lora_alpha: float
     use_rslora: bool = False
@@ -55,10 +57,10 @@ class LoraSettings:
         return float(self.lora_alpha)
 
 
-def lora_settings(tag_dir: Path | None, sidecar: Sidecar | None, *, lora_alpha: float | None = None,
-                  adapter_config: str | None = None) -> LoraSettings | None:
-    """LoRA settings from --adapter-config FILE, else the run's saved config (the tag's zerotrain.json,
-    `sidecar`), else an adapter_config.json in the checkpoint dir beside `tag_dir` (HF Trainer);
+def read_adapter_config(tag_dir: Path | None, sidecar: Sidecar | None, *, lora_alpha: float | None = None,
+                        adapter_config: str | None = None) -> AdapterConfig | None:
+    """The adapter config from --adapter-config FILE, else the run's saved config (the tag's
+    zerotrain.json, `sidecar`), else an adapter_config.json in the checkpoint dir beside `tag_dir` (HF Trainer);
     --lora-alpha overrides the alpha."""
     config: dict[str, Any] | None = None
     source = ""
@@ -80,7 +82,7 @@ def lora_settings(tag_dir: Path | None, sidecar: Sidecar | None, *, lora_alpha: 
         return None
     if config.get("lora_alpha") is None:
         raise ZerotrainError(f"{source} has no lora_alpha; pass --lora-alpha")
-    return LoraSettings(lora_alpha=float(config["lora_alpha"]), use_rslora=bool(config.get("use_rslora", False)),
+    return AdapterConfig(lora_alpha=float(config["lora_alpha"]), use_rslora=bool(config.get("use_rslora", False)),
                         alpha_pattern=dict(config.get("alpha_pattern") or {}),
                         fan_in_fan_out=config.get("fan_in_fan_out"), config=config, source=source)
 
@@ -131,7 +133,7 @@ def _lora_modules(entries: list[Entry]) -> tuple[dict[str, _LoraModule], set[str
     return modules, adapters
 
 
-def fold_lora(entries: list[Entry], aliases: dict[str, str], settings: LoraSettings
+def fold_lora(entries: list[Entry], aliases: dict[str, str], settings: AdapterConfig
               ) -> tuple[list[Entry], dict[str, str]]:
     """PEFT names -> plain model names with each LoRA pair folded into its base weight
     (W + scale * B @ A, computed in fp32), modules_to_save copies in place of the originals."""
@@ -177,7 +179,7 @@ def fold_lora(entries: list[Entry], aliases: dict[str, str], settings: LoraSetti
     return list(out.values()), new_aliases
 
 
-def _fan_in_fan_out(modules: dict[str, _LoraModule], by_name: dict[str, Entry], settings: LoraSettings) -> bool:
+def _fan_in_fan_out(modules: dict[str, _LoraModule], by_name: dict[str, Entry], settings: AdapterConfig) -> bool:
     """Whether base weights are stored (in, out) as GPT-2's Conv1D: the config's word, else the shapes."""
     if settings.fan_in_fan_out is not None:
         return bool(settings.fan_in_fan_out)
@@ -217,7 +219,7 @@ def _folded(name: str, base: Entry, mod: _LoraModule, alpha: float, rslora: bool
                    produce=produce)
 
 
-def peft_adapter(entries: list[Entry], settings: LoraSettings) -> tuple[list[Entry], dict[str, Any]]:
+def peft_adapter(entries: list[Entry], settings: AdapterConfig) -> tuple[list[Entry], dict[str, Any]]:
     """The adapter of a PEFT model's tensors as PEFT saves it: the LoRA matrices and modules_to_save
     copies under an adapter file's names, and its adapter_config.json fields (rank and target
     modules from the shapes, the rest from `settings`)."""
@@ -251,7 +253,7 @@ def lora_module(name: str) -> str:
     return m.group("module")
 
 
-def _adapter_config(modules: dict[str, _LoraModule], entries: list[Entry], settings: LoraSettings,
+def _adapter_config(modules: dict[str, _LoraModule], entries: list[Entry], settings: AdapterConfig,
                     saved_modules: list[str]) -> dict[str, Any]:
     """PEFT config: rank and target modules from the shards, the rest from the saved settings."""
     paths = {strip_peft(m): mod.a.shape[0] for m, mod in modules.items()}

@@ -31,7 +31,7 @@ from engine.data.prepare import prepare_cached
 from engine.data.sources import DataSource
 from engine.distributed import World, on_rank0
 from engine.training.init_from import build_base_model
-from engine.training.lora import lora_record, wrap_lora
+from engine.training.lora import adapter_config, wrap_lora
 from engine.training.parts import Data, Model, RunPlan
 
 Log = Callable[[str], None]
@@ -137,7 +137,7 @@ def build_model(cfg: Config, plan: RunPlan) -> Model:
         model = wrap_lora(cfg, model, base_path)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Model(model, model_config, lora_record(model), flops, 4 * total + 12 * trainable)
+    return Model(model, model_config, adapter_config(model), flops, 4 * total + 12 * trainable)
 
 
 def lr_lambda(cfg: Config) -> Callable[[int], float]:

@@ -26,7 +26,7 @@ def lora_target_modules(model: torch.nn.Module) -> list[str]:
 
 def wrap_lora(cfg: Config, model: torch.nn.Module, base_path: str | None) -> torch.nn.Module:
     """get_peft_model with the run's LoRA settings (base weights frozen)."""
-    from peft import LoraConfig as PeftLoraConfig
+    import peft
 
     lora = cfg.lora
     targets = lora.lora_target_modules or lora_target_modules(model)
@@ -35,9 +35,9 @@ def wrap_lora(cfg: Config, model: torch.nn.Module, base_path: str | None) -> tor
         if name not in present:
             raise ZerotrainError(f"LoRA module '{name}' is not in this model; its modules include "
                                  + ", ".join(sorted(n for n in present if n)[:20]))
-    peft_config = PeftLoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                                 target_modules=targets, modules_to_save=lora.lora_modules_to_save or None,
-                                 task_type="CAUSAL_LM", base_model_name_or_path=base_path)
+    peft_config = peft.LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                                  target_modules=targets, modules_to_save=lora.lora_modules_to_save or None,
+                                  task_type="CAUSAL_LM", base_model_name_or_path=base_path)
     return _peft_model(model, peft_config)
 
 
@@ -54,8 +54,10 @@ def _peft_model(model: torch.nn.Module, peft_config) -> torch.nn.Module:
         return get_peft_model(model, peft_config)
 
 
-def lora_record(model: torch.nn.Module) -> dict[str, Any] | None:
-    """The LoRA settings as recorded in checkpoints (zerotrain.json) and read back by the tools."""
+def adapter_config(model: torch.nn.Module) -> dict[str, Any] | None:
+    """A LoRA-wrapped model's PEFT adapter config, as checkpoints record it (zerotrain.json's `lora`)
+    and the offline tools read it back (engine.offline.peft_names.read_adapter_config); None for a
+    model without LoRA."""
     peft_config = getattr(model, "peft_config", {}).get("default")
     if peft_config is None:
         return None

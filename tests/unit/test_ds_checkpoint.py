@@ -20,7 +20,7 @@ from engine.checkpoint.run_dir import list_tags, resolve_tag
 from engine.offline.ds_layout import deepspeed_globals, describe, safe_load
 from engine.offline.ds_weights import load_checkpoint
 from engine.offline.model_files import parse_size, state_dict_entries, write_hf_dir, write_output
-from engine.offline.peft_names import LoraSettings, fold_lora
+from engine.offline.peft_names import AdapterConfig, fold_lora
 from engine.offline.pth_io import write_pth
 from engine.offline.safetensors_io import write_safetensors
 from engine.offline.tensors import Entry
@@ -337,7 +337,7 @@ def test_fold_lora_linear_conv1d_embedding(tmp_path):
         p + "wte.lora_embedding_B.default": b3,
         p + "head.original_module.weight": head, p + "head.modules_to_save.default.weight": head_copy,
     }
-    out, aliases = fold_lora(entries_of(tensors), {}, LoraSettings(lora_alpha=alpha))
+    out, aliases = fold_lora(entries_of(tensors), {}, AdapterConfig(lora_alpha=alpha))
     got = {e.name: e.produce() for e in out}
     scale = alpha / r
     assert set(got) == {"lin.weight", "c_attn.weight", "wte.weight", "head.weight"}
@@ -346,7 +346,7 @@ def test_fold_lora_linear_conv1d_embedding(tmp_path):
     torch.testing.assert_close(got["wte.weight"], emb + (b3 @ a3).T * scale)
     assert torch.equal(got["head.weight"], head_copy)
 
-    rslora = LoraSettings(lora_alpha=alpha, use_rslora=True, alpha_pattern={"lin": 1.0})
+    rslora = AdapterConfig(lora_alpha=alpha, use_rslora=True, alpha_pattern={"lin": 1.0})
     out, _ = fold_lora(entries_of(tensors), {}, rslora)
     lin = next(e for e in out if e.name == "lin.weight").produce()
     torch.testing.assert_close(lin, linear + b1 @ a1 * (1.0 / math.sqrt(r)))
@@ -357,10 +357,10 @@ def test_fold_lora_refuses_dora_and_missing_base():
     dora = {"m.base_layer.weight": t, "m.lora_A.default.weight": t, "m.lora_B.default.weight": t,
             "m.lora_magnitude_vector.default.weight": torch.zeros(2)}
     with pytest.raises(ZerotrainError, match="--keep-lora-keys"):
-        fold_lora(entries_of(dora), {}, LoraSettings(lora_alpha=1))
+        fold_lora(entries_of(dora), {}, AdapterConfig(lora_alpha=1))
     no_base = {"m.lora_A.default.weight": t, "m.lora_B.default.weight": t}
     with pytest.raises(ZerotrainError, match="exclude_frozen_parameters"):
-        fold_lora(entries_of(no_base), {}, LoraSettings(lora_alpha=1))
+        fold_lora(entries_of(no_base), {}, AdapterConfig(lora_alpha=1))
 
 
 def test_state_dict_entries_of_a_pth_with_tied_weights(tmp_path):
