@@ -1,0 +1,69 @@
+"""A stage is its declaration: registering a toy stage (tests/toy_stage.py) gives it flags of its
+own, a config section in config.yaml, a place in --help, a refusal of its flags by the other
+launchers (naming its launcher), and the data checks of its kinds, with nothing else changed.
+Training it is tests/distributed/test_toy_stage.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.errors import ZerotrainError
+from engine import stages
+from engine.config.parse import build_parser
+from engine.objectives.causal_lm import PRETRAIN, SFT
+from engine.objectives.distill import DISTILL
+from engine.objectives.preference import DPO
+from engine.training.plan import plan_run
+from tests.conftest import SAMPLES
+from tests.toy_stage import TOY, ToyConfig, ToyLoss
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setitem(stages._registered, TOY.name, TOY)  # registered for this test only
+    return TOY
+
+
+def test_the_shipped_stages_are_found_by_their_declarations():
+    found = stages.all_stages()
+    assert [found[name] for name in ("pretrain", "sft", "dpo", "distill")] == [PRETRAIN, SFT, DPO, DISTILL]
+    assert "toy" not in found
+
+
+def test_a_registered_stage_has_its_own_flags_and_config_section(toy, tmp_path):
+    cfg = stages.config_for(toy, ["--toy-weight", "2.5", "--output-dir", str(tmp_path / "run")])
+    assert cfg.section(ToyConfig).toy_weight == 2.5
+    assert isinstance(toy.objective(cfg), ToyLoss) and toy.objective(cfg).weight == 2.5
+    cfg.save(tmp_path / "config.yaml")
+    saved = stages.load_config(__import__("yaml").safe_load((tmp_path / "config.yaml").read_text()), "config.yaml")
+    assert list(cfg.to_dict())[-1] == "toy" and saved.section(ToyConfig).toy_weight == 2.5
+    with pytest.raises(ZerotrainError, match=r"toy.toy_weight \(--toy-weight\) must be a positive number"):
+        stages.config_for(toy, ["--toy-weight", "0"])
+    help_text = build_parser(stages.stage_description(toy), stages.stage_sections()).format_help()
+    assert "--toy-weight" in help_text and "SFT's loss, weighted" in stages.stage_description(toy)
+
+
+def test_the_other_launchers_refuse_its_flags_and_it_refuses_theirs(toy):
+    with pytest.raises(ZerotrainError, match=r"--toy-weight: not a flag of sft \(toy section\).*launcher/toy.py"):
+        stages.config_for(SFT, ["--toy-weight", "2"])
+    with pytest.raises(ZerotrainError, match=r"--beta: not a flag of toy \(pref section\).*launcher/dpo.py"):
+        stages.config_for(toy, ["--beta", "0.2"])
+
+
+def test_its_data_kinds_are_checked_before_any_work(toy, tmp_path):
+    base = ["--output-dir", str(tmp_path / "run"), "--preset", "debug"]
+    plan = plan_run(stages.config_for(toy, [*base, "--data", str(SAMPLES / "sharegpt_identity_500.json")]), toy, 1)
+    assert [s.kind for s in plan.sources] == ["sft"]
+    assert "launcher/toy.py" in stages.launchers_for("sft") and "launcher/toy.py" not in stages.launchers_for("pref")
+    with pytest.raises(ZerotrainError, match=r"pretraining text are for launcher/pretrain.py or launcher/sft.py or "
+                                             r"launcher/distill.py \(toy was given pretrain data; it trains on SFT"):
+        plan_run(stages.config_for(toy, [*base, "--data", f"pretrain:{SAMPLES / 'tinyshakespeare.txt'}"]), toy, 1)
+    with pytest.raises(ZerotrainError, match=r"preference pairs are for launcher/dpo.py \(toy was given pref data"):
+        plan_run(stages.config_for(toy, [*base, "--data", str(SAMPLES / "pref_pairs.jsonl")]), toy, 1)
+
+
+def test_two_stages_of_one_name_are_refused(toy):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="already declared"):
+        stages.register(replace(toy, summary="another"))
