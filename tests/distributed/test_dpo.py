@@ -263,4 +263,5 @@ def test_pretrain_and_sft_refuse_preference_flags(tmp_path, base_model_dir):
     assert proc.returncode == 2 and "preference pairs are for launcher/dpo.py" in proc.stderr
     proc = run_launcher("dpo.py", ["--init-from", base_model_dir, "--data", SAMPLES / "sharegpt_identity_500.json",
                                    "--output-dir", tmp_path / "run"], nproc=1, launcher="python", check=False)
-    assert proc.returncode == 2 and "(dpo was given sft data)" in proc.stderr
+    assert proc.returncode == 2 and "SFT conversations are for launcher/pretrain.py or launcher/sft.py" in proc.stderr
+    assert "(dpo was given sft data; it trains on preference pairs)" in proc.stderr
