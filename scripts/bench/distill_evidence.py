@@ -157,7 +157,7 @@ def held_out(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, w
     import torch
 
     from engine.data import PretrainDataset, collate_stack
-    from engine.objectives.causal_lm import token_nll_sum
+    from engine.objectives.tokens import token_nll_sum, trained_tokens
     from engine.objectives.distill import token_divergence
     from transformers import AutoModelForCausalLM
 
@@ -173,7 +173,7 @@ def held_out(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, w
         for start in range(0, count, batch_size):
             batch = collate_stack([dataset[i] for i in range(start, min(start + batch_size, count))])
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            mask = batch["labels"][:, 1:] != -100
+            mask = trained_tokens(batch["labels"])
             tokens += int(mask.sum())
             teacher_logits = teacher_model(**inputs).logits
             sums["teacher"]["ce"] += float(token_nll_sum(teacher_logits, batch["labels"]))
@@ -181,7 +181,7 @@ def held_out(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, w
                 logits = model(**inputs).logits
                 sums[name]["ce"] += float(token_nll_sum(logits, batch["labels"]))
                 vocab = logits.shape[-1]
-                sums[name]["kl"] += float(token_divergence(logits[:, :-1][mask], teacher_logits[:, :-1, :vocab][mask],
+                sums[name]["kl"] += float(token_divergence(logits[mask], teacher_logits[..., :vocab][mask],
                                                            "forward_kl").sum())
     return {name: {k: v / tokens for k, v in s.items()} | {"tokens": tokens} for name, s in sums.items()}
 
@@ -195,6 +195,7 @@ def top_k_gap(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, 
 
     from engine.data import PretrainDataset, collate_stack
     from engine.objectives.distill import token_divergence
+    from engine.objectives.tokens import trained_tokens
     from engine.teacher_logits import bucketed, top_k
     from transformers import AutoModelForCausalLM
 
@@ -207,9 +208,9 @@ def top_k_gap(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, 
     with torch.no_grad():
         for start in range(0, count, batch_size):
             batch = collate_stack([dataset[i] for i in range(start, min(start + batch_size, count))])
-            mask = batch["labels"][:, 1:] != -100
+            mask = trained_tokens(batch["labels"])
             tokens += int(mask.sum())
-            soft = lambda logits: F.log_softmax(logits[:, :-1][mask] / temperature, dim=-1)  # noqa: E731
+            soft = lambda logits: F.log_softmax(logits[mask] / temperature, dim=-1)  # noqa: E731
             t = soft(teacher_model(input_ids=batch["input_ids"]).logits)
             for name, model in students.items():
                 s = soft(model(input_ids=batch["input_ids"]).logits)
