@@ -7,8 +7,9 @@ label is not IGNORE_INDEX (prompt tokens, padding and the first token of each pa
 IGNORE_INDEX in the labels). Whatever is laid out by position (logits, hidden states, a teacher's
 logits, packed sequence ids) is then used as it is, `x[trained_tokens(labels)]` or all of it
 against `shift_labels(labels)`: the small labels are shifted, never the logits, so the largest
-tensor of a step is neither copied in the forward nor given a gradient scattered into a fresh
-full-size tensor in the backward (transformers' own loss does the same).
+tensor of a step is never copied. The loss over the full logits (_TokenNLL) also turns its
+log-softmax into the gradient in place: one logits-sized tensor in forward and backward together,
+where cross-entropy on the sliced logits made five and on a view of them three.
 
 Training, validation, `zerotrain eval`, the preference log-probs, distillation and the offline
 teacher's store all count and score tokens through these functions. The chunked-head helpers
@@ -22,6 +23,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from engine.data import IGNORE_INDEX
 from engine.objectives import Batch, model_inputs
@@ -46,18 +48,44 @@ def trained_targets(labels: torch.Tensor) -> torch.Tensor:
     return shifted[shifted != IGNORE_INDEX]
 
 
+class _TokenNLL(torch.autograd.Function):
+    """F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction) for
+    logits [rows, vocab], the same kernels in the forward (so the same values), with one full-size
+    tensor instead of three: the log-softmax made in the forward becomes the gradient in the
+    backward, in its own memory (softmax - one-hot, times the incoming gradient of the row), where
+    cross-entropy's backward allocates and fills two more of its size."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        ctx.save_for_backward(log_probs, targets)
+        ctx.logits_dtype = logits.dtype
+        return F.nll_loss(log_probs, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        log_probs, targets = ctx.saved_tensors
+        trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        # Overwritten, so a second backward through this graph fails autograd's check of the
+        # saved tensor's version instead of reading a gradient as log-probs.
+        grad = log_probs.exp_()
+        grad[trained, targets[trained]] -= 1
+        row_scale = torch.zeros(len(targets), dtype=grad.dtype, device=grad.device)
+        row_scale[trained] = grad_out.expand(len(targets))[trained]  # 0 on rows with no target
+        return grad.mul_(row_scale[:, None]).to(ctx.logits_dtype), None, None
+
+
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probability [rows, positions] in fp32 (as transformers' own causal-LM loss upcasts the
     logits) of each position's next token; 0 where it is not trained. The logits [rows, positions,
     vocab] are viewed, not copied (nor upcast when fp32)."""
-    return -F.cross_entropy(logits.flatten(0, 1).float(), shift_labels(labels).flatten(),
-                            ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+    return -_TokenNLL.apply(logits.flatten(0, 1), shift_labels(labels).flatten(), "none").view(labels.shape)
 
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed negative log-likelihood of the trained tokens, in fp32, on a view of the logits."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), shift_labels(labels).flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    return _TokenNLL.apply(logits.flatten(0, 1), shift_labels(labels).flatten(), "sum")
 
 
 # --------------------------------------------------------------------------- the LM head chunk by chunk

@@ -1,5 +1,6 @@
 """The trained-token rule and the token losses (engine.objectives.tokens) against transformers'
-causal-LM loss and torch's cross-entropy on shifted logits, values and gradients."""
+causal-LM loss and torch's cross-entropy on shifted logits, values and gradients; and the reason
+they exist: the logits are neither copied nor given more than one tensor of their size."""
 
 from __future__ import annotations
 
@@ -84,3 +85,36 @@ def test_nothing_trained_gives_zero_and_a_zero_gradient():
     loss = token_nll_sum(logits, torch.full_like(labels, IGNORE_INDEX))
     loss.backward()
     assert float(loss) == 0.0 and float(logits.grad.abs().sum()) == 0.0
+
+
+def test_a_second_backward_through_the_loss_fails_loudly():
+    """The backward turns its saved log-softmax into the gradient in place: a retained graph's
+    second pass must not read that as log-probs."""
+    logits, labels = labelled()
+    loss = token_nll_sum(logits.requires_grad_(), labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def logits_sized_allocations(fn, logits: torch.Tensor, labels: torch.Tensor) -> list[str]:
+    """The ops that allocated a tensor of the logits' size, or larger, in fn's forward and backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(logits, labels).backward()
+    return [e.name for e in prof.events() if e.self_cpu_memory_usage >= 0.9 * logits.numel() * logits.element_size()]
+
+
+def test_the_logits_are_not_copied_and_one_tensor_of_their_size_is_made():
+    """One allocation of the logits' size in forward and backward together: the log-softmax, which
+    becomes the gradient. Slicing the logits (logits[:, :-1]) copied them and scattered the
+    gradient into a fresh zeroed tensor, five in all; cross-entropy on a view still makes three."""
+    logits, labels = labelled(4, 64)
+    logits.requires_grad_()
+    assert logits_sized_allocations(token_nll_sum, logits, labels) == ["aten::_log_softmax"]
+
+    def sliced(logits, labels):
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+
+    assert len(logits_sized_allocations(sliced, logits, labels)) == 5  # what this test would catch
