@@ -7,8 +7,11 @@ param groups), schedule and clipping, in the same script run.
     python scripts/bench/engine_overhead.py --breakdown [--zero-stage 2] [--steps 30]
 
 Default: tokens/s of whole runs. Each side runs in its own subprocess with the same thread
-settings; rounds alternate the sides. Throughput is the median over logged windows after the first
-(warm-up) window, and the figure reported per side is the median over rounds.
+settings (--threads); each round runs every side once, the order rotating. Throughput is the
+median over logged windows after the first (warm-up) window, and the figure reported per side is
+the median over rounds. Also tokens per CPU-second of each process over the same windows, which
+other processes on the machine change much less than wall time (with one thread a run: more
+threads spin while they wait for a core).
 
 --in-process: one process, one thread, holds a ZeRO-0 and a ZeRO-2 trainer built as the launcher
 builds them (engine.train.setup, a world of one) and the bare loop over a copy of the same model;
@@ -63,7 +66,7 @@ def bare_loop(args) -> None:
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), eps=cfg.optim.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    rates, start, tokens = [], time.perf_counter(), 0
+    rates, cpu, start, cpu_start, tokens = [], [], time.perf_counter(), time.process_time(), 0
     for step in range(1, args.steps + 1):
         batch = loader.next_batch()
         loss = model(**batch, use_cache=False).loss
@@ -76,22 +79,35 @@ def bare_loop(args) -> None:
         if step % args.log_interval == 0:
             float(loss)
             rates.append(tokens / (time.perf_counter() - start))
-            start, tokens = time.perf_counter(), 0
-    print(json.dumps({"rates": rates}))
+            cpu.append(tokens / (time.process_time() - cpu_start))
+            start, cpu_start, tokens = time.perf_counter(), time.process_time(), 0
+    print(json.dumps({"rates": rates, "cpu": cpu}))
 
 
-def engine_run(args, stage: int, out: Path) -> list[float]:
-    cmd = [sys.executable, str(ROOT / "launcher" / "pretrain.py"), "--preset", args.preset, "--tokenizer",
-           str(args.tokenizer), "--data", str(args.data), "--output-dir", str(out), "--seq-len", str(args.seq_len),
-           "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.steps), "--warmup-steps", "5",
-           "--precision", "fp32", "--zero-stage", str(stage), "--log-interval", str(args.log_interval),
-           "--eval-interval", str(10 ** 6), "--save-interval", str(10 ** 6), "--resume", "never",
-           "--seed", "42"]
-    env = dict(os.environ, MASTER_PORT=str(29500 + stage))
-    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+def subprocess_env(args, port: int) -> dict[str, str]:
+    env = dict(os.environ, MASTER_PORT=str(port))
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
+def engine_run(args, stage: int, out: Path) -> dict[str, list[float]]:
+    """launcher/pretrain.py's run (through hf_trainer.py's worker, which adds the process's CPU
+    seconds to each metrics record): tokens/s per window, and tokens per CPU-second from the
+    second window on (None for the first)."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "hf_trainer.py"), "--zerotrain-worker", "--preset",
+           args.preset, "--tokenizer", str(args.tokenizer), "--data", str(args.data), "--output-dir", str(out),
+           "--seq-len", str(args.seq_len), "--micro-batch-size", str(args.micro_batch_size), "--max-steps",
+           str(args.steps), "--warmup-steps", "5", "--precision", "fp32", "--zero-stage", str(stage), "--log-interval",
+           str(args.log_interval), "--eval-interval", str(10 ** 6), "--save-interval", str(10 ** 6), "--resume",
+           "never", "--seed", "42"]
+    subprocess.run(cmd, check=True, env=subprocess_env(args, 29500 + stage), capture_output=True, text=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "tokens_per_sec" in r]
+    cpu = [None] + [(b["tokens_seen"] - a["tokens_seen"]) / (b["cpu_seconds"] - a["cpu_seconds"])
+                    for a, b in zip(records, records[1:])]
     # the last window also holds the end-of-run checkpoint and export: leave it out like the first
-    return [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][:-1]
+    return {"rates": [r["tokens_per_sec"] for r in records][:-1], "cpu": cpu[:-1]}
 
 
 # --------------------------------------------------------------------------- in one process
@@ -340,6 +356,7 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--log-interval", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="OMP threads of every run (default: torch's own choice)")
     parser.add_argument("--in-process", action="store_true", help="ZeRO-0, ZeRO-2 and the bare loop in one process")
     parser.add_argument("--breakdown", action="store_true", help="the parts of a step's time, one trainer")
     parser.add_argument("--zero-stage", type=int, default=2, help="--breakdown's trainer")
@@ -371,23 +388,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prepare_data(args, tmp)
-        results: dict[str, list[float]] = {"bare": [], "zero0": [], "zero2": []}
+        sides = ("bare", "zero0", "zero2")
+        results = {figure: {side: [] for side in sides} for figure in ("rates", "cpu")}
         for round_ in range(args.rounds):
-            bare = subprocess.run([sys.executable, __file__, "--bare", "--data", str(args.data), "--vocab-size",
-                                   str(args.vocab_size), "--preset", args.preset, "--steps", str(args.steps),
-                                   "--seq-len", str(args.seq_len), "--micro-batch-size", str(args.micro_batch_size),
-                                   "--log-interval", str(args.log_interval)], check=True, capture_output=True, text=True)
-            results["bare"].append(statistics.median(json.loads(bare.stdout.splitlines()[-1])["rates"][1:]))
-            for stage in (0, 2):
-                rates = engine_run(args, stage, tmp / f"run{stage}-{round_}")
-                results[f"zero{stage}"].append(statistics.median(rates[1:]))
-        base = statistics.median(results["bare"])
+            for side in sides[round_ % 3:] + sides[:round_ % 3]:
+                if side == "bare":
+                    bare = subprocess.run([sys.executable, __file__, "--bare", "--data", str(args.data), "--vocab-size",
+                                           str(args.vocab_size), "--preset", args.preset, "--steps", str(args.steps),
+                                           "--seq-len", str(args.seq_len), "--micro-batch-size",
+                                           str(args.micro_batch_size), "--log-interval", str(args.log_interval)],
+                                          check=True, capture_output=True, text=True, env=subprocess_env(args, 29500))
+                    run = json.loads(bare.stdout.splitlines()[-1])
+                else:
+                    run = engine_run(args, int(side[-1]), tmp / f"run{side}-{round_}")
+                for figure in results:
+                    results[figure][side].append(statistics.median(run[figure][1:]))
         print(f"preset {args.preset}, seq {args.seq_len}, micro batch {args.micro_batch_size}, fp32, 1 rank, "
-              f"{args.steps} steps, {args.rounds} rounds")
-        for name, values in results.items():
-            rate = statistics.median(values)
-            print(f"{name:6s} {rate:10,.0f} tokens/s  ratio to bare {rate / base:.3f}x  (rounds: "
-                  + ", ".join(f"{v:,.0f}" for v in values) + ")")
+              f"{args.steps} steps, {args.rounds} rounds, {args.threads or 'default'} thread(s)")
+        for figure, unit in (("rates", "tokens/s"), ("cpu", "tokens per CPU-second")):
+            base = statistics.median(results[figure]["bare"])
+            for name, values in results[figure].items():
+                rate = statistics.median(values)
+                print(f"{name:6s} {rate:10,.0f} {unit}  ratio to bare {rate / base:.3f}x  (rounds: "
+                      + ", ".join(f"{v:,.0f}" for v in values) + ")")
 
 
 if __name__ == "__main__":
