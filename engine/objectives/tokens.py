@@ -66,13 +66,13 @@ class _TokenNLL(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         log_probs, targets = ctx.saved_tensors
-        trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        ignored = targets == IGNORE_INDEX
         # Overwritten, so a second backward through this graph fails autograd's check of the
         # saved tensor's version instead of reading a gradient as log-probs.
         grad = log_probs.exp_()
-        grad[trained, targets[trained]] -= 1
-        row_scale = torch.zeros(len(targets), dtype=grad.dtype, device=grad.device)
-        row_scale[trained] = grad_out.expand(len(targets))[trained]  # 0 on rows with no target
+        # Masks, not a list of the trained rows: nonzero() would wait for the device.
+        grad[torch.arange(len(targets), device=targets.device), targets.masked_fill(ignored, 0)] -= 1
+        row_scale = grad_out.expand(len(targets)).masked_fill(ignored, 0.0)  # rows with no target: 0
         return grad.mul_(row_scale[:, None]).to(ctx.logits_dtype), None, None
 
 
