@@ -3,12 +3,22 @@
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from common.errors import ZerotrainError
 from model.attention import resolve as resolve_attention
 from model.presets import PRESETS, preset_config, preset_names, suggest
-from model.state_dict import STATE_DICT_SUFFIXES, check_state_dict, copy_into, load_state_dict_file
+from model.state_dict import (
+    STATE_DICT_SUFFIXES,
+    check_state_dict,
+    copy_into,
+    load_state_dict_file,
+)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -29,10 +29,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, set_seed
+from transformers import (
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+    set_seed,
+)
 
 from common.errors import ZerotrainError
-from engine.apps.generate import Messages, context_length, encode_prompt, generation_config
+from engine.apps.generate import (
+    Messages,
+    context_length,
+    encode_prompt,
+    generation_config,
+)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 GRACEFUL_SHUTDOWN_S = 5  # how long SIGTERM waits for responses in flight before cancelling them

@@ -9,7 +9,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.distributed import init_distributed, local_device, log_on_rank0, quiet_output, shutdown_distributed, world
+from engine.distributed import (
+    init_distributed,
+    local_device,
+    log_on_rank0,
+    quiet_output,
+    shutdown_distributed,
+    world,
+)
 from engine.objectives.distill import DISTILL
 from engine.stages import config_for
 from engine.training.build import build_data

@@ -23,7 +23,13 @@ from common.errors import ZerotrainError
 from common.publish import publishing, remove, write_text
 from engine.checkpoint.checksums import start_digests
 from engine.checkpoint.rng import rng_state
-from engine.checkpoint.run_dir import LATEST, SIDECAR, tag_name, universal_dir, zerotrain_tags
+from engine.checkpoint.run_dir import (
+    LATEST,
+    SIDECAR,
+    tag_name,
+    universal_dir,
+    zerotrain_tags,
+)
 from engine.checkpoint.sidecar import Sidecar
 from engine.distributed import comm_device, on_rank0
 

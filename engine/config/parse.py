@@ -20,7 +20,13 @@ import yaml
 
 from common.errors import ZerotrainError, did_you_mean
 from engine.config.sections import flag
-from engine.config.tree import Config, field_sections, field_types, merge, section_classes
+from engine.config.tree import (
+    Config,
+    field_sections,
+    field_types,
+    merge,
+    section_classes,
+)
 
 
 def read_yaml(path: str) -> dict[str, Any]:

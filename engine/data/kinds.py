@@ -20,7 +20,13 @@ import torch
 from common.errors import ZerotrainError
 from engine.data.collate import collate_packed, collate_pad, collate_stack
 from engine.data.columns import parse_columns
-from engine.data.conversations import SFT_READER_VERSION, SFT_SUFFIXES, SFTDataset, detect_sft_format, write_sft
+from engine.data.conversations import (
+    SFT_READER_VERSION,
+    SFT_SUFFIXES,
+    SFTDataset,
+    detect_sft_format,
+    write_sft,
+)
 from engine.data.files import ReadStats, check_input, json_records
 from engine.data.pairs import (
     PREF_SUFFIXES,

@@ -5,7 +5,7 @@
 CE is the student's cross-entropy on the data and D a divergence between the two models'
 next-token distributions, both softened by the temperature T (Hinton et al.; T^2 keeps the
 gradient scale of D independent of T). Both are summed over the same trained tokens (the
-trained-token rule of engine.objectives.causal_lm: SFT's assistant tokens, or every token of
+trained-token rule of engine.objectives.tokens: SFT's assistant tokens, or every token of
 pretraining text) and the loop divides by their count, so CE and D are per-token means.
 
 D (--kd-loss): forward_kl = KL(teacher || student), the classic and MiniMind's; reverse_kl =
@@ -30,7 +30,15 @@ import torch.nn.functional as F
 from common.errors import ZerotrainError
 from engine.config.sections import invalid, require_positive
 from engine.objectives.base import Batch, LossSums, Objective, Stage, model_inputs
-from engine.objectives.causal_lm import token_nll_sum, trained_tokens
+from engine.objectives.tokens import (
+    chunk_count,
+    decoder_states,
+    language_model,
+    summed_over_chunks,
+    token_nll_sum,
+    trained_targets,
+    trained_tokens,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -248,22 +256,20 @@ class Distill(Objective):
             return self.stored_divergence(student, *self.stored_rows(batch, len(student)))
         with torch.no_grad():
             teacher = self.teacher(**inputs, use_cache=False).logits
-        return self.live_divergence(student, teacher[:, :-1][trained_tokens(batch["labels"])])
+        return self.live_divergence(student, teacher[trained_tokens(batch["labels"])])
 
     def chunked_terms(self, model: Callable[..., Any], batch: Batch, inputs: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(CE, D) summed over the trained tokens with no full logits of either model: both decoders'
         states for the trained tokens, then each LM head `chunk` tokens at a time (summed_over_chunks)."""
-        from engine.objectives.causal_lm import chunk_count, decoder_states, language_model, summed_over_chunks
-
-        mask, labels = trained_tokens(batch["labels"]), batch["labels"]
-        states, targets = decoder_states(model, batch)[:, :-1][mask], labels[:, 1:][mask]
+        mask = trained_tokens(batch["labels"])
+        states, targets = decoder_states(model, batch)[mask], trained_targets(batch["labels"])
         head = language_model(model).get_output_embeddings()
         heads = [head]
         if "teacher_logps" in batch:
             rows, divergence = self.stored_rows(batch, len(targets)), self.stored_divergence
         else:
             with torch.no_grad():
-                teacher_states = decoder_states(self.teacher, inputs)[:, :-1][mask]
+                teacher_states = decoder_states(self.teacher, inputs)[mask]
             teacher_head = language_model(self.teacher).get_output_embeddings()
             heads.append(teacher_head)
             rows = [teacher_states]
@@ -287,7 +293,7 @@ class Distill(Objective):
             ce, kd = self.chunked_terms(model, batch, inputs)
         else:
             logits = model(**inputs, use_cache=False).logits
-            kd = self.divergence(logits[:, :-1][trained_tokens(batch["labels"])], batch, inputs)
+            kd = self.divergence(logits[trained_tokens(batch["labels"])], batch, inputs)
             ce = token_nll_sum(logits, batch["labels"]) if "on_policy" not in batch else None
         a, t = self.kd.kd_alpha, self.kd.kd_temperature
         if "on_policy" in batch:

@@ -4,7 +4,7 @@ A micro-batch holds B pairs as 2B sequences (engine.data.pairs): the chosen ones
 rejected ones, each labelled on its final response only, one padded row each or, with --pack,
 packed into fewer rows with `sequence_ids` saying which token is whose. Both halves go through
 the model in one forward. A sequence's log-probability is the sum over its response tokens (the
-trained-token rule of engine.objectives.causal_lm); IPO, ORPO and SimPO use the mean per
+trained-token rule of engine.objectives.tokens); IPO, ORPO and SimPO use the mean per
 response token, as their papers and TRL do.
 
 The loop normalises per pair: `units` is B and `loss` returns sums over the pairs, so a step's
@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from common.errors import ZerotrainError
 from engine.config.sections import invalid, require_positive
 from engine.objectives.base import Batch, LossSums, Objective, Stage, model_inputs
-from engine.objectives.causal_lm import chunk_count, decoder_states, language_model, summed_over_chunks, trained_tokens
+from engine.objectives.tokens import (
+    chunk_count,
+    decoder_states,
+    language_model,
+    summed_over_chunks,
+    token_logps,
+    trained_targets,
+    trained_tokens,
+)
 
 if TYPE_CHECKING:
     from engine.config.tree import Config
@@ -94,16 +102,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
     """Per sequence: the summed log-probability of its trained tokens (fp32), and how many there
     are. A sequence is a row, or with `sequence_ids` (a packed batch, engine.data.pairs) the
     tokens marked with its index, in index order."""
-    mask = trained_tokens(labels)
-    targets = labels[:, 1:].clamp(min=0)
-    token_logps = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                   reduction="none").view_as(targets)
+    mask, logps = trained_tokens(labels), token_logps(logits, labels)
     if sequence_ids is None:
-        return (token_logps * mask).sum(dim=1), mask.sum(dim=1)
-    # A trained token is its own sequence's: the first label of every packed sequence is -100,
-    # so no target is predicted across a boundary. Sequence i is the one marked i, 0 <= i < count.
-    owner, count = sequence_ids[:, 1:][mask], int(sequence_ids.max()) + 1
-    return token_logps.new_zeros(count).index_add(0, owner, token_logps[mask]), torch.bincount(owner, minlength=count)
+        return logps.sum(dim=1), mask.sum(dim=1)  # untrained positions hold 0
+    # A trained position is its own sequence's, as is the token it predicts: the first label of
+    # every packed sequence is -100, so no target is predicted across a boundary. Sequence i is
+    # the one marked i, 0 <= i < count.
+    owner, count = sequence_ids[mask], int(sequence_ids.max()) + 1
+    return logps.new_zeros(count).index_add(0, owner, logps[mask]), torch.bincount(owner, minlength=count)
 
 
 def batch_logps(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,13 +126,13 @@ def model_logps(model: Callable[..., Any], batch: Batch, chunk: int = 0) -> tupl
     labels, count = batch["labels"], sequence_count(batch)
     mask = trained_tokens(labels)
     rows = torch.arange(len(labels), device=labels.device)[:, None].expand_as(labels)
-    owners = batch.get("sequence_ids", rows)[:, 1:][mask]
-    states, targets = decoder_states(model, batch)[:, :-1][mask], labels[:, 1:][mask]
+    owners = batch.get("sequence_ids", rows)[mask]
+    states, targets = decoder_states(model, batch)[mask], trained_targets(labels)
     head = language_model(model).get_output_embeddings()
 
     def chunk_logps(states: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
-        token_logps = -F.cross_entropy(head(states).float(), targets, reduction="none")
-        return token_logps.new_zeros(count).index_add(0, owners, token_logps)
+        logps = -F.cross_entropy(head(states).float(), targets, reduction="none")
+        return logps.new_zeros(count).index_add(0, owners, logps)
 
     chunks = chunk_count([head], len(targets), chunk, states.device)
     return (summed_over_chunks(chunk_logps, [states, targets, owners], chunk, chunks),

@@ -1,6 +1,6 @@
 """The offline teacher: its top-k log-probs of every trained token, stored beside the prepared data.
 
-For each trained token (the trained-token rule of engine.objectives.causal_lm) the teacher's
+For each trained token (the trained-token rule of engine.objectives.tokens) the teacher's
 temperature-softened distribution is kept as its k most likely tokens plus one "tail" bucket
 holding the rest of the probability mass, so it stays a distribution over k + 1 outcomes. The
 student's distribution is bucketed the same way (its log-probs at the teacher's k ids, and the
@@ -35,8 +35,8 @@ from common.publish import publishing
 from engine.data.collate import collate_pad
 from engine.distributed import World
 from engine.objectives.base import Batch, model_inputs
-from engine.objectives.causal_lm import trained_tokens
 from engine.objectives.frozen import frozen_key, frozen_model, over_dataset
+from engine.objectives.tokens import trained_tokens
 
 if TYPE_CHECKING:
     from engine.checkpoint.run_dir import Resolved
@@ -77,7 +77,7 @@ def _per_example(teacher: Callable[..., Any], k: int, temperature: float, vocab:
     def run(batch: Batch) -> list[tuple[np.ndarray, np.ndarray]]:
         logits = teacher(**model_inputs(batch), use_cache=False).logits[..., :vocab]
         mask = trained_tokens(batch["labels"])
-        ids, logps = top_k(F.log_softmax(logits[:, :-1][mask].float() / temperature, dim=-1), k)
+        ids, logps = top_k(F.log_softmax(logits[mask].float() / temperature, dim=-1), k)
         counts = mask.sum(1).tolist()
         return [(i.cpu().numpy().astype(np.int32), p.cpu().numpy()) for i, p in
                 zip(ids.split(counts), logps.split(counts))]

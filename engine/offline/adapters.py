@@ -13,7 +13,13 @@ import torch
 
 from common.errors import ZerotrainError
 from common.publish import check_apart
-from engine.checkpoint.run_dir import ADAPTER, FINAL, has_tokenizer, resolve, resolve_tag
+from engine.checkpoint.run_dir import (
+    ADAPTER,
+    FINAL,
+    has_tokenizer,
+    resolve,
+    resolve_tag,
+)
 from engine.config.precision import output_dtype
 from engine.offline.ds_weights import load_checkpoint
 from engine.offline.hf_dir import (
@@ -23,13 +29,20 @@ from engine.offline.hf_dir import (
     write_extras,
     write_tokenizer,
 )
-from engine.offline.model_files import Written, model_entries, plan_output, refuse_existing, staged, state_dict_entries
+from engine.offline.model_files import (
+    Written,
+    model_entries,
+    plan_output,
+    refuse_existing,
+    staged,
+    state_dict_entries,
+)
 from engine.offline.peft_names import (
     fold_lora,
     lora_module,
     lora_name_in_model,
-    read_adapter_config,
     peft_adapter,
+    read_adapter_config,
     strip_peft,
 )
 from engine.offline.safetensors_io import write_safetensors

@@ -17,7 +17,12 @@ from common.errors import ZerotrainError
 from common.publish import check_apart
 from engine.checkpoint.run_dir import resolve_tag
 from engine.offline.ds_weights import Checkpoint, load_checkpoint
-from engine.offline.hf_dir import check_against_config, find_model_config, tokenizer_source, write_extras
+from engine.offline.hf_dir import (
+    check_against_config,
+    find_model_config,
+    tokenizer_source,
+    write_extras,
+)
 from engine.offline.model_files import Written, plan_output
 from engine.offline.peft_names import fold_lora, read_adapter_config
 from engine.offline.tensors import Entry, source_entries

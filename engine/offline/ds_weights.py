@@ -20,7 +20,13 @@ import torch
 from common.errors import ZerotrainError
 from engine.checkpoint.sidecar import Sidecar
 from engine.config.precision import DTYPE_NAMES
-from engine.offline.ds_layout import CheckpointInfo, ShardFile, describe, module_aliases, scan_layout
+from engine.offline.ds_layout import (
+    CheckpointInfo,
+    ShardFile,
+    describe,
+    module_aliases,
+    scan_layout,
+)
 from engine.offline.tensors import Piece, TensorSource
 from model.state_dict import strip_wrappers
 

@@ -26,7 +26,15 @@ from typing import IO, Any, Sequence
 import torch
 
 from common.errors import ZerotrainError
-from engine.offline.tensors import Entry, Piece, Scratch, TensorSource, as_bytes, materialize, out_dtype
+from engine.offline.tensors import (
+    Entry,
+    Piece,
+    Scratch,
+    TensorSource,
+    as_bytes,
+    materialize,
+    out_dtype,
+)
 
 # --------------------------------------------------------------------------------------------
 # Reading: unpickling, and where the tensors lie

@@ -19,10 +19,24 @@ from common.errors import ZerotrainError
 from common.process import exit_process
 from engine.checkpoint.checksums import wait_for_checksums
 from engine.config.tree import Config
-from engine.distributed import World, init_distributed, log_on_rank0, quiet_output, shutdown_distributed, world
+from engine.distributed import (
+    World,
+    init_distributed,
+    log_on_rank0,
+    quiet_output,
+    shutdown_distributed,
+    world,
+)
 from engine.objectives.base import Stage
 from engine.stages import config_for
-from engine.training.build import build_data, build_engine, build_model, check_same_data, resume_point, write_run_files
+from engine.training.build import (
+    build_data,
+    build_engine,
+    build_model,
+    check_same_data,
+    resume_point,
+    write_run_files,
+)
 from engine.training.plan import plan_run
 from engine.training.trainer import Hooks, Trainer
 

@@ -122,28 +122,28 @@ class Trainer:
         # DeepSpeed divides by grad_accum and averages over ranks; this undoes both, so the
         # step's loss is (sum of every unit's loss) / (every unit counted).
         scale = accum * ranks / max(1.0, units)
-        sums: dict[str, float] = {"loss": 0.0, "nonfinite": 0.0, "tokens": 0.0}
+        # The loss and metrics add up where they are computed; nothing waits for a micro-batch's
+        # results before the step's reduction (on a GPU a float() here would stall the queue).
+        sums: dict[str, float | torch.Tensor] = {"loss": 0.0, "nonfinite": 0.0, "tokens": 0.0}
         for i, batch in enumerate(batches):
             what = f"step {self.state.step + 1}, micro-batch {i + 1} of {accum}"
             mark(f"{what}: forward")
+            sums["tokens"] += batch_tokens(batch)  # before the batch moves to the device
             batch = {k: v.to(engine.device) for k, v in batch.items()}
-            sums["tokens"] += batch_tokens(batch)
             out = self.objective.loss(engine, batch)
             loss = out.loss * scale
             if self.hooks.loss is not None:
                 loss = self.hooks.loss(self.state.step + 1, loss)
             # A non-finite loss is backpropagated all the same: its gradients are non-finite on
             # every rank after the reduction, and the optimizer skips the whole step.
-            finite = bool(torch.isfinite(loss.detach()))
+            finite = torch.isfinite(loss.detach())
             mark(f"{what}: backward")
             engine.backward(loss)
             mark(f"{what}: optimizer step" if i == accum - 1 else f"{what}: engine step")
             engine.step()
-            sums["nonfinite"] += not finite
-            if finite:
-                sums["loss"] += float(out.loss.detach())
-                for name, value in out.metrics.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
+            sums["nonfinite"] = sums["nonfinite"] + ~finite
+            for name, value in {"loss": out.loss, **out.metrics}.items():
+                sums[name] = sums.get(name, 0.0) + torch.where(finite, value.detach().double(), 0.0)
         sums["signalled"] = float(self.stop_signal is not None)
         sums["signal"] = float(self.stop_signal or 0)
         mark(f"step {self.state.step + 1}: all-reduce of its sums")

@@ -6,7 +6,7 @@ Part 1, the loss alone: the `qwen2-0.5b` preset's LM head (vocabulary 151,936 x 
 on one row of `--seq-len` decoder states, forward and backward, every token trained:
   full     the head on every position, then cross-entropy on the fp32 logits (what transformers'
            own loss and zerotrain's token_nll_sum do)
-  chunked  engine.objectives.causal_lm.chunked_nll_sum, N tokens a chunk for each N of `--chunks`
+  chunked  engine.objectives.tokens.chunked_nll_sum, N tokens a chunk for each N of `--chunks`
            (110 tokens: 64 MiB of fp32 logits, 512: 297 MiB)
 Each variant runs `--rounds` times, each in a fresh process, interleaved with the others, timed on
 its second repetition (the first pays for first-touch page faults): its peak memory is the
@@ -42,14 +42,13 @@ def loss_only(variant: str, seq_len: int, rounds: int, chunk: int = 0, device: s
     """One process's measurement of `variant`: full, chunked (zerotrain's fused path) or liger
     (liger-kernel's, CUDA only). On CUDA the peak is torch's allocator high-water mark instead."""
     import torch
-    import torch.nn.functional as F
 
-    import engine.objectives.causal_lm as causal_lm
+    import engine.objectives.tokens as tokens
     from model.presets import preset_config
 
     if variant == "chunked":  # ours even where liger-kernel would be taken
-        causal_lm.liger_fused_nll = lambda device: None
-    elif variant == "liger" and causal_lm.liger_fused_nll(torch.device(device)) is None:
+        tokens.liger_fused_nll = lambda device: None
+    elif variant == "liger" and tokens.liger_fused_nll(torch.device(device)) is None:
         raise SystemExit("liger: needs CUDA and `pip install liger-kernel`")
     torch.manual_seed(0)
     config = preset_config("qwen2-0.5b")
@@ -69,9 +68,9 @@ def loss_only(variant: str, seq_len: int, rounds: int, chunk: int = 0, device: s
             torch.cuda.synchronize()
         start = time.perf_counter()
         if variant == "full":
-            loss = F.cross_entropy(head(hidden)[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
+            loss = tokens.token_nll_sum(head(hidden), labels)
         else:
-            loss = causal_lm.chunked_nll_sum(hidden, head, labels, chunk)
+            loss = tokens.chunked_nll_sum(hidden, head, labels, chunk)
         loss.backward()
         if cuda:
             torch.cuda.synchronize()

@@ -159,8 +159,8 @@ def held_out(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, w
 
     from engine.data.collate import collate_stack
     from engine.data.text import PretrainDataset
-    from engine.objectives.causal_lm import token_nll_sum
     from engine.objectives.distill import token_divergence
+    from engine.objectives.tokens import token_nll_sum, trained_tokens
 
     dataset = PretrainDataset(data, "val", seq_len)
     count = len(dataset) if windows <= 0 else min(windows, len(dataset))
@@ -174,7 +174,7 @@ def held_out(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, w
         for start in range(0, count, batch_size):
             batch = collate_stack([dataset[i] for i in range(start, min(start + batch_size, count))])
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            mask = batch["labels"][:, 1:] != -100
+            mask = trained_tokens(batch["labels"])
             tokens += int(mask.sum())
             teacher_logits = teacher_model(**inputs).logits
             sums["teacher"]["ce"] += float(token_nll_sum(teacher_logits, batch["labels"]))
@@ -182,7 +182,7 @@ def held_out(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, w
                 logits = model(**inputs).logits
                 sums[name]["ce"] += float(token_nll_sum(logits, batch["labels"]))
                 vocab = logits.shape[-1]
-                sums[name]["kl"] += float(token_divergence(logits[:, :-1][mask], teacher_logits[:, :-1, :vocab][mask],
+                sums[name]["kl"] += float(token_divergence(logits[mask], teacher_logits[..., :vocab][mask],
                                                            "forward_kl").sum())
     return {name: {k: v / tokens for k, v in s.items()} | {"tokens": tokens} for name, s in sums.items()}
 
@@ -199,6 +199,7 @@ def top_k_gap(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, 
     from engine.data.text import PretrainDataset
     from engine.objectives.distill import token_divergence
     from engine.objectives.teacher import bucketed, top_k
+    from engine.objectives.tokens import trained_tokens
 
     dataset = PretrainDataset(data, "val", seq_len)
     count = len(dataset) if windows <= 0 else min(windows, len(dataset))
@@ -209,9 +210,9 @@ def top_k_gap(models: dict[str, Path], teacher: Path, data: Path, seq_len: int, 
     with torch.no_grad():
         for start in range(0, count, batch_size):
             batch = collate_stack([dataset[i] for i in range(start, min(start + batch_size, count))])
-            mask = batch["labels"][:, 1:] != -100
+            mask = trained_tokens(batch["labels"])
             tokens += int(mask.sum())
-            soft = lambda logits: F.log_softmax(logits[:, :-1][mask] / temperature, dim=-1)  # noqa: E731
+            soft = lambda logits: F.log_softmax(logits[mask] / temperature, dim=-1)  # noqa: E731
             t = soft(teacher_model(input_ids=batch["input_ids"]).logits)
             for name, model in students.items():
                 s = soft(model(input_ids=batch["input_ids"]).logits)

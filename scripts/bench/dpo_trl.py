@@ -141,7 +141,12 @@ def zerotrain_worker(argv: list[str]) -> int:
 def trl_worker(args) -> None:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        TrainerCallback,
+        set_seed,
+    )
     from trl import DPOConfig, DPOTrainer
 
     from engine.config.deepspeed import fill_ds_config, load_ds_config

@@ -8,7 +8,9 @@ accumulation, precision and steps), each recorded by `py-spy record --format raw
 samples a second (all ranks with --world-size > 1). Samples inside the training loop (zerotrain's
 `Trainer.train_step`, HF's `Trainer._run_epoch`) are sorted by the first matching frame:
 
-- model forward: `DeepSpeedEngine.forward`;
+- loss forward: the loss over the logits, zerotrain's `token_nll_sum` (called after the model's
+  forward) and transformers' `ForCausalLMLoss` (called inside it); its backward is in backward;
+- model forward: `DeepSpeedEngine.forward` otherwise;
 - DeepSpeed backward epilogue: `DeepSpeedEngine._backward_epilogue` (ZeRO's gradient reduction);
 - backward: `DeepSpeedEngine.backward` otherwise (autograd, with ZeRO's gradient hooks);
 - optimizer step: `DeepSpeedEngine.step` (clipping, AdamW, ZeRO's partition copies);
@@ -32,6 +34,8 @@ from pathlib import Path
 
 LOOP_FRAME = {"zerotrain": "Trainer.train_step (", "hf": "Trainer._run_epoch ("}
 CATEGORIES = [
+    # HF computes it inside the model's forward, zerotrain's objective after it: counted apart on both sides
+    ("loss forward", ("token_nll_sum (", "ForCausalLMLoss (")),
     ("model forward", ("DeepSpeedEngine.forward (",)),
     ("DeepSpeed backward epilogue", ("DeepSpeedEngine._backward_epilogue (",)),
     ("backward", ("DeepSpeedEngine.backward (",)),
@@ -102,6 +106,9 @@ def main() -> None:
             n = sum(counts.values()) if name == "total" else counts[name]
             cells.append(f"{1000 * n / args.steps / args.rate:18.1f} {n / max(1, sum(counts.values())):6.1%}")
         print(f"{name:28s} " + " ".join(cells))
+    totals = {side: sum(counts.values()) for side, counts in results.items()}
+    print(f"zerotrain's speed relative to HF Trainer (HF's samples a step over zerotrain's): "
+          f"{totals['hf'] / max(1, totals['zerotrain']):.2f}x")
 
 
 if __name__ == "__main__":

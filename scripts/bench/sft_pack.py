@@ -78,7 +78,7 @@ def sample_order(args, dataset_len: int, world_size: int) -> list[int]:
 
 def micro_batch_tokens(args, dataset, world_size: int) -> list[list[int]]:
     """Trained tokens of every micro-batch of every rank ([rank][micro-batch]), from the stream."""
-    from engine.objectives.causal_lm import trained_tokens
+    from engine.objectives.tokens import trained_tokens
 
     order, micro = sample_order(args, len(dataset), world_size), args.micro_batch_size
     per_example = [int(trained_tokens(dataset[i]["labels"][None]).sum()) for i in order]
@@ -101,7 +101,7 @@ def hf_worker(args) -> None:
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     from engine.data.conversations import SFTDataset
-    from engine.objectives.causal_lm import trained_tokens
+    from engine.objectives.tokens import trained_tokens
     from model.tokenizer import load_tokenizer
 
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))

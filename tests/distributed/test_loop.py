@@ -209,7 +209,7 @@ def test_a_signal_after_the_step_reduction_stops_every_rank_at_the_next_step(bas
 
 
 def _chunked_loss_steps(rank, world_size, out, base_model_dir, zero_stage, chunk):
-    from engine.objectives.causal_lm import fusable_head
+    from engine.objectives.tokens import fusable_head
 
     trainer = build(rank, world_size, out / f"z{zero_stage}c{chunk}", base_model_dir, "sft", zero_stage=zero_stage,
                     loss_chunk_size=chunk, max_steps=2)

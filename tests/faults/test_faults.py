@@ -15,7 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, cli_flags, launcher_command, launcher_env, metrics, run_launcher
+from tests.helpers import (
+    ROOT,
+    cli_flags,
+    launcher_command,
+    launcher_env,
+    metrics,
+    run_launcher,
+)
 
 pytestmark = pytest.mark.distributed
 STEPS = 12

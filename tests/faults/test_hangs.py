@@ -14,7 +14,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import ROOT, cli_flags, launcher_command, launcher_env, metrics, run_launcher
+from tests.helpers import (
+    ROOT,
+    cli_flags,
+    launcher_command,
+    launcher_env,
+    metrics,
+    run_launcher,
+)
 
 pytestmark = pytest.mark.distributed
 HANG_TIMEOUT = 8

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.data.format import IGNORE_INDEX
-from engine.objectives.causal_lm import CausalLM, lm_nll_sum
+from engine.objectives.causal_lm import CausalLM
+from engine.objectives.tokens import lm_nll_sum
 from model.presets import preset_config
 
 
@@ -69,10 +70,10 @@ def assert_same_gradients(got: dict[str, torch.Tensor], expected: dict[str, torc
     ("llama", True, "eager", True), ("gpt2", True, "sdpa", False)])
 def test_chunked_loss_and_gradients_equal_the_full_logits(arch, tie, attn, packed, fused, monkeypatch):
     """Both paths: the fused one a plain head takes, and the checkpointed one of ZeRO-3 and peft heads."""
-    import engine.objectives.causal_lm as causal_lm
+    import engine.objectives.tokens as tokens
 
     if not fused:
-        monkeypatch.setattr(causal_lm, "fusable_head", lambda head: False)
+        monkeypatch.setattr(tokens, "fusable_head", lambda head: False)
     model = tiny_model(arch, tie, attn)
     other = copy.deepcopy(model)
     b = batch(997, packed)
@@ -171,7 +172,7 @@ def test_liger_kernel_is_taken_on_cuda_only_and_only_where_installed(monkeypatch
     import sys
     import types
 
-    from engine.objectives.causal_lm import liger_fused_nll
+    from engine.objectives.tokens import liger_fused_nll
 
     def fused(*args, **kwargs):
         raise AssertionError("not called here")

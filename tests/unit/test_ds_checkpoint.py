@@ -19,7 +19,12 @@ from common.errors import ZerotrainError
 from engine.checkpoint.run_dir import list_tags, resolve_tag
 from engine.offline.ds_layout import deepspeed_globals, describe, safe_load
 from engine.offline.ds_weights import load_checkpoint
-from engine.offline.model_files import parse_size, state_dict_entries, write_hf_dir, write_output
+from engine.offline.model_files import (
+    parse_size,
+    state_dict_entries,
+    write_hf_dir,
+    write_output,
+)
 from engine.offline.peft_names import AdapterConfig, fold_lora
 from engine.offline.pth_io import write_pth
 from engine.offline.safetensors_io import write_safetensors

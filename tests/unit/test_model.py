@@ -8,7 +8,13 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM
 from common.errors import ZerotrainError
 from model import flops
 from model.build import build_model, count_parameters
-from model.flops import PEAK_FLOPS, device_peak_flops, flops_per_token, matmul_params, mfu
+from model.flops import (
+    PEAK_FLOPS,
+    device_peak_flops,
+    flops_per_token,
+    matmul_params,
+    mfu,
+)
 from model.presets import PRESETS, preset_config, preset_names
 from model.state_dict import load_state_dict_file
 

@@ -6,7 +6,8 @@ import torch
 
 from engine.config.parse import parse_config
 from engine.data.format import IGNORE_INDEX
-from engine.objectives.causal_lm import SFT, CausalLM, token_nll_sum, trained_tokens
+from engine.objectives.causal_lm import SFT, CausalLM
+from engine.objectives.tokens import token_nll_sum, trained_tokens
 from model.build import build_model
 
 

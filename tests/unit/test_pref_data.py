@@ -9,7 +9,13 @@ from engine.data.chat import encode_chat
 from engine.data.files import ReadStats
 from engine.data.format import IGNORE_INDEX
 from engine.data.kinds import detect_kind
-from engine.data.pairs import PrefDataset, PrefPair, collate_pref, encode_pair, read_pairs
+from engine.data.pairs import (
+    PrefDataset,
+    PrefPair,
+    collate_pref,
+    encode_pair,
+    read_pairs,
+)
 from engine.data.prepare import prepare
 from engine.data.sources import parse_data_sources
 from tests.unit.test_data import labelled_runs, write_jsonl

@@ -26,7 +26,13 @@ from engine.data.pairs import collate_pref, collate_pref_packed
 from engine.distributed import World
 from engine.objectives.base import model_inputs
 from engine.objectives.distill import Distill, DistillConfig
-from engine.objectives.preference import PrefConfig, Preference, batch_logps, model_logps, pair_losses
+from engine.objectives.preference import (
+    PrefConfig,
+    Preference,
+    batch_logps,
+    model_logps,
+    pair_losses,
+)
 from model.build import build_model
 
 # transformers 5 renames the gradient_checkpointing argument peft still reads

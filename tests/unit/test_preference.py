@@ -24,7 +24,12 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from engine.data.format import IGNORE_INDEX
-from engine.objectives.preference import PrefConfig, Preference, pair_losses, sequence_logps
+from engine.objectives.preference import (
+    PrefConfig,
+    Preference,
+    pair_losses,
+    sequence_logps,
+)
 from model.build import build_model
 
 with warnings.catch_warnings():  # "APIs here are unstable": they are what this test pins down

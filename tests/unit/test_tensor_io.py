@@ -18,7 +18,12 @@ from safetensors.torch import load_file, save_file
 from common.errors import ZerotrainError
 from engine.offline import pth_io
 from engine.offline.pth_io import load_located, write_pth
-from engine.offline.safetensors_io import SAFETENSORS_CODES, SAFETENSORS_DTYPES, safetensors_entries, write_safetensors
+from engine.offline.safetensors_io import (
+    SAFETENSORS_CODES,
+    SAFETENSORS_DTYPES,
+    safetensors_entries,
+    write_safetensors,
+)
 from engine.offline.tensors import Entry
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,12 @@ import sentencepiece
 from transformers import AutoTokenizer
 
 from common.errors import ZerotrainError
-from model.tokenizer import CHAT_TEMPLATE, load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from model.tokenizer import (
+    CHAT_TEMPLATE,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples"
 MESSAGES = [

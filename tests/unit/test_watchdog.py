@@ -10,7 +10,13 @@ import time
 import pytest
 import torch.distributed as dist
 
-from engine.training.watchdog import FAILED_EXIT, FLOOR_S, HANG_EXIT, REQUEUE_FILE_ENV, Watchdog
+from engine.training.watchdog import (
+    FAILED_EXIT,
+    FLOOR_S,
+    HANG_EXIT,
+    REQUEUE_FILE_ENV,
+    Watchdog,
+)
 
 FAST = {"interval": 0.05, "dead_after": 0.5, "gather": 3.0}
 
