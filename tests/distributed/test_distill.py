@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from common.errors import ZerotrainError
-from tests.conftest import SAMPLES
-from tests.distributed.test_loop import run_ranks
-from tests.helpers import cli_flags
+from tests.helpers import SAMPLES, cli_flags, run_ranks, step_records
 
 pytestmark = pytest.mark.distributed
 KEYS = ("loss", "ce", "kd")
@@ -51,7 +49,7 @@ def _steps(rank, world_size, out, base_model_dir, teacher_dir, name, flags):
                                            kd_temperature=1.5, **flags))
     trainer = setup(cfg, DISTILL, World(rank, rank, world_size))
     assert (trainer.objective.teacher is None) == bool(cfg.section(DistillConfig).teacher_top_k)  # offline: no teacher loaded
-    records = [trainer.train_step() for _ in range(3)]
+    records = step_records(trainer, 3)
     if rank == 0:
         (out / f"{name}.json").write_text(json.dumps(records))
 

@@ -14,43 +14,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SAMPLES
-from tests.distributed.test_loop import peek, run_ranks
-from tests.helpers import cli_flags, metrics, rewound_copy, run_launcher, train_losses
+from tests.helpers import (
+    PAIRS,
+    REWARDS,
+    SHAREGPT,
+    dpo_args,
+    dpo_trainer,
+    metrics,
+    peek,
+    rewound_copy,
+    run_launcher,
+    run_ranks,
+    same_records,
+    step_records,
+    train_losses,
+)
 
 pytestmark = pytest.mark.distributed
-PAIRS = SAMPLES / "pref_pairs.jsonl"
-REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected")
-
-
-def dpo_args(out: Path, **flags) -> list[str]:
-    values = {"data": PAIRS, "output-dir": out, "seq-len": 96, "micro-batch-size": 2, "grad-accum": 1,
-              "max-steps": 4, "warmup-steps": 0, "lr": 2e-3, "zero-stage": 2, "precision": "fp32", "seed": 3,
-              "eval-batches": 2, "val-fraction": 0.05, "log-interval": 1, "eval-interval": 100, "save-interval": 100,
-              # a cache per test: the precomputed reference is really computed where a test asks for it
-              "data-cache-dir": Path(out).parent / "cache"}
-    return cli_flags(values, **flags)
-
-
-def build(rank: int, world_size: int, out: Path, base_model_dir: Path, **flags):
-    from engine.distributed import World
-    from engine.objectives.preference import DPO
-    from engine.stages import config_for
-    from engine.training.main import setup
-
-    cfg = config_for(DPO, dpo_args(out / f"run{world_size}", init_from=base_model_dir, **flags))
-    return setup(cfg, DPO, World(rank, rank, world_size))
 
 
 def _steps(rank, world_size, out, base_model_dir, name, steps, flags):
-    trainer = build(rank, world_size, out / name, base_model_dir, **flags)
-    records = []
-    for _ in range(steps):
-        record = trainer.train_step()
-        norm = trainer.engine.get_global_grad_norm()  # None for ZeRO-0's plain fp32 optimizer
-        record["grad_norm"] = None if norm is None else float(norm)
-        records.append(record)
+    records = step_records(dpo_trainer(rank, world_size, out / name, base_model_dir, **flags), steps)
     if rank == 0:
         (out / f"{name}.json").write_text(json.dumps(records))
 
@@ -58,14 +42,6 @@ def _steps(rank, world_size, out, base_model_dir, name, steps, flags):
 def run_steps(out: Path, base_model_dir: Path, name: str, world_size: int, steps: int, **flags) -> list[dict]:
     run_ranks(_steps, world_size, out, base_model_dir, name, steps, flags)
     return json.loads((out / f"{name}.json").read_text())
-
-
-def same_records(a: list[dict], b: list[dict], rel: float) -> None:
-    for x, y in zip(a, b, strict=True):
-        for key in ("loss", "grad_norm", *REWARDS):
-            if x[key] is None or y[key] is None:
-                continue
-            assert x[key] == pytest.approx(y[key], rel=rel, abs=1e-5), key
 
 
 def test_the_step_is_the_mean_over_every_pair(base_model_dir, tmp_path):
@@ -98,7 +74,7 @@ def _direct(rank, world_size, out, base_model_dir, flags):
 
     from engine.objectives.preference import PrefConfig, pair_losses, sequence_logps
 
-    trainer = build(rank, world_size, out, base_model_dir, **flags)
+    trainer = dpo_trainer(rank, world_size, out, base_model_dir, **flags)
     for _ in range(2):  # move the policy away from its reference first
         trainer.train_step()
     batch = peek(trainer.data.loader, 1)[0]
@@ -254,13 +230,13 @@ def test_checkpoint_tools_work_on_a_dpo_run(lora_dpo_run, base_model_dir, tmp_pa
 
 
 def test_pretrain_and_sft_refuse_preference_flags(tmp_path, base_model_dir):
-    proc = run_launcher("sft.py", ["--init-from", base_model_dir, "--data", SAMPLES / "sharegpt_identity_500.json",
+    proc = run_launcher("sft.py", ["--init-from", base_model_dir, "--data", SHAREGPT,
                                    "--output-dir", tmp_path / "run", "--beta", "0.2"], nproc=1, launcher="python",
                         check=False)
     assert proc.returncode == 2 and "--beta: not a flag of sft" in proc.stderr
     proc = run_launcher("sft.py", ["--init-from", base_model_dir, "--data", PAIRS, "--output-dir", tmp_path / "run"],
                         nproc=1, launcher="python", check=False)
     assert proc.returncode == 2 and "preference pairs are for launcher/dpo.py" in proc.stderr
-    proc = run_launcher("dpo.py", ["--init-from", base_model_dir, "--data", SAMPLES / "sharegpt_identity_500.json",
+    proc = run_launcher("dpo.py", ["--init-from", base_model_dir, "--data", SHAREGPT,
                                    "--output-dir", tmp_path / "run"], nproc=1, launcher="python", check=False)
     assert proc.returncode == 2 and "(dpo was given sft data)" in proc.stderr

@@ -9,20 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.test_dpo import build, same_records
-from tests.distributed.test_loop import peek, run_ranks
+from tests.helpers import dpo_trainer, peek, run_ranks, same_records, step_records
 
 pytestmark = pytest.mark.distributed
 
 
 def _steps(rank: int, world_size: int, out: Path, base_model_dir: Path, name: str, flags: dict) -> None:
-    trainer = build(rank, world_size, out / name, base_model_dir, **flags)
+    trainer = dpo_trainer(rank, world_size, out / name, base_model_dir, **flags)
     batch = peek(trainer.data.loader, 1)[0]
-    records = []
-    for _ in range(2):
-        records.append(trainer.train_step())
-        norm = trainer.engine.get_global_grad_norm()
-        records[-1]["grad_norm"] = None if norm is None else float(norm)
+    records = step_records(trainer, 2)
     (out / f"{name}.json").write_text(json.dumps({"rows": batch["input_ids"].shape[0],
                                                   "packed": "sequence_ids" in batch, "records": records}))
 

@@ -7,58 +7,14 @@ token-weighted mean; an exception on rank 0 reaches the other ranks at once."""
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.conftest import SAMPLES
-from tests.helpers import free_port
+from tests.helpers import SAMPLES, build_trainer, peek, run_ranks
 
 pytestmark = pytest.mark.distributed
-SHAREGPT = SAMPLES / "sharegpt_identity_500.json"
-
-
-def run_ranks(fn, world_size: int, *args) -> None:
-    """Run fn(rank, world_size, *args) on `world_size` fresh processes joined by gloo."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
-                      TOKENIZERS_PARALLELISM="false")
-    mp.start_processes(_rank_main, args=(fn, world_size, args), nprocs=world_size, start_method="spawn")
-
-
-def _rank_main(rank: int, fn, world_size: int, args) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
-    from engine.distributed import shutdown_distributed
-
-    fn(rank, world_size, *args)
-    shutdown_distributed()
-
-
-def build(rank: int, world_size: int, out: Path, base_model_dir: Path, stage: str, **flags):
-    """A trainer for a tiny SFT (padded batches) or pretraining run, set up as the launchers do."""
-    from engine.config.parse import parse_config
-    from engine.distributed import World
-    from engine.objectives.causal_lm import PRETRAIN, SFT
-    from engine.training.main import setup
-
-    values = {"init-from": base_model_dir, "data": SHAREGPT, "output-dir": out / f"run{world_size}", "seq-len": 64,
-              "micro-batch-size": 2, "grad-accum": 1, "max-steps": 4, "warmup-steps": 1, "lr": 5e-3,
-              "zero-stage": 2, "precision": "fp32", "seed": 3, "eval-batches": 2, "val-fraction": 0.2}
-    values.update({k.replace("_", "-"): v for k, v in flags.items()})
-    cfg = parse_config([x for k, v in values.items() for x in (f"--{k}", str(v))])
-    return setup(cfg, SFT if stage == "sft" else PRETRAIN, World(rank, rank, world_size))
-
-
-def peek(loader, count: int) -> list[dict[str, torch.Tensor]]:
-    """The next `count` micro-batches of a loader, leaving it where it was."""
-    state = loader.state_dict()
-    batches = [loader.next_batch() for _ in range(count)]
-    loader.load_state_dict(state)
-    return batches
 
 
 def direct_sums(module, batches) -> tuple[float, float, list[float]]:
@@ -83,7 +39,7 @@ def direct_sums(module, batches) -> tuple[float, float, list[float]]:
 def _step_loss(rank, world_size, out, base_model_dir, stage, accum):
     from engine.distributed import all_reduce_sums
 
-    trainer = build(rank, world_size, out, base_model_dir, stage, grad_accum=accum, micro_batch_size=2)
+    trainer = build_trainer(rank, world_size, out, base_model_dir, stage, grad_accum=accum, micro_batch_size=2)
     batches = peek(trainer.data.loader, accum)
     nll, tokens, means = direct_sums(trainer.engine.module, batches)
     sums = all_reduce_sums({"nll": nll, "tokens": tokens}, torch.device("cpu"))
@@ -133,10 +89,8 @@ def test_one_rank_and_two_ranks_take_the_same_step(base_model_dir, tmp_path):
 
 
 def _same_step(rank, world_size, out, base_model_dir, micro):
-    from tests.conftest import SAMPLES
-
-    trainer = build(rank, world_size, out, base_model_dir, "pretrain", micro_batch_size=micro, seq_len=32,
-                    data=SAMPLES / "tinyshakespeare.txt")
+    trainer = build_trainer(rank, world_size, out, base_model_dir, "pretrain", micro_batch_size=micro, seq_len=32,
+                            data=SAMPLES / "tinyshakespeare.txt")
     losses = []
     for _ in range(2):
         losses += [trainer.train_step()["loss"], float(trainer.engine.get_global_grad_norm())]
@@ -180,8 +134,8 @@ def _late_signal(rank, world_size, out, base_model_dir):
 
     import engine.training.trainer
 
-    trainer = build(rank, world_size, out, base_model_dir, "pretrain", seq_len=32, max_steps=5, save_interval=100,
-                    eval_interval=100, data=SAMPLES / "tinyshakespeare.txt")
+    trainer = build_trainer(rank, world_size, out, base_model_dir, "pretrain", seq_len=32, max_steps=5,
+                            save_interval=100, eval_interval=100, data=SAMPLES / "tinyshakespeare.txt")
     reduce = engine.training.trainer.all_reduce_sums
 
     def signal_after_the_step_reduction(sums, device):
@@ -211,8 +165,8 @@ def test_a_signal_after_the_step_reduction_stops_every_rank_at_the_next_step(bas
 def _chunked_loss_steps(rank, world_size, out, base_model_dir, zero_stage, chunk):
     from engine.objectives.causal_lm import fusable_head
 
-    trainer = build(rank, world_size, out / f"z{zero_stage}c{chunk}", base_model_dir, "sft", zero_stage=zero_stage,
-                    loss_chunk_size=chunk, max_steps=2)
+    trainer = build_trainer(rank, world_size, out / f"z{zero_stage}c{chunk}", base_model_dir, "sft",
+                            zero_stage=zero_stage, loss_chunk_size=chunk, max_steps=2)
     fused = fusable_head(trainer.engine.module.get_output_embeddings())
     steps = [[trainer.train_step()["loss"], float(trainer.engine.get_global_grad_norm())] for _ in range(2)]
     if rank == 0:
@@ -232,8 +186,8 @@ def test_chunked_loss_takes_the_same_steps_under_deepspeed(base_model_dir, tmp_p
 
 
 def _document_mask_step(rank, world_size, out, base_model_dir):
-    trainer = build(rank, world_size, out, base_model_dir, "pretrain", seq_len=64, micro_batch_size=4,
-                    data=SAMPLES / "tinyshakespeare.txt", document_mask="true")
+    trainer = build_trainer(rank, world_size, out, base_model_dir, "pretrain", seq_len=64, micro_batch_size=4,
+                            data=SAMPLES / "tinyshakespeare.txt", document_mask="true")
     batches = peek(trainer.data.loader, 1)
     masked = direct_sums(trainer.engine.module, batches)[0]
     unmasked = direct_sums(trainer.engine.module, [{k: v for k, v in b.items() if k != "position_ids"}

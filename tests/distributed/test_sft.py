@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.data.loader import MixedDataset, ShardedSampler
-from tests.conftest import SAMPLES
-from tests.helpers import run_launcher, train_losses
+from tests.helpers import SAMPLES, run_launcher, train_losses
 
 pytestmark = pytest.mark.distributed
 SHAREGPT = SAMPLES / "sharegpt_identity_500.json"

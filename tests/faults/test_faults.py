@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import ROOT, cli_flags, launcher_command, launcher_env, metrics, run_launcher
 
-pytestmark = pytest.mark.distributed
+pytestmark = pytest.mark.faults
 STEPS = 12
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers import ROOT, cli_flags, launcher_command, launcher_env, metrics, run_launcher
 
-pytestmark = pytest.mark.distributed
+pytestmark = pytest.mark.faults
 HANG_TIMEOUT = 8
 
 
