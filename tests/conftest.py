@@ -6,7 +6,8 @@ takes long is marked `slow` or `distributed` by hand. An unmarked test is a unit
 and the guard below fails it if it starts a process.
 
 Session fixtures: one small tokenizer trained on the shipped samples, prepared pretraining tokens,
-a random debug-preset model, and one gloo process group of one rank for in-process checks.
+a random debug-preset model, the session's pretraining runs (one launch, every test that needs a
+trained model or a run to resume or break), and a gloo process group of one rank in-process.
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port, sample_texts
+from tests.helpers import ROOT, free_port, pretrain_args, run_cases, sample_texts
+
+# DeepSpeed builds its CPU ops (the gloo shared-memory op, CPU Adam) on first use into torch's
+# extension cache. The default one (~/.cache/torch_extensions) is shared by every venv, and one of
+# other paths rebuilds the ops over the other's; the tests, and the demo they run, use the venv's own
+# (as scripts/demo.sh does), so the ops are built once per venv.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 TIERS = ("distributed", "faults", "system")
 """Folders of tests/ whose name is their tests' marker."""
@@ -117,6 +125,18 @@ def base_model_dir(tokenizer, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_runs(tokenizer_dir, pretrain_data, tmp_path_factory) -> dict[int, Path]:
+    """{2: run, 3: run}: helpers.PRETRAIN_RUN under ZeRO-2 and ZeRO-3 (2 ranks, fp32, 12 steps, a
+    checkpoint every 2, an evaluation every 4), both in one launch. The trained model of the tests
+    that need one, the straight run of the resume tests, the unbroken run of the fault tests.
+    Shared: a test that changes a run works on a copy (helpers.rewound_copy, shutil.copytree)."""
+    out = tmp_path_factory.mktemp("pretrained")
+    run_cases({f"zero{stage}": ("pretrain", pretrain_args(tokenizer_dir, pretrain_data, out / f"zero{stage}",
+                                                          zero_stage=stage)) for stage in (2, 3)}, out)
+    return {stage: out / f"zero{stage}" for stage in (2, 3)}
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Faults with nothing lost: SIGKILL at random steps (and mid-save), broken checkpoints, a full
-disk, NaN streaks. 2 CPU ranks, ZeRO-2, fp32, debug preset; one unbroken run is the reference."""
+disk, NaN streaks. 2 CPU ranks, ZeRO-2, fp32, debug preset; one unbroken run is the reference: the
+session's ZeRO-2 pretraining run (conftest's `pretrained_runs`), whose flags every run here uses."""
 
 from __future__ import annotations
 
@@ -15,24 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, cli_flags, launcher_command, launcher_env, metrics, run_launcher
+from tests.helpers import PRETRAIN_RUN, ROOT, launcher_command, launcher_env, metrics, pretrain_args, run_launcher
 
 pytestmark = pytest.mark.faults
-STEPS = 12
-
-
-def args(tokenizer_dir, data, out, **overrides) -> list[str]:
-    values = {"tokenizer": tokenizer_dir, "data": data, "output-dir": out, "seq-len": 32, "micro-batch-size": 4,
-              "max-steps": STEPS, "warmup-steps": 2, "lr": 3e-3, "log-interval": 1, "eval-interval": 100,
-              "save-interval": 2, "keep-last": 0, "zero-stage": 2, "precision": "fp32", "seed": 11}
-    return cli_flags(values, **overrides)
+STEPS = PRETRAIN_RUN["max-steps"]  # 12: a checkpoint every 2 steps, ZeRO-2, fp32, seed 11
+args = pretrain_args
 
 
 @pytest.fixture(scope="module")
-def unbroken(tokenizer_dir, pretrain_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("unbroken") / "run"
-    run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, out))
-    return out
+def unbroken(pretrained_runs):
+    return pretrained_runs[2]
 
 
 def assert_same_weights(a, b):
