@@ -104,12 +104,19 @@ def run_cases(cases: dict[str, tuple[str, list]], folder: Path, *, nproc: int = 
     """Run `cases` ({name: (stage, flags)}) one after another in one launch (tests/launch_cases.py:
     torchrun, or plain python for one rank), so the start-up is paid once; fail, with the output,
     if the launch fails or a case not in `may_fail` does. Each case's exit status and part of the
-    output come back as its own CompletedProcess."""
+    output come back as its own CompletedProcess. A single case without injected faults runs
+    through its own launcher (launcher/<stage>.py) instead."""
+    launcher = "torchrun" if nproc > 1 else "python"
+    if len(cases) == 1:
+        [(name, (stage, flags))] = cases.items()
+        if not any(str(flag).startswith("--fault-") for flag in flags):
+            return {name: run_launcher(f"{stage}.py", flags, nproc=nproc, launcher=launcher, timeout=timeout,
+                                       check=name not in may_fail)}
     folder.mkdir(parents=True, exist_ok=True)
     spec = {name: {"stage": stage, "flags": [str(a) for a in flags]} for name, (stage, flags) in cases.items()}
     (folder / "cases.json").write_text(json.dumps(spec, indent=1))
     proc = run_launcher("tests/launch_cases.py", [folder / "cases.json"], nproc=nproc, timeout=timeout, check=False,
-                        launcher="torchrun" if nproc > 1 else "python")
+                        launcher=launcher)
     status = {n: (folder / f"status-{n}").read_text() if (folder / f"status-{n}").is_file() else None for n in cases}
     if proc.returncode != 0 or any(s != "0" and not (s is not None and n in may_fail) for n, s in status.items()):
         raise AssertionError(f"tests/launch_cases.py: exit {proc.returncode}, the cases' {status}:\n"
@@ -180,6 +187,18 @@ def run_ranks(fn, world_size: int, *args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
                       TOKENIZERS_PARALLELISM="false")
     mp.start_processes(_rank_main, args=(fn, world_size, args), nprocs=world_size, start_method="spawn")
+
+
+def run_ranks_in_turn(world_size: int, calls: list[tuple]) -> None:
+    """Run each (fn, *args) of `calls` in turn, fn(rank, world_size, *args), on one set of
+    `world_size` fresh processes: their start, imports and process group are paid once, not once
+    a call. The calls must leave the processes as they found them (no patched module)."""
+    run_ranks(_in_turn, world_size, calls)
+
+
+def _in_turn(rank: int, world_size: int, calls: list[tuple]) -> None:
+    for fn, *args in calls:
+        fn(rank, world_size, *args)
 
 
 def _rank_main(rank: int, fn, world_size: int, args) -> None:
