@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common.errors import ZerotrainError
-from tests.helpers import SAMPLES, cli_flags, run_ranks, step_records
+from tests.helpers import SAMPLES, cli_flags, run_ranks, run_ranks_in_turn, step_records
 
 pytestmark = pytest.mark.distributed
 KEYS = ("loss", "ce", "kd")
@@ -55,10 +55,11 @@ def _steps(rank, world_size, out, base_model_dir, teacher_dir, name, flags):
 
 
 def test_a_zero3_teacher_on_two_ranks_gives_the_one_rank_steps(base_model_dir, teacher_dir, tmp_path):
-    run_ranks(_steps, 1, tmp_path, base_model_dir, teacher_dir, "one", dict(zero_stage=0, micro_batch_size=4))
-    run_ranks(_steps, 2, tmp_path, base_model_dir, teacher_dir, "two", dict(zero_stage=2, teacher_zero_stage=3))
-    # both LM heads partitioned and called chunk by chunk: each call gathers, the ranks' counts agree
-    run_ranks(_steps, 2, tmp_path, base_model_dir, teacher_dir, "chunked", dict(zero_stage=3, loss_chunk_size=16))
+    models = (tmp_path, base_model_dir, teacher_dir)
+    run_ranks(_steps, 1, *models, "one", dict(zero_stage=0, micro_batch_size=4))
+    run_ranks_in_turn(2, [(_steps, *models, "two", dict(zero_stage=2, teacher_zero_stage=3)),
+                          # both LM heads partitioned and called chunk by chunk: each call gathers, the ranks' counts agree
+                          (_steps, *models, "chunked", dict(zero_stage=3, loss_chunk_size=16))])
     one, two, chunked = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two", "chunked"))
     for a, b, c in zip(one, two, chunked, strict=True):
         for key in KEYS:
@@ -85,9 +86,9 @@ def test_stored_top_k_log_probs_replace_the_live_teacher(base_model_dir, teacher
     meta = json.loads((store / "meta.json").read_text())
     assert meta["top_k"] == vocab and meta["splits"]["train"]["tokens"] > 0
     assert not (tmp_path / "cli").exists()  # nothing but the store is written
-    run_ranks(_steps, 1, tmp_path, base_model_dir, teacher_dir, "live", dict(zero_stage=0, micro_batch_size=4))
-    run_ranks(_steps, 1, tmp_path, base_model_dir, teacher_dir, "stored", dict(zero_stage=0, micro_batch_size=4,
-                                                                               teacher_top_k=vocab))
+    models = (tmp_path, base_model_dir, teacher_dir)
+    run_ranks_in_turn(1, [(_steps, *models, "live", dict(zero_stage=0, micro_batch_size=4)),
+                          (_steps, *models, "stored", dict(zero_stage=0, micro_batch_size=4, teacher_top_k=vocab))])
     run_ranks(_steps, 2, tmp_path, base_model_dir, teacher_dir, "top8", dict(zero_stage=2, teacher_zero_stage=3,
                                                                              teacher_top_k=8))
     live, stored, top8 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("live", "stored", "top8"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import dpo_trainer, peek, run_ranks, same_records, step_records
+from tests.helpers import dpo_trainer, peek, run_ranks_in_turn, same_records, step_records
 
 pytestmark = pytest.mark.distributed
 
@@ -27,8 +27,10 @@ def test_a_packed_dpo_run_with_a_precomputed_reference_takes_the_padded_runs_ste
     reference over packed batches: the steps are the padded run's (live reference)."""
     runs = {}
     # seq-len 256: most sample pairs fit whole, and are short enough that rows hold several
-    for name, flags in (("padded", {}), ("packed", {"pack": "true", "precompute_ref": "true"})):
-        run_ranks(_steps, 1, tmp_path, base_model_dir, name, {"micro_batch_size": 4, "seq_len": 256, **flags})
+    layouts = (("padded", {}), ("packed", {"pack": "true", "precompute_ref": "true"}))
+    run_ranks_in_turn(1, [(_steps, tmp_path, base_model_dir, name, {"micro_batch_size": 4, "seq_len": 256, **flags})
+                          for name, flags in layouts])
+    for name, _ in layouts:
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert runs["packed"]["packed"] and not runs["padded"]["packed"]
     assert runs["packed"]["rows"] < runs["padded"]["rows"] == 8

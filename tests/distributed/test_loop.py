@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import SAMPLES, build_trainer, peek, run_ranks
+from tests.helpers import SAMPLES, build_trainer, peek, run_ranks, run_ranks_in_turn
 
 pytestmark = pytest.mark.distributed
 
@@ -178,8 +178,7 @@ def test_chunked_loss_takes_the_same_steps_under_deepspeed(base_model_dir, tmp_p
     """--loss-chunk-size on 2 ranks: ZeRO-2 takes the fused path (the whole head on every rank),
     ZeRO-3 the checkpointed one (the head gathered by DeepSpeed's hooks); both give the losses and
     gradient norms of the full logits."""
-    for chunk in (0, 16):
-        run_ranks(_chunked_loss_steps, 2, tmp_path, base_model_dir, zero_stage, chunk)
+    run_ranks_in_turn(2, [(_chunked_loss_steps, tmp_path, base_model_dir, zero_stage, chunk) for chunk in (0, 16)])
     full, chunked = (json.loads((tmp_path / f"z{zero_stage}c{c}.json").read_text()) for c in (0, 16))
     assert chunked["fused"] == (zero_stage == 2)
     assert sum(chunked["steps"], []) == pytest.approx(sum(full["steps"], []), rel=1e-5)
