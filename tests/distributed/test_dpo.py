@@ -242,20 +242,16 @@ def test_a_dpo_run_resumes_on_another_world_size(lora_dpo_run, base_model_dir, t
     assert [after[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-4)
 
 
-def test_checkpoint_tools_work_on_a_dpo_run(lora_dpo_run, base_model_dir, tmp_path):
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
+def test_checkpoint_tools_work_on_a_dpo_run(lora_dpo_run, base_model_dir, tmp_path, capsys):
+    from engine.apps.cli import main as zerotrain  # in this process, as test_consolidate runs them
 
     out, _ = lora_dpo_run
-    zt = [sys.executable, "-m", "engine.apps.cli"]
     for cmd in (["extract-adapter", str(out), str(tmp_path / "adapter")],
                 ["consolidate", str(out), str(tmp_path / "merged")],
                 ["inspect", str(out)],
-                ["generate", "--model", str(base_model_dir), "--adapter", str(out / "final" / "adapter"), "--prompt", "Who are you?", "--max-new-tokens", "4"]):
-        proc = subprocess.run(zt + cmd, cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-3000:])
+                ["generate", "--model", str(base_model_dir), "--adapter", str(out / "final" / "adapter"),
+                 "--prompt", "Who are you?", "--max-new-tokens", "4"]):
+        assert zerotrain(cmd) == 0, (cmd, capsys.readouterr())
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "merged" / "config.json").is_file()
 

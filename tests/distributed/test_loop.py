@@ -2,17 +2,21 @@
 engine.training.main.setup and driven step by step. What the launcher tests see only through logs is
 checked here against the model itself: a step's loss is the mean over every trained token of
 every micro-batch on every rank; one rank and two ranks take the same step; validation is the
-token-weighted mean; an exception on rank 0 reaches the other ranks at once."""
+token-weighted mean; an exception on rank 0 reaches the other ranks at once.
+
+The runs that only train and report share their processes (`in_process`): one set of 1-rank and
+one of 2-rank processes for the module instead of a set a run."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import SAMPLES, build_trainer, peek, run_ranks, run_ranks_in_turn
+from tests.helpers import SAMPLES, build_trainer, peek, run_ranks, run_ranks_in_turn, selected_params
 
 pytestmark = pytest.mark.distributed
 
@@ -34,6 +38,36 @@ def direct_sums(module, batches) -> tuple[float, float, list[float]]:
             nll, tokens = nll + float(total), tokens + n
             means.append(float(total) / n)
     return nll, tokens, means
+
+
+ACCUM = 3
+
+
+@pytest.fixture(scope="module")
+def in_process(request, base_model_dir, tmp_path_factory) -> Path:
+    """The runs of this module's selected tests that only train and report, each writing to its
+    test's folder here, on one set of 1-rank and one of 2-rank processes."""
+    out = tmp_path_factory.mktemp("loop")
+    calls: dict[int, list] = {1: [], 2: []}
+
+    def call(folder: str, world_size: int, fn, *args) -> None:
+        (out / folder).mkdir(exist_ok=True)
+        calls[world_size].append((fn, out / folder, base_model_dir, *args))
+
+    for world_size in selected_params(request, "test_step_loss_is_the_mean_over_every_trained_token", "world_size"):
+        call(f"step_loss{world_size}", world_size, _step_loss, "sft", ACCUM)
+    if selected_params(request, "test_one_rank_and_two_ranks_take_the_same_step"):
+        call("same_step", 1, _same_step, 4)
+        call("same_step", 2, _same_step, 2)
+    for zero_stage in selected_params(request, "test_chunked_loss_takes_the_same_steps_under_deepspeed", "zero_stage"):
+        for chunk in (0, 16):
+            call("chunked", 2, _chunked_loss_steps, zero_stage, chunk)
+    if selected_params(request, "test_a_document_masked_step_trains_on_each_document_alone"):
+        call("docmask", 1, _document_mask_step)
+    for world_size, todo in calls.items():
+        if todo:
+            run_ranks_in_turn(world_size, todo)
+    return out
 
 
 def _step_loss(rank, world_size, out, base_model_dir, stage, accum):
@@ -59,10 +93,9 @@ def _step_loss(rank, world_size, out, base_model_dir, stage, accum):
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_step_loss_is_the_mean_over_every_trained_token(base_model_dir, tmp_path, world_size):
-    accum = 3
-    run_ranks(_step_loss, world_size, tmp_path, base_model_dir, "sft", accum)
-    reports = [json.loads((tmp_path / f"rank{r}-of-{world_size}.json").read_text()) for r in range(world_size)]
+def test_step_loss_is_the_mean_over_every_trained_token(in_process, world_size):
+    out = in_process / f"step_loss{world_size}"  # ACCUM micro-batches a step
+    reports = [json.loads((out / f"rank{r}-of-{world_size}.json").read_text()) for r in range(world_size)]
     for report in reports:
         assert report["loss"] == pytest.approx(report["expected"], rel=1e-6)
         assert report["val_loss"] == pytest.approx(report["val_expected"], rel=1e-6)
@@ -74,15 +107,14 @@ def test_step_loss_is_the_mean_over_every_trained_token(base_model_dir, tmp_path
         assert reports[0]["tokens_local"] != reports[1]["tokens_local"]
 
 
-def test_one_rank_and_two_ranks_take_the_same_step(base_model_dir, tmp_path):
+def test_one_rank_and_two_ranks_take_the_same_step(in_process):
     """Pretraining, global batch 4: one rank x micro-batch 4 == two ranks x micro-batch 2 (the
     sampler gives them the same samples), in loss, gradient norm (Adam would hide a gradient
     scaled by a constant) and the updated weights."""
-    run_ranks(_same_step, 1, tmp_path, base_model_dir, 4)
-    run_ranks(_same_step, 2, tmp_path, base_model_dir, 2)
-    one, two = (json.loads((tmp_path / f"losses{n}.json").read_text()) for n in (1, 2))
+    out = in_process / "same_step"
+    one, two = (json.loads((out / f"losses{n}.json").read_text()) for n in (1, 2))
     assert one == pytest.approx(two, rel=1e-5)
-    w1, w2 = torch.load(tmp_path / "weights1.pt"), torch.load(tmp_path / "weights2.pt")
+    w1, w2 = torch.load(out / "weights1.pt"), torch.load(out / "weights2.pt")
     for name in w1:
         # float summation order differs; Adam magnifies that where its second moment is tiny
         torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5)
@@ -174,12 +206,11 @@ def _chunked_loss_steps(rank, world_size, out, base_model_dir, zero_stage, chunk
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_chunked_loss_takes_the_same_steps_under_deepspeed(base_model_dir, tmp_path, zero_stage):
+def test_chunked_loss_takes_the_same_steps_under_deepspeed(in_process, zero_stage):
     """--loss-chunk-size on 2 ranks: ZeRO-2 takes the fused path (the whole head on every rank),
     ZeRO-3 the checkpointed one (the head gathered by DeepSpeed's hooks); both give the losses and
     gradient norms of the full logits."""
-    run_ranks_in_turn(2, [(_chunked_loss_steps, tmp_path, base_model_dir, zero_stage, chunk) for chunk in (0, 16)])
-    full, chunked = (json.loads((tmp_path / f"z{zero_stage}c{c}.json").read_text()) for c in (0, 16))
+    full, chunked = (json.loads((in_process / "chunked" / f"z{zero_stage}c{c}.json").read_text()) for c in (0, 16))
     assert chunked["fused"] == (zero_stage == 2)
     assert sum(chunked["steps"], []) == pytest.approx(sum(full["steps"], []), rel=1e-5)
 
@@ -197,11 +228,10 @@ def _document_mask_step(rank, world_size, out, base_model_dir):
         "boundaries": int((batches[0]["position_ids"][:, 1:] == 0).sum())}))
 
 
-def test_a_document_masked_step_trains_on_each_document_alone(base_model_dir, tmp_path):
+def test_a_document_masked_step_trains_on_each_document_alone(in_process):
     """--document-mask end to end: the loader's windows carry restarting positions and the step's
     loss is the one the model gives with them (not the unmasked window's), over the same tokens."""
-    run_ranks(_document_mask_step, 1, tmp_path, base_model_dir)
-    report = json.loads((tmp_path / "docmask.json").read_text())
+    report = json.loads((in_process / "docmask" / "docmask.json").read_text())
     assert report["boundaries"] > 0
     assert report["tokens"] == 4 * 64
     trained = 4 * 63  # every next token of every window, boundaries included: the targets do not change
