@@ -23,6 +23,7 @@ from tests.helpers import (
     metrics,
     peek,
     rewound_copy,
+    run_cases,
     run_launcher,
     run_ranks_in_turn,
     same_records,
@@ -257,13 +258,15 @@ def test_checkpoint_tools_work_on_a_dpo_run(lora_dpo_run, base_model_dir, tmp_pa
 
 
 def test_pretrain_and_sft_refuse_preference_flags(tmp_path, base_model_dir):
-    proc = run_launcher("sft.py", ["--init-from", base_model_dir, "--data", SHAREGPT,
-                                   "--output-dir", tmp_path / "run", "--beta", "0.2"], nproc=1, launcher="python",
-                        check=False)
+    """Three refused starts, one after another in one launch."""
+    out = ["--init-from", base_model_dir, "--output-dir", tmp_path / "run"]
+    procs = run_cases({"beta": ("sft", [*out, "--data", SHAREGPT, "--beta", "0.2"]),
+                       "pairs": ("sft", [*out, "--data", PAIRS]),
+                       "sft-data": ("dpo", [*out, "--data", SHAREGPT])}, tmp_path / "cases", nproc=1,
+                      may_fail=("beta", "pairs", "sft-data"))
+    proc = procs["beta"]
     assert proc.returncode == 2 and "--beta: not a flag of sft" in proc.stderr
-    proc = run_launcher("sft.py", ["--init-from", base_model_dir, "--data", PAIRS, "--output-dir", tmp_path / "run"],
-                        nproc=1, launcher="python", check=False)
+    proc = procs["pairs"]
     assert proc.returncode == 2 and "preference pairs are for launcher/dpo.py" in proc.stderr
-    proc = run_launcher("dpo.py", ["--init-from", base_model_dir, "--data", SHAREGPT,
-                                   "--output-dir", tmp_path / "run"], nproc=1, launcher="python", check=False)
+    proc = procs["sft-data"]
     assert proc.returncode == 2 and "(dpo was given sft data; it trains on preference pairs)" in proc.stderr
