@@ -122,6 +122,7 @@ def report(in_process: Path, name: str):
     return json.loads((in_process / f"{name}.json").read_text())
 
 
+@pytest.mark.smoke
 def test_the_step_is_the_mean_over_every_pair(in_process):
     """micro-batch 1 x accum 4 == micro-batch 4 x accum 1 == 2 ranks x micro-batch 2: the same
     loss, rewards and gradient (so the same next step). The first step's loss is log 2 (the

@@ -92,7 +92,7 @@ def _step_loss(rank, world_size, out, base_model_dir, stage, accum):
         "tokens_local": tokens, "val_loss": evaluation["val_loss"], "val_expected": vsums["nll"] / vsums["tokens"]}))
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.smoke)])
 def test_step_loss_is_the_mean_over_every_trained_token(in_process, world_size):
     out = in_process / f"step_loss{world_size}"  # ACCUM micro-batches a step
     reports = [json.loads((out / f"rank{r}-of-{world_size}.json").read_text()) for r in range(world_size)]
