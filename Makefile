@@ -1,4 +1,5 @@
-# zerotrain: `make demo` runs the whole pipeline on CPU with shipped data, `make test` runs the tests.
+# zerotrain: `make demo` runs the whole pipeline on CPU with shipped data, `make test` runs the tests
+# (`make test-fast`: the fast tier).
 # Both create .venv on first use.
 
 PYTHON ?= python3.11
@@ -13,7 +14,7 @@ PIP    = $(VENV)/bin/pip
 PY     = $(VENV)/bin/python
 STAMP  = $(VENV)/.installed
 
-.PHONY: install test test-unit demo clean
+.PHONY: install test test-fast test-unit demo clean
 
 install: $(STAMP)
 
@@ -23,11 +24,19 @@ $(STAMP): setup.py
 	$(PIP) install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The tiers (README, "Tests"): `test` runs everything (what .ci/run runs); `test-fast` the unit
+# tests and the `smoke` cases of the other tiers (one case of each matrix, one 2-rank run), a few
+# minutes; `test-unit` the unit tests alone. A run that selects no test fails (pytest exits 5).
+NOT_UNIT = slow or distributed or faults or system
+
 test: $(STAMP)
 	$(PY) -m pytest tests -q -ra
 
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -ra -m "smoke or not ($(NOT_UNIT))"
+
 test-unit: $(STAMP)
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/unit -q -m "not ($(NOT_UNIT))"
 
 # The whole pipeline on CPU with the shipped data (scripts/demo.sh), about 8 minutes on 2 cores;
 # the report is runs/demo/REPORT.md. DEMO_QUICK=1: the 3-minute version the tests run;

@@ -119,7 +119,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from model.tokenizer import train_tokenizer
-    from tests.conftest import sample_texts
+    from tests.helpers import sample_texts
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,7 @@ def main() -> None:
     from engine.data.kinds import KINDS
     from engine.data.prepare import prepare
     from model.tokenizer import load_tokenizer, train_tokenizer
-    from tests.conftest import sample_texts
+    from tests.helpers import sample_texts
     from tests.unit import test_sft_prep_scale as reference
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import shutil
@@ -19,13 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from engine.apps.cli import main as zerotrain
+from tests.helpers import load_module
 
 pytestmark = pytest.mark.distributed
 
-HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("make_checkpoints", HERE / "make_checkpoints.py")
-make_checkpoints = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_checkpoints)
+make_checkpoints = load_module("tests/distributed/make_checkpoints.py")
 CASES = make_checkpoints.CASES
 LORA_CASES = [c for c, s in CASES.items() if s.get("lora")]
 PLAIN_CASES = [c for c in CASES if c not in LORA_CASES]
@@ -62,7 +59,7 @@ def vocab_of(manifest: dict, state: dict) -> int:
 # Equality with the live weights
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.smoke) if c == "z3-fp32" else c for c in CASES])
 def test_pth_equals_live_fp32_masters(case, ds_checkpoints, tmp_path, capsys):
     manifest = ds_checkpoints[case]
     out = tmp_path / "model.pth"

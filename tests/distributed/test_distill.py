@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from common.errors import ZerotrainError
-from tests.conftest import SAMPLES
-from tests.distributed.test_loop import run_ranks
-from tests.helpers import cli_flags
+from tests.helpers import SAMPLES, cli_flags, run_ranks, run_ranks_in_turn, step_records
 
 pytestmark = pytest.mark.distributed
 KEYS = ("loss", "ce", "kd")
@@ -51,16 +49,17 @@ def _steps(rank, world_size, out, base_model_dir, teacher_dir, name, flags):
                                            kd_temperature=1.5, **flags))
     trainer = setup(cfg, DISTILL, World(rank, rank, world_size))
     assert (trainer.objective.teacher is None) == bool(cfg.section(DistillConfig).teacher_top_k)  # offline: no teacher loaded
-    records = [trainer.train_step() for _ in range(3)]
+    records = step_records(trainer, 3)
     if rank == 0:
         (out / f"{name}.json").write_text(json.dumps(records))
 
 
 def test_a_zero3_teacher_on_two_ranks_gives_the_one_rank_steps(base_model_dir, teacher_dir, tmp_path):
-    run_ranks(_steps, 1, tmp_path, base_model_dir, teacher_dir, "one", dict(zero_stage=0, micro_batch_size=4))
-    run_ranks(_steps, 2, tmp_path, base_model_dir, teacher_dir, "two", dict(zero_stage=2, teacher_zero_stage=3))
-    # both LM heads partitioned and called chunk by chunk: each call gathers, the ranks' counts agree
-    run_ranks(_steps, 2, tmp_path, base_model_dir, teacher_dir, "chunked", dict(zero_stage=3, loss_chunk_size=16))
+    models = (tmp_path, base_model_dir, teacher_dir)
+    run_ranks(_steps, 1, *models, "one", dict(zero_stage=0, micro_batch_size=4))
+    run_ranks_in_turn(2, [(_steps, *models, "two", dict(zero_stage=2, teacher_zero_stage=3)),
+                          # both LM heads partitioned and called chunk by chunk: each call gathers, the ranks' counts agree
+                          (_steps, *models, "chunked", dict(zero_stage=3, loss_chunk_size=16))])
     one, two, chunked = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two", "chunked"))
     for a, b, c in zip(one, two, chunked, strict=True):
         for key in KEYS:
@@ -87,9 +86,9 @@ def test_stored_top_k_log_probs_replace_the_live_teacher(base_model_dir, teacher
     meta = json.loads((store / "meta.json").read_text())
     assert meta["top_k"] == vocab and meta["splits"]["train"]["tokens"] > 0
     assert not (tmp_path / "cli").exists()  # nothing but the store is written
-    run_ranks(_steps, 1, tmp_path, base_model_dir, teacher_dir, "live", dict(zero_stage=0, micro_batch_size=4))
-    run_ranks(_steps, 1, tmp_path, base_model_dir, teacher_dir, "stored", dict(zero_stage=0, micro_batch_size=4,
-                                                                               teacher_top_k=vocab))
+    models = (tmp_path, base_model_dir, teacher_dir)
+    run_ranks_in_turn(1, [(_steps, *models, "live", dict(zero_stage=0, micro_batch_size=4)),
+                          (_steps, *models, "stored", dict(zero_stage=0, micro_batch_size=4, teacher_top_k=vocab))])
     run_ranks(_steps, 2, tmp_path, base_model_dir, teacher_dir, "top8", dict(zero_stage=2, teacher_zero_stage=3,
                                                                              teacher_top_k=8))
     live, stored, top8 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("live", "stored", "top8"))
@@ -221,15 +220,13 @@ def test_a_distill_run_logs_its_terms_and_resumes_exactly_and_on_one_rank(lora_d
             assert after[3] == pytest.approx(straight[3], rel=1e-4)
 
 
-def test_checkpoint_tools_work_on_a_distill_run(lora_distill_run, tmp_path):
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
+def test_checkpoint_tools_work_on_a_distill_run(lora_distill_run, tmp_path, capsys):
+    from engine.apps.cli import (
+        main as zerotrain,  # in this process, as test_consolidate runs them
+    )
 
     for cmd in (["extract-adapter", str(lora_distill_run), str(tmp_path / "adapter")],
                 ["consolidate", str(lora_distill_run), str(tmp_path / "merged")]):
-        proc = subprocess.run([sys.executable, "-m", "engine.apps.cli", *cmd], cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode == 0, (cmd, proc.stderr[-3000:])
+        assert zerotrain(cmd) == 0, (cmd, capsys.readouterr())
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "merged" / "config.json").is_file()

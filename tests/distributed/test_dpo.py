@@ -14,91 +14,41 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SAMPLES
-from tests.distributed.test_loop import peek, run_ranks
-from tests.helpers import cli_flags, metrics, rewound_copy, run_launcher, train_losses
+from tests.helpers import (
+    PAIRS,
+    REWARDS,
+    SHAREGPT,
+    dpo_args,
+    dpo_trainer,
+    metrics,
+    peek,
+    rewound_copy,
+    run_cases,
+    run_launcher,
+    run_ranks_in_turn,
+    same_records,
+    selected_params,
+    step_records,
+    train_losses,
+)
 
 pytestmark = pytest.mark.distributed
-PAIRS = SAMPLES / "pref_pairs.jsonl"
-REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected")
-
-
-def dpo_args(out: Path, **flags) -> list[str]:
-    values = {"data": PAIRS, "output-dir": out, "seq-len": 96, "micro-batch-size": 2, "grad-accum": 1,
-              "max-steps": 4, "warmup-steps": 0, "lr": 2e-3, "zero-stage": 2, "precision": "fp32", "seed": 3,
-              "eval-batches": 2, "val-fraction": 0.05, "log-interval": 1, "eval-interval": 100, "save-interval": 100,
-              # a cache per test: the precomputed reference is really computed where a test asks for it
-              "data-cache-dir": Path(out).parent / "cache"}
-    return cli_flags(values, **flags)
-
-
-def build(rank: int, world_size: int, out: Path, base_model_dir: Path, **flags):
-    from engine.distributed import World
-    from engine.objectives.preference import DPO
-    from engine.stages import config_for
-    from engine.training.main import setup
-
-    cfg = config_for(DPO, dpo_args(out / f"run{world_size}", init_from=base_model_dir, **flags))
-    return setup(cfg, DPO, World(rank, rank, world_size))
 
 
 def _steps(rank, world_size, out, base_model_dir, name, steps, flags):
-    trainer = build(rank, world_size, out / name, base_model_dir, **flags)
-    records = []
-    for _ in range(steps):
-        record = trainer.train_step()
-        norm = trainer.engine.get_global_grad_norm()  # None for ZeRO-0's plain fp32 optimizer
-        record["grad_norm"] = None if norm is None else float(norm)
-        records.append(record)
+    records = step_records(dpo_trainer(rank, world_size, out / name, base_model_dir, **flags), steps)
     if rank == 0:
         (out / f"{name}.json").write_text(json.dumps(records))
 
 
-def run_steps(out: Path, base_model_dir: Path, name: str, world_size: int, steps: int, **flags) -> list[dict]:
-    run_ranks(_steps, world_size, out, base_model_dir, name, steps, flags)
-    return json.loads((out / f"{name}.json").read_text())
-
-
-def same_records(a: list[dict], b: list[dict], rel: float) -> None:
-    for x, y in zip(a, b, strict=True):
-        for key in ("loss", "grad_norm", *REWARDS):
-            if x[key] is None or y[key] is None:
-                continue
-            assert x[key] == pytest.approx(y[key], rel=rel, abs=1e-5), key
-
-
-def test_the_step_is_the_mean_over_every_pair(base_model_dir, tmp_path):
-    """micro-batch 1 x accum 4 == micro-batch 4 x accum 1 == 2 ranks x micro-batch 2: the same
-    loss, rewards and gradient (so the same next step). The first step's loss is log 2 (the
-    policy is its reference) and its rewards 0."""
-    one = run_steps(tmp_path, base_model_dir, "mb1x4", 1, 2, micro_batch_size=1, grad_accum=4)
-    four = run_steps(tmp_path, base_model_dir, "mb4x1", 1, 2, micro_batch_size=4, grad_accum=1)
-    ranks = run_steps(tmp_path, base_model_dir, "2x2", 2, 2, micro_batch_size=2, grad_accum=1)
-    assert one[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
-    assert one[0]["rewards/margins"] == pytest.approx(0, abs=1e-6)
-    assert abs(one[1]["loss"] - math.log(2)) > 1e-3  # the policy has moved from its reference
-    same_records(one, four, rel=1e-5)
-    same_records(one, ranks, rel=1e-5)
-
-
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_in_bf16_the_reference_is_the_policy_at_the_start(base_model_dir, tmp_path, zero_stage):
-    """The frozen copy runs in the policy's precision with the policy's buffers (rotary
-    frequencies stay fp32, as DeepSpeed leaves them): the first step's loss is log 2 exactly."""
-    first = run_steps(tmp_path, base_model_dir, "bf16", 1, 1, precision="bf16", zero_stage=zero_stage)[0]
-    assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)
-    assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
-
-
-def _direct(rank, world_size, out, base_model_dir, flags):
+def _direct(rank, world_size, out, base_model_dir, name, flags):
     """The objective's step against pair_losses on log-probs computed straight from the module
     and from an independent frozen copy of the init model."""
     from transformers import AutoModelForCausalLM
 
     from engine.objectives.preference import PrefConfig, pair_losses, sequence_logps
 
-    trainer = build(rank, world_size, out, base_model_dir, **flags)
+    trainer = dpo_trainer(rank, world_size, out / name, base_model_dir, **flags)
     for _ in range(2):  # move the policy away from its reference first
         trainer.train_step()
     batch = peek(trainer.data.loader, 1)[0]
@@ -110,46 +60,105 @@ def _direct(rank, world_size, out, base_model_dir, flags):
     pref = PrefConfig(**{k.replace("-", "_"): v for k, v in flags.items() if k in ("pref_loss", "beta")})
     terms = pair_losses(pref, *logps.chunk(2), *tokens.chunk(2), *ref.chunk(2))
     result = trainer.train_step()
-    (out / "direct.json").write_text(json.dumps({"loss": result["loss"], "expected": float(terms.loss.mean()),
-                                                 "margin": result["rewards/margins"],
-                                                 "expected_margin": float((terms.chosen_rewards
-                                                                           - terms.rejected_rewards).mean())}))
+    (out / f"{name}.json").write_text(json.dumps({"loss": result["loss"], "expected": float(terms.loss.mean()),
+                                                  "margin": result["rewards/margins"],
+                                                  "expected_margin": float((terms.chosen_rewards
+                                                                            - terms.rejected_rewards).mean())}))
 
 
-@pytest.mark.parametrize("flags", [dict(pref_loss="dpo", beta=0.2),
-                                   dict(pref_loss="ipo", beta=0.5, lora_r=4, lora_alpha=8, lora_dropout=0.0),
-                                   dict(pref_loss="dpo", precompute_ref="true"),
-                                   dict(pref_loss="dpo", lora_r=4, lora_alpha=8, lora_dropout=0.0, ref_from="OTHER")],
-                         ids=["dpo-frozen-copy", "ipo-lora-adapter-disabled", "dpo-precomputed", "lora-ref-from"])
-def test_the_reference_is_the_init_model_or_ref_from(base_model_dir, tmp_path, flags):
-    if flags.get("ref_from") == "OTHER":  # another model of the same shape: the init model, perturbed
-        from transformers import AutoModelForCausalLM
-
-        other = AutoModelForCausalLM.from_pretrained(base_model_dir)
-        with torch.no_grad():
-            for p in other.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        other.save_pretrained(tmp_path / "other")
-        flags = {**flags, "ref_from": str(tmp_path / "other")}
-    run_ranks(_direct, 1, tmp_path, base_model_dir, flags)
-    report = json.loads((tmp_path / "direct.json").read_text())
-    assert report["loss"] == pytest.approx(report["expected"], rel=1e-5)
-    assert report["margin"] == pytest.approx(report["expected_margin"], rel=1e-5, abs=1e-6)
-    assert abs(report["margin"]) > 1e-3  # the policy has moved: the reference matters
+REFERENCES = [pytest.param(dict(pref_loss="dpo", beta=0.2), id="dpo-frozen-copy"),
+              pytest.param(dict(pref_loss="ipo", beta=0.5, lora_r=4, lora_alpha=8, lora_dropout=0.0),
+                           id="ipo-lora-adapter-disabled"),
+              pytest.param(dict(pref_loss="dpo", precompute_ref="true"), id="dpo-precomputed"),
+              pytest.param(dict(pref_loss="dpo", lora_r=4, lora_alpha=8, lora_dropout=0.0, ref_from="OTHER"),
+                           id="lora-ref-from")]
+ZERO3_CASES = [pytest.param("false", {}, id="live-reference"), pytest.param("true", {}, id="precomputed-reference"),
+               pytest.param("false", dict(loss_chunk_size=16, pack="true", seq_len=256),
+                            id="chunked-packed-live-reference")]
 
 
-@pytest.mark.parametrize("precompute, flags", [("false", {}), ("true", {}),
-                                               ("false", dict(loss_chunk_size=16, pack="true", seq_len=256))],
-                         ids=["live-reference", "precomputed-reference", "chunked-packed-live-reference"])
-def test_zero3_on_two_ranks_takes_the_steps_of_zero0_on_one(base_model_dir, tmp_path, precompute, flags):
+@pytest.fixture(scope="module")
+def in_process(request, base_model_dir, tmp_path_factory) -> Path:
+    """This module's in-process runs that this session's tests need, made on one set of 1-rank and
+    one of 2-rank processes (a set costs a start and the imports); run NAME's report is NAME.json
+    here (records, or `_direct`'s report) and its run directory NAME/."""
+    out = tmp_path_factory.mktemp("dpo_in_process")
+    calls: dict[int, list] = {1: [], 2: []}
+
+    def steps(name: str, world_size: int, count: int, **flags) -> None:
+        calls[world_size].append((_steps, out, base_model_dir, name, count, flags))
+
+    if selected_params(request, "test_the_step_is_the_mean_over_every_pair"):
+        steps("mb1x4", 1, 2, micro_batch_size=1, grad_accum=4)
+        steps("mb4x1", 1, 2, micro_batch_size=4, grad_accum=1)
+        steps("2x2", 2, 2, micro_batch_size=2, grad_accum=1)
+    for flags in selected_params(request, "test_the_reference_is_the_init_model_or_ref_from", "flags"):
+        name = f"direct-{next(p.id for p in REFERENCES if p.values[0] == flags)}"
+        if flags.get("ref_from") == "OTHER":  # another model of the same shape: the init model, perturbed
+            from transformers import AutoModelForCausalLM
+
+            other = AutoModelForCausalLM.from_pretrained(base_model_dir)
+            with torch.no_grad():
+                for p in other.parameters():
+                    p.add_(0.02 * torch.randn_like(p))
+            other.save_pretrained(out / "other")
+            flags = {**flags, "ref_from": str(out / "other")}
+        calls[1].append((_direct, out, base_model_dir, name, flags))
+    for precompute, flags in selected_params(request, "test_zero3_on_two_ranks_takes_the_steps_of_zero0_on_one",
+                                             "precompute", "flags"):
+        case = next(p.id for p in ZERO3_CASES if p.values == (precompute, flags))
+        steps(f"zero0-{case}", 1, 3, zero_stage=0, micro_batch_size=4,
+              **{k: v for k, v in flags.items() if k == "seq_len"})
+        steps(f"zero3-{case}", 2, 3, zero_stage=3, micro_batch_size=2, precompute_ref=precompute, **flags)
+    for zero_stage in selected_params(request, "test_in_bf16_the_reference_is_the_policy_at_the_start", "zero_stage"):
+        steps(f"bf16-z{zero_stage}", 1, 1, precision="bf16", zero_stage=zero_stage)  # last: bf16 after fp32
+    for world_size, todo in calls.items():
+        if todo:
+            run_ranks_in_turn(world_size, todo)
+    return out
+
+
+def report(in_process: Path, name: str):
+    return json.loads((in_process / f"{name}.json").read_text())
+
+
+@pytest.mark.smoke
+def test_the_step_is_the_mean_over_every_pair(in_process):
+    """micro-batch 1 x accum 4 == micro-batch 4 x accum 1 == 2 ranks x micro-batch 2: the same
+    loss, rewards and gradient (so the same next step). The first step's loss is log 2 (the
+    policy is its reference) and its rewards 0."""
+    one, four, ranks = (report(in_process, name) for name in ("mb1x4", "mb4x1", "2x2"))
+    assert one[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert one[0]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert abs(one[1]["loss"] - math.log(2)) > 1e-3  # the policy has moved from its reference
+    same_records(one, four, rel=1e-5)
+    same_records(one, ranks, rel=1e-5)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_in_bf16_the_reference_is_the_policy_at_the_start(in_process, zero_stage):
+    """The frozen copy runs in the policy's precision with the policy's buffers (rotary
+    frequencies stay fp32, as DeepSpeed leaves them): the first step's loss is log 2 exactly."""
+    first = report(in_process, f"bf16-z{zero_stage}")[0]
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
+
+
+@pytest.mark.parametrize("flags", REFERENCES)
+def test_the_reference_is_the_init_model_or_ref_from(in_process, request, flags):
+    result = report(in_process, f"direct-{request.node.callspec.id}")
+    assert result["loss"] == pytest.approx(result["expected"], rel=1e-5)
+    assert result["margin"] == pytest.approx(result["expected_margin"], rel=1e-5, abs=1e-6)
+    assert abs(result["margin"]) > 1e-3  # the policy has moved: the reference matters
+
+
+@pytest.mark.parametrize("precompute, flags", ZERO3_CASES)
+def test_zero3_on_two_ranks_takes_the_steps_of_zero0_on_one(in_process, request, precompute, flags):
     """The frozen copy partitioned by ZeRO-3 over 2 ranks (live, or run once over the data and
     freed) gives a 1-rank ZeRO-0 run's steps; so do packed pairs with both models' partitioned
     heads called chunk by chunk (each call a gather: the ranks' call counts agree)."""
-    zero0 = run_steps(tmp_path, base_model_dir, "zero0", 1, 3, zero_stage=0, micro_batch_size=4,
-                      **{k: v for k, v in flags.items() if k == "seq_len"})
-    zero3 = run_steps(tmp_path, base_model_dir, "zero3", 2, 3, zero_stage=3, micro_batch_size=2,
-                      precompute_ref=precompute, **flags)
-    same_records(zero0, zero3, rel=1e-4)
+    case = request.node.callspec.id
+    same_records(report(in_process, f"zero0-{case}"), report(in_process, f"zero3-{case}"), rel=1e-4)
 
 
 # --------------------------------------------------------------------------- through the launcher
@@ -235,33 +244,33 @@ def test_a_dpo_run_resumes_on_another_world_size(lora_dpo_run, base_model_dir, t
     assert [after[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-4)
 
 
-def test_checkpoint_tools_work_on_a_dpo_run(lora_dpo_run, base_model_dir, tmp_path):
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
+def test_checkpoint_tools_work_on_a_dpo_run(lora_dpo_run, base_model_dir, tmp_path, capsys):
+    from engine.apps.cli import (
+        main as zerotrain,  # in this process, as test_consolidate runs them
+    )
 
     out, _ = lora_dpo_run
-    zt = [sys.executable, "-m", "engine.apps.cli"]
     for cmd in (["extract-adapter", str(out), str(tmp_path / "adapter")],
                 ["consolidate", str(out), str(tmp_path / "merged")],
                 ["inspect", str(out)],
-                ["generate", "--model", str(base_model_dir), "--adapter", str(out / "final" / "adapter"), "--prompt", "Who are you?", "--max-new-tokens", "4"]):
-        proc = subprocess.run(zt + cmd, cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-3000:])
+                ["generate", "--model", str(base_model_dir), "--adapter", str(out / "final" / "adapter"),
+                 "--prompt", "Who are you?", "--max-new-tokens", "4"]):
+        assert zerotrain(cmd) == 0, (cmd, capsys.readouterr())
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "merged" / "config.json").is_file()
 
 
 def test_pretrain_and_sft_refuse_preference_flags(tmp_path, base_model_dir):
-    proc = run_launcher("sft.py", ["--init-from", base_model_dir, "--data", SAMPLES / "sharegpt_identity_500.json",
-                                   "--output-dir", tmp_path / "run", "--beta", "0.2"], nproc=1, launcher="python",
-                        check=False)
+    """Three refused starts, one after another in one launch."""
+    out = ["--init-from", base_model_dir, "--output-dir", tmp_path / "run"]
+    procs = run_cases({"beta": ("sft", [*out, "--data", SHAREGPT, "--beta", "0.2"]),
+                       "pairs": ("sft", [*out, "--data", PAIRS]),
+                       "sft-data": ("dpo", [*out, "--data", SHAREGPT])}, tmp_path / "cases", nproc=1,
+                      may_fail=("beta", "pairs", "sft-data"))
+    proc = procs["beta"]
     assert proc.returncode == 2 and "--beta: not a flag of sft" in proc.stderr
-    proc = run_launcher("sft.py", ["--init-from", base_model_dir, "--data", PAIRS, "--output-dir", tmp_path / "run"],
-                        nproc=1, launcher="python", check=False)
+    proc = procs["pairs"]
     assert proc.returncode == 2 and "preference pairs are for launcher/dpo.py" in proc.stderr
-    proc = run_launcher("dpo.py", ["--init-from", base_model_dir, "--data", SAMPLES / "sharegpt_identity_500.json",
-                                   "--output-dir", tmp_path / "run"], nproc=1, launcher="python", check=False)
+    proc = procs["sft-data"]
     assert proc.returncode == 2 and "SFT conversations are for launcher/pretrain.py or launcher/sft.py" in proc.stderr
     assert "(dpo was given sft data; it trains on preference pairs)" in proc.stderr

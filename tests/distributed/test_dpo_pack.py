@@ -9,20 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.test_dpo import build, same_records
-from tests.distributed.test_loop import peek, run_ranks
+from tests.helpers import (
+    dpo_trainer,
+    peek,
+    run_ranks_in_turn,
+    same_records,
+    step_records,
+)
 
 pytestmark = pytest.mark.distributed
 
 
 def _steps(rank: int, world_size: int, out: Path, base_model_dir: Path, name: str, flags: dict) -> None:
-    trainer = build(rank, world_size, out / name, base_model_dir, **flags)
+    trainer = dpo_trainer(rank, world_size, out / name, base_model_dir, **flags)
     batch = peek(trainer.data.loader, 1)[0]
-    records = []
-    for _ in range(2):
-        records.append(trainer.train_step())
-        norm = trainer.engine.get_global_grad_norm()
-        records[-1]["grad_norm"] = None if norm is None else float(norm)
+    records = step_records(trainer, 2)
     (out / f"{name}.json").write_text(json.dumps({"rows": batch["input_ids"].shape[0],
                                                   "packed": "sequence_ids" in batch, "records": records}))
 
@@ -32,8 +33,10 @@ def test_a_packed_dpo_run_with_a_precomputed_reference_takes_the_padded_runs_ste
     reference over packed batches: the steps are the padded run's (live reference)."""
     runs = {}
     # seq-len 256: most sample pairs fit whole, and are short enough that rows hold several
-    for name, flags in (("padded", {}), ("packed", {"pack": "true", "precompute_ref": "true"})):
-        run_ranks(_steps, 1, tmp_path, base_model_dir, name, {"micro_batch_size": 4, "seq_len": 256, **flags})
+    layouts = (("padded", {}), ("packed", {"pack": "true", "precompute_ref": "true"}))
+    run_ranks_in_turn(1, [(_steps, tmp_path, base_model_dir, name, {"micro_batch_size": 4, "seq_len": 256, **flags})
+                          for name, flags in layouts])
+    for name, _ in layouts:
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert runs["packed"]["packed"] and not runs["padded"]["packed"]
     assert runs["packed"]["rows"] < runs["padded"]["rows"] == 8

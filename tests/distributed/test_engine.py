@@ -1,5 +1,9 @@
 """The engine on 2 CPU ranks (gloo), debug preset: every ZeRO stage and precision trains; resume
-and gradient accumulation are invariants; final/ loads and generates; NaN steps are skipped."""
+and gradient accumulation are invariants; final/ loads and generates; NaN steps are skipped.
+
+The runs that are only trained and then checked (the stage x precision matrix, the accumulation
+pair, ZeRO-2 offload, the NaN runs) share one launch (`engine_runs`); the resume tests resume the
+session's pretraining runs (conftest's `pretrained_runs`)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,18 @@ from safetensors.torch import load_file
 from engine.checkpoint.checksums import recorded_digests
 from engine.checkpoint.resume import tag_problems
 from engine.checkpoint.sidecar import Sidecar
-from tests.helpers import launcher_env, metrics, run_launcher, train_losses
+from tests.helpers import (
+    PRETRAIN_RUN,
+    ROOT,
+    launcher_env,
+    metrics,
+    pretrain_args,
+    rewound_copy,
+    run_cases,
+    run_launcher,
+    selected_params,
+    train_losses,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -31,16 +46,54 @@ def final_weights(run_dir):
     return load_file(run_dir / "final" / "model.safetensors")
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_every_stage_and_precision_trains(tokenizer_dir, pretrain_data, tmp_path, stage, precision):
-    out = tmp_path / "run"
-    # one combination goes through the real deepspeed launcher instead of torchrun
-    launcher = "deepspeed" if (stage, precision) == (1, "bf16") else "torchrun"
-    extra = {"report_to": "csv"} if (stage, precision) == (0, "fp32") else {}
-    run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=stage, precision=precision,
-                                          max_steps=16, save_interval=16, eval_interval=16, **extra), launcher=launcher)
-    if extra:  # DeepSpeed's CSV monitor got zerotrain's metrics too
+MATRIX = [(stage, precision) for precision in ("fp32", "bf16") for stage in (0, 1, 2, 3)]
+THROUGH_DEEPSPEED = (1, "bf16")
+"""The matrix case that goes through the real deepspeed launcher and launcher/pretrain.py, on its own."""
+NAN_RUN = dict(precision="fp32", max_steps=4, save_interval=1, keep_last=0, fault_nan_steps=3)
+
+
+@pytest.fixture(scope="module")
+def engine_runs(request, tokenizer_dir, pretrain_data, tmp_path_factory) -> dict[str, tuple]:
+    """{name: (run dir, its CompletedProcess)} for the runs of this module's trained-then-checked
+    tests that this session selects, made in one torchrun launch (tests/launch_cases.py) instead
+    of one each, but THROUGH_DEEPSPEED's, which has its own launch."""
+    out = tmp_path_factory.mktemp("engine_runs")
+    cases, runs = {}, {}
+    for stage, precision in selected_params(request, "test_every_stage_and_precision_trains", "stage", "precision"):
+        extra = {"report_to": "csv"} if (stage, precision) == (0, "fp32") else {}
+        name, flags = f"z{stage}-{precision}", dict(zero_stage=stage, precision=precision, max_steps=16,
+                                                    save_interval=16, eval_interval=16, **extra)
+        if (stage, precision) == THROUGH_DEEPSPEED:
+            args = base_args(tokenizer_dir, pretrain_data, out / name, **flags)
+            runs[name] = out / name, run_launcher("pretrain.py", args, launcher="deepspeed")
+        else:
+            cases[name] = "pretrain", base_args(tokenizer_dir, pretrain_data, out / name, **flags)
+    if selected_params(request, "test_grad_accumulation_matches_a_bigger_micro_batch"):
+        for micro, accum in ((1, 4), (4, 1)):
+            cases[f"m{micro}a{accum}"] = "pretrain", base_args(
+                tokenizer_dir, pretrain_data, out / f"m{micro}a{accum}", zero_stage=2, precision="fp32",
+                micro_batch_size=micro, grad_accum=accum, max_steps=4, save_interval=4)
+    if selected_params(request, "test_zero2_with_the_optimizer_offloaded_to_cpu_trains"):
+        cases["offload"] = "pretrain", base_args(
+            tokenizer_dir, pretrain_data, out / "offload", ds_config=ROOT / "ds_configs" / "zero2_offload.json",
+            precision="bf16", max_steps=12, save_interval=12, eval_interval=12)
+    for stage in selected_params(request, "test_nonfinite_loss_skips_the_step_and_is_counted", "stage"):
+        cases[f"nan-z{stage}"] = "pretrain", base_args(tokenizer_dir, pretrain_data, out / f"nan-z{stage}",
+                                                       zero_stage=stage, **NAN_RUN)
+    if selected_params(request, "test_consecutive_nonfinite_steps_stop_the_run"):  # last: it fails on purpose
+        cases["nan-streak"] = "pretrain", base_args(tokenizer_dir, pretrain_data, out / "nan-streak", zero_stage=2,
+                                                    max_consecutive_nonfinite=3, fault_nan_steps="2,3,4")
+    if cases:
+        procs = run_cases(cases, out, may_fail=("nan-streak",))
+        runs.update({name: (out / name, proc) for name, proc in procs.items()})
+    return runs
+
+
+@pytest.mark.parametrize("stage, precision", [pytest.param(*case, marks=pytest.mark.smoke) if case == (2, "fp32")
+                                              else case for case in MATRIX])
+def test_every_stage_and_precision_trains(engine_runs, stage, precision):
+    out, _ = engine_runs[f"z{stage}-{precision}"]
+    if (stage, precision) == (0, "fp32"):  # DeepSpeed's CSV monitor got zerotrain's metrics too
         assert {p.name for p in (out / "monitor").rglob("*.csv")} >= {"zerotrain_loss.csv", "zerotrain_lr.csv"}
     losses = train_losses(out)
     assert sorted(losses) == list(range(1, 17))
@@ -52,46 +105,26 @@ def test_every_stage_and_precision_trains(tokenizer_dir, pretrain_data, tmp_path
     assert final_weights(out)["model.embed_tokens.weight"].dtype == torch.float32
 
 
-@pytest.fixture(scope="module")
-def straight_runs(tokenizer_dir, pretrain_data, tmp_path_factory):
-    """8 steps straight, ZeRO-2 and ZeRO-3 (fp32), checkpointing at step 4."""
-    runs = {}
-    for stage in (2, 3):
-        out = tmp_path_factory.mktemp(f"straight{stage}") / "run"
-        run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=stage, precision="fp32"))
-        runs[stage] = out
-    return runs
-
-
 @pytest.mark.parametrize("stage", [2, 3])
-def test_resume_is_bit_identical(tokenizer_dir, pretrain_data, tmp_path, straight_runs, stage):
-    straight = straight_runs[stage]
-    resumed = tmp_path / "run"
+def test_resume_is_bit_identical(tokenizer_dir, pretrain_data, tmp_path, pretrained_runs, stage):
+    straight = pretrained_runs[stage]
+    steps = PRETRAIN_RUN["max-steps"]
     # the state after step 4 of the same run: drop everything later, then resume
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "global_step8")
-    shutil.rmtree(resumed / "final")
-    (resumed / "checkpoints" / "latest").write_text("global_step4")
+    resumed = rewound_copy(straight, tmp_path / "run", 4, later=tuple(f"global_step{s}" for s in range(5, steps + 1)))
     lines = (resumed / "metrics.jsonl").read_text().splitlines(keepends=True)
     (resumed / "metrics.jsonl").write_text("".join(l for l in lines if '"step": 4,' in l or '"step": 3,' in l))
-    proc = run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, resumed, zero_stage=stage,
-                                                 precision="fp32"))
+    proc = run_launcher("pretrain.py", pretrain_args(tokenizer_dir, pretrain_data, resumed, zero_stage=stage))
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
     expected, got = train_losses(straight), train_losses(resumed)
-    assert [got[s] for s in range(5, 9)] == [expected[s] for s in range(5, 9)]
+    assert [got[s] for s in range(5, steps + 1)] == [expected[s] for s in range(5, steps + 1)]
     a, b = final_weights(straight), final_weights(resumed)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_grad_accumulation_matches_a_bigger_micro_batch(tokenizer_dir, pretrain_data, tmp_path):
-    runs = {}
-    for micro, accum in ((1, 4), (4, 1)):
-        out = tmp_path / f"m{micro}a{accum}"
-        run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=2, precision="fp32",
-                                              micro_batch_size=micro, grad_accum=accum, max_steps=4, save_interval=4))
-        runs[(micro, accum)] = out
+def test_grad_accumulation_matches_a_bigger_micro_batch(engine_runs):
+    runs = {(micro, accum): engine_runs[f"m{micro}a{accum}"][0] for micro, accum in ((1, 4), (4, 1))}
     la, lb = train_losses(runs[(1, 4)]), train_losses(runs[(4, 1)])
     for step in la:
         assert la[step] == pytest.approx(lb[step], rel=1e-5)
@@ -100,10 +133,10 @@ def test_grad_accumulation_matches_a_bigger_micro_batch(tokenizer_dir, pretrain_
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
-def test_final_dir_loads_with_transformers_and_generates(straight_runs):
+def test_final_dir_loads_with_transformers_and_generates(pretrained_runs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    final = straight_runs[2] / "final"
+    final = pretrained_runs[2] / "final"
     model = AutoModelForCausalLM.from_pretrained(final)
     tok = AutoTokenizer.from_pretrained(final)
     ids = tok("To be, or not", return_tensors="pt").input_ids
@@ -112,12 +145,10 @@ def test_final_dir_loads_with_transformers_and_generates(straight_runs):
     assert model.config.eos_token_id == tok.eos_token_id
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("stage", [0, 2])
-def test_nonfinite_loss_skips_the_step_and_is_counted(tokenizer_dir, pretrain_data, tmp_path, stage):
-    out = tmp_path / "run"
-    run_launcher("tests/fault_launcher.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=stage,
-                                                      precision="fp32", max_steps=4, save_interval=1, keep_last=0,
-                                                      fault_nan_steps=3))
+def test_nonfinite_loss_skips_the_step_and_is_counted(engine_runs, stage):
+    out, _ = engine_runs[f"nan-z{stage}"]
     records = {r["step"]: r for r in metrics(out) if "loss" in r}
     assert records[3]["loss"] is None  # a skipped step has no loss
     assert records[4]["nonfinite_steps"] == 1 and records[4]["skipped_steps"] == 1
@@ -135,15 +166,14 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tokenizer_dir, pretrain_da
     assert not all(torch.equal(after[k], later[k]) for k in after)
 
 
-def test_consecutive_nonfinite_steps_stop_the_run(tokenizer_dir, pretrain_data, tmp_path):
-    out = tmp_path / "run"
-    proc = run_launcher("tests/fault_launcher.py", base_args(tokenizer_dir, pretrain_data, out, zero_stage=2,
-                                                             max_consecutive_nonfinite=3, fault_nan_steps="2,3,4"),
-                        check=False)
+@pytest.mark.faults
+def test_consecutive_nonfinite_steps_stop_the_run(engine_runs):
+    _, proc = engine_runs["nan-streak"]
     assert proc.returncode != 0
     assert "3 steps in a row had a NaN/inf loss (up to step 4)" in proc.stderr
 
 
+@pytest.mark.faults
 def test_sigusr1_on_one_rank_saves_on_all_and_exits_cleanly(tokenizer_dir, pretrain_data, tmp_path):
     import subprocess
     import time
@@ -179,6 +209,7 @@ def test_sigusr1_on_one_rank_saves_on_all_and_exits_cleanly(tokenizer_dir, pretr
     assert f"at step {step}" in proc.stdout and max(train_losses(out)) == step + 2
 
 
+@pytest.mark.faults
 def test_a_notice_after_the_final_model_is_ignored(tokenizer_dir, pretrain_data, tmp_path):
     """SLURM's notice (--signal=B:USR1@300) can come while a finished run is shutting down: the
     ranks must still exit 0, or torchrun reports the finished run as failed and the batch script
@@ -244,14 +275,9 @@ def test_resume_on_another_world_size(tokenizer_dir, pretrain_data, tmp_path, be
     assert (out / "final" / "model.safetensors").is_file()
 
 
-def test_zero2_with_the_optimizer_offloaded_to_cpu_trains(tokenizer_dir, pretrain_data, tmp_path):
+def test_zero2_with_the_optimizer_offloaded_to_cpu_trains(engine_runs):
     """ds_configs/zero2_offload.json: DeepSpeedCPUAdam (JIT-built once, then cached) keeps the optimizer."""
-    from tests.helpers import ROOT
-
-    out = tmp_path / "run"
-    run_launcher("pretrain.py", base_args(tokenizer_dir, pretrain_data, out, ds_config=ROOT / "ds_configs" /
-                                          "zero2_offload.json", precision="bf16", max_steps=12, save_interval=12,
-                                          eval_interval=12), timeout=900)
+    out, _ = engine_runs["offload"]
     losses = train_losses(out)
     assert sum(losses[s] for s in (10, 11, 12)) / 3 < losses[1] - 0.3, losses
     assert (out / "final" / "model.safetensors").is_file()

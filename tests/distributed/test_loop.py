@@ -2,63 +2,30 @@
 engine.training.main.setup and driven step by step. What the launcher tests see only through logs is
 checked here against the model itself: a step's loss is the mean over every trained token of
 every micro-batch on every rank; one rank and two ranks take the same step; validation is the
-token-weighted mean; an exception on rank 0 reaches the other ranks at once."""
+token-weighted mean; an exception on rank 0 reaches the other ranks at once.
+
+The runs that only train and report share their processes (`in_process`): one set of 1-rank and
+one of 2-rank processes for the module instead of a set a run."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.conftest import SAMPLES
-from tests.helpers import free_port
+from tests.helpers import (
+    SAMPLES,
+    build_trainer,
+    peek,
+    run_ranks,
+    run_ranks_in_turn,
+    selected_params,
+)
 
 pytestmark = pytest.mark.distributed
-SHAREGPT = SAMPLES / "sharegpt_identity_500.json"
-
-
-def run_ranks(fn, world_size: int, *args) -> None:
-    """Run fn(rank, world_size, *args) on `world_size` fresh processes joined by gloo."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
-                      TOKENIZERS_PARALLELISM="false")
-    mp.start_processes(_rank_main, args=(fn, world_size, args), nprocs=world_size, start_method="spawn")
-
-
-def _rank_main(rank: int, fn, world_size: int, args) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
-    from engine.distributed import shutdown_distributed
-
-    fn(rank, world_size, *args)
-    shutdown_distributed()
-
-
-def build(rank: int, world_size: int, out: Path, base_model_dir: Path, stage: str, **flags):
-    """A trainer for a tiny SFT (padded batches) or pretraining run, set up as the launchers do."""
-    from engine.config.parse import parse_config
-    from engine.distributed import World
-    from engine.objectives.causal_lm import PRETRAIN, SFT
-    from engine.training.main import setup
-
-    values = {"init-from": base_model_dir, "data": SHAREGPT, "output-dir": out / f"run{world_size}", "seq-len": 64,
-              "micro-batch-size": 2, "grad-accum": 1, "max-steps": 4, "warmup-steps": 1, "lr": 5e-3,
-              "zero-stage": 2, "precision": "fp32", "seed": 3, "eval-batches": 2, "val-fraction": 0.2}
-    values.update({k.replace("_", "-"): v for k, v in flags.items()})
-    cfg = parse_config([x for k, v in values.items() for x in (f"--{k}", str(v))])
-    return setup(cfg, SFT if stage == "sft" else PRETRAIN, World(rank, rank, world_size))
-
-
-def peek(loader, count: int) -> list[dict[str, torch.Tensor]]:
-    """The next `count` micro-batches of a loader, leaving it where it was."""
-    state = loader.state_dict()
-    batches = [loader.next_batch() for _ in range(count)]
-    loader.load_state_dict(state)
-    return batches
 
 
 def direct_sums(module, batches) -> tuple[float, float, list[float]]:
@@ -80,10 +47,40 @@ def direct_sums(module, batches) -> tuple[float, float, list[float]]:
     return nll, tokens, means
 
 
+ACCUM = 3
+
+
+@pytest.fixture(scope="module")
+def in_process(request, base_model_dir, tmp_path_factory) -> Path:
+    """The runs of this module's selected tests that only train and report, each writing to its
+    test's folder here, on one set of 1-rank and one of 2-rank processes."""
+    out = tmp_path_factory.mktemp("loop")
+    calls: dict[int, list] = {1: [], 2: []}
+
+    def call(folder: str, world_size: int, fn, *args) -> None:
+        (out / folder).mkdir(exist_ok=True)
+        calls[world_size].append((fn, out / folder, base_model_dir, *args))
+
+    for world_size in selected_params(request, "test_step_loss_is_the_mean_over_every_trained_token", "world_size"):
+        call(f"step_loss{world_size}", world_size, _step_loss, "sft", ACCUM)
+    if selected_params(request, "test_one_rank_and_two_ranks_take_the_same_step"):
+        call("same_step", 1, _same_step, 4)
+        call("same_step", 2, _same_step, 2)
+    for zero_stage in selected_params(request, "test_chunked_loss_takes_the_same_steps_under_deepspeed", "zero_stage"):
+        for chunk in (0, 16):
+            call("chunked", 2, _chunked_loss_steps, zero_stage, chunk)
+    if selected_params(request, "test_a_document_masked_step_trains_on_each_document_alone"):
+        call("docmask", 1, _document_mask_step)
+    for world_size, todo in calls.items():
+        if todo:
+            run_ranks_in_turn(world_size, todo)
+    return out
+
+
 def _step_loss(rank, world_size, out, base_model_dir, stage, accum):
     from engine.distributed import all_reduce_sums
 
-    trainer = build(rank, world_size, out, base_model_dir, stage, grad_accum=accum, micro_batch_size=2)
+    trainer = build_trainer(rank, world_size, out, base_model_dir, stage, grad_accum=accum, micro_batch_size=2)
     batches = peek(trainer.data.loader, accum)
     nll, tokens, means = direct_sums(trainer.engine.module, batches)
     sums = all_reduce_sums({"nll": nll, "tokens": tokens}, torch.device("cpu"))
@@ -102,11 +99,10 @@ def _step_loss(rank, world_size, out, base_model_dir, stage, accum):
         "tokens_local": tokens, "val_loss": evaluation["val_loss"], "val_expected": vsums["nll"] / vsums["tokens"]}))
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_step_loss_is_the_mean_over_every_trained_token(base_model_dir, tmp_path, world_size):
-    accum = 3
-    run_ranks(_step_loss, world_size, tmp_path, base_model_dir, "sft", accum)
-    reports = [json.loads((tmp_path / f"rank{r}-of-{world_size}.json").read_text()) for r in range(world_size)]
+@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.smoke)])
+def test_step_loss_is_the_mean_over_every_trained_token(in_process, world_size):
+    out = in_process / f"step_loss{world_size}"  # ACCUM micro-batches a step
+    reports = [json.loads((out / f"rank{r}-of-{world_size}.json").read_text()) for r in range(world_size)]
     for report in reports:
         assert report["loss"] == pytest.approx(report["expected"], rel=1e-6)
         assert report["val_loss"] == pytest.approx(report["val_expected"], rel=1e-6)
@@ -118,25 +114,22 @@ def test_step_loss_is_the_mean_over_every_trained_token(base_model_dir, tmp_path
         assert reports[0]["tokens_local"] != reports[1]["tokens_local"]
 
 
-def test_one_rank_and_two_ranks_take_the_same_step(base_model_dir, tmp_path):
+def test_one_rank_and_two_ranks_take_the_same_step(in_process):
     """Pretraining, global batch 4: one rank x micro-batch 4 == two ranks x micro-batch 2 (the
     sampler gives them the same samples), in loss, gradient norm (Adam would hide a gradient
     scaled by a constant) and the updated weights."""
-    run_ranks(_same_step, 1, tmp_path, base_model_dir, 4)
-    run_ranks(_same_step, 2, tmp_path, base_model_dir, 2)
-    one, two = (json.loads((tmp_path / f"losses{n}.json").read_text()) for n in (1, 2))
+    out = in_process / "same_step"
+    one, two = (json.loads((out / f"losses{n}.json").read_text()) for n in (1, 2))
     assert one == pytest.approx(two, rel=1e-5)
-    w1, w2 = torch.load(tmp_path / "weights1.pt"), torch.load(tmp_path / "weights2.pt")
+    w1, w2 = torch.load(out / "weights1.pt"), torch.load(out / "weights2.pt")
     for name in w1:
         # float summation order differs; Adam magnifies that where its second moment is tiny
         torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5)
 
 
 def _same_step(rank, world_size, out, base_model_dir, micro):
-    from tests.conftest import SAMPLES
-
-    trainer = build(rank, world_size, out, base_model_dir, "pretrain", micro_batch_size=micro, seq_len=32,
-                    data=SAMPLES / "tinyshakespeare.txt")
+    trainer = build_trainer(rank, world_size, out, base_model_dir, "pretrain", micro_batch_size=micro, seq_len=32,
+                            data=SAMPLES / "tinyshakespeare.txt")
     losses = []
     for _ in range(2):
         losses += [trainer.train_step()["loss"], float(trainer.engine.get_global_grad_norm())]
@@ -180,8 +173,8 @@ def _late_signal(rank, world_size, out, base_model_dir):
 
     import engine.training.trainer
 
-    trainer = build(rank, world_size, out, base_model_dir, "pretrain", seq_len=32, max_steps=5, save_interval=100,
-                    eval_interval=100, data=SAMPLES / "tinyshakespeare.txt")
+    trainer = build_trainer(rank, world_size, out, base_model_dir, "pretrain", seq_len=32, max_steps=5,
+                            save_interval=100, eval_interval=100, data=SAMPLES / "tinyshakespeare.txt")
     reduce = engine.training.trainer.all_reduce_sums
 
     def signal_after_the_step_reduction(sums, device):
@@ -211,8 +204,8 @@ def test_a_signal_after_the_step_reduction_stops_every_rank_at_the_next_step(bas
 def _chunked_loss_steps(rank, world_size, out, base_model_dir, zero_stage, chunk):
     from engine.objectives.tokens import fusable_head
 
-    trainer = build(rank, world_size, out / f"z{zero_stage}c{chunk}", base_model_dir, "sft", zero_stage=zero_stage,
-                    loss_chunk_size=chunk, max_steps=2)
+    trainer = build_trainer(rank, world_size, out / f"z{zero_stage}c{chunk}", base_model_dir, "sft",
+                            zero_stage=zero_stage, loss_chunk_size=chunk, max_steps=2)
     fused = fusable_head(trainer.engine.module.get_output_embeddings())
     steps = [[trainer.train_step()["loss"], float(trainer.engine.get_global_grad_norm())] for _ in range(2)]
     if rank == 0:
@@ -220,20 +213,18 @@ def _chunked_loss_steps(rank, world_size, out, base_model_dir, zero_stage, chunk
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_chunked_loss_takes_the_same_steps_under_deepspeed(base_model_dir, tmp_path, zero_stage):
+def test_chunked_loss_takes_the_same_steps_under_deepspeed(in_process, zero_stage):
     """--loss-chunk-size on 2 ranks: ZeRO-2 takes the fused path (the whole head on every rank),
     ZeRO-3 the checkpointed one (the head gathered by DeepSpeed's hooks); both give the losses and
     gradient norms of the full logits."""
-    for chunk in (0, 16):
-        run_ranks(_chunked_loss_steps, 2, tmp_path, base_model_dir, zero_stage, chunk)
-    full, chunked = (json.loads((tmp_path / f"z{zero_stage}c{c}.json").read_text()) for c in (0, 16))
+    full, chunked = (json.loads((in_process / "chunked" / f"z{zero_stage}c{c}.json").read_text()) for c in (0, 16))
     assert chunked["fused"] == (zero_stage == 2)
     assert sum(chunked["steps"], []) == pytest.approx(sum(full["steps"], []), rel=1e-5)
 
 
 def _document_mask_step(rank, world_size, out, base_model_dir):
-    trainer = build(rank, world_size, out, base_model_dir, "pretrain", seq_len=64, micro_batch_size=4,
-                    data=SAMPLES / "tinyshakespeare.txt", document_mask="true")
+    trainer = build_trainer(rank, world_size, out, base_model_dir, "pretrain", seq_len=64, micro_batch_size=4,
+                            data=SAMPLES / "tinyshakespeare.txt", document_mask="true")
     batches = peek(trainer.data.loader, 1)
     masked = direct_sums(trainer.engine.module, batches)[0]
     unmasked = direct_sums(trainer.engine.module, [{k: v for k, v in b.items() if k != "position_ids"}
@@ -244,11 +235,10 @@ def _document_mask_step(rank, world_size, out, base_model_dir):
         "boundaries": int((batches[0]["position_ids"][:, 1:] == 0).sum())}))
 
 
-def test_a_document_masked_step_trains_on_each_document_alone(base_model_dir, tmp_path):
+def test_a_document_masked_step_trains_on_each_document_alone(in_process):
     """--document-mask end to end: the loader's windows carry restarting positions and the step's
     loss is the one the model gives with them (not the unmasked window's), over the same tokens."""
-    run_ranks(_document_mask_step, 1, tmp_path, base_model_dir)
-    report = json.loads((tmp_path / "docmask.json").read_text())
+    report = json.loads((in_process / "docmask" / "docmask.json").read_text())
     assert report["boundaries"] > 0
     assert report["tokens"] == 4 * 64
     trained = 4 * 63  # every next token of every window, boundaries included: the targets do not change

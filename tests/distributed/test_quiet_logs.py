@@ -8,8 +8,7 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import SAMPLES
-from tests.helpers import cli_flags, run_launcher
+from tests.helpers import SAMPLES, cli_flags, run_launcher
 
 pytestmark = pytest.mark.distributed
 

@@ -1,17 +1,20 @@
 """SFT on 2 CPU ranks: LoRA under ZeRO-2/3 (complete adapters, frozen base, modules_to_save),
-init from every kind of source, mixed pretrain/SFT data, token-level loss normalisation."""
+init from every kind of source, mixed pretrain/SFT data, token-level loss normalisation.
+
+The 2-rank runs share one launch (`sft_runs`), the 1-rank runs from each source another; the
+pretrained model is the session's (conftest's `pretrained_runs`)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from engine.data.loader import MixedDataset, ShardedSampler
-from tests.conftest import SAMPLES
-from tests.helpers import run_launcher, train_losses
+from tests.helpers import SAMPLES, run_cases, selected_params, train_losses
 
 pytestmark = pytest.mark.distributed
 SHAREGPT = SAMPLES / "sharegpt_identity_500.json"
@@ -25,13 +28,37 @@ def sft_args(out, **overrides) -> list[str]:
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
+LORA_TESTS = ("test_adapter_loads_with_peft_and_matches_the_live_model", "test_adapter_is_complete_and_modules_to_save_trained",
+              "test_frozen_base_weights_are_bit_identical")
+
+
+@pytest.fixture(scope="module")
+def sft_runs(request, base_model_dir, tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    """The module's 2-rank runs that this session's tests need, in one launch (tests/launch_cases.py):
+    LoRA under ZeRO-2 and ZeRO-3, micro-batch 1 x accumulation 4 and 4 x 1, the mixed-data run."""
+    out = tmp_path_factory.mktemp("sft_runs")
+    cases = {}
+    for stage in sorted({s for test in LORA_TESTS for s in selected_params(request, test, "lora_run")}):
+        cases[f"lora{stage}"] = "sft", sft_args(
+            out / f"lora{stage}", init_from=base_model_dir, zero_stage=stage, precision="fp32", lora_r=4, lora_alpha=8,
+            lora_dropout=0.0, lora_modules_to_save="embed_tokens,lm_head", merge_lora_at_end="true")
+    if selected_params(request, "test_sft_loss_is_normalised_over_tokens_not_micro_batches"):
+        for micro, accum in ((1, 4), (4, 1)):
+            cases[f"m{micro}a{accum}"] = "sft", sft_args(out / f"m{micro}a{accum}", init_from=base_model_dir,
+                                                         micro_batch_size=micro, grad_accum=accum, max_steps=3,
+                                                         save_interval=3, zero_stage=2, precision="fp32")
+    if selected_params(request, "test_mixed_pretrain_and_sft_run"):
+        cases["mixed"] = "pretrain", sft_args(out / "mixed", tokenizer=tokenizer_dir, max_steps=4, save_interval=4,
+                                              zero_stage=2, data=f"pretrain:{SAMPLES / 'tinyshakespeare.txt'}:0.7") \
+            + ["--data", f"sft:{SHAREGPT}:0.3"]
+    if cases:
+        run_cases(cases, out)
+    return {name: out / name for name in cases}
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
-def lora_run(request, base_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"lora{request.param}") / "run"
-    run_launcher("sft.py", sft_args(out, init_from=base_model_dir, zero_stage=request.param, precision="fp32",
-                                    lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_modules_to_save="embed_tokens,lm_head",
-                                    merge_lora_at_end="true"))
-    return out
+def lora_run(request, sft_runs):
+    return sft_runs[f"lora{request.param}"]
 
 
 def logits(model, ids):
@@ -86,42 +113,36 @@ def test_frozen_base_weights_are_bit_identical(lora_run, base_model_dir, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def pretrained(tokenizer_dir, pretrain_data, tmp_path_factory):
-    """A short pretraining run (1 rank): its final/ (HF), a .pth of it, and its DeepSpeed checkpoints."""
-    out = tmp_path_factory.mktemp("pre") / "run"
-    run_launcher("pretrain.py", ["--tokenizer", tokenizer_dir, "--data", pretrain_data, "--output-dir", out,
-                                 "--seq-len", "32", "--micro-batch-size", "4", "--max-steps", "6", "--warmup-steps", "1",
-                                 "--lr", "3e-3", "--zero-stage", "2", "--save-interval", "6"], nproc=1, launcher="python")
-    weights = load_file(out / "final" / "model.safetensors")
-    torch.save({f"module.{k}": v for k, v in weights.items() if k != "lm_head.weight"}, out / "weights.pth")
-    return out
+def pretrained(pretrained_runs, tmp_path_factory) -> dict[str, Path]:
+    """The session's pretraining run (2 ranks, ZeRO-2) as every kind of source: its final/ (HF), a
+    .pth of it, its DeepSpeed checkpoints, the run directory."""
+    run = pretrained_runs[2]
+    weights = load_file(run / "final" / "model.safetensors")
+    pth = tmp_path_factory.mktemp("pth") / "weights.pth"
+    torch.save({f"module.{k}": v for k, v in weights.items() if k != "lm_head.weight"}, pth)
+    return {"hf": run / "final", "pth": pth, "deepspeed": run / "checkpoints", "run_dir": run}
 
 
 def test_init_from_hf_dir_pth_and_deepspeed_checkpoint_agree(pretrained, tokenizer_dir, tmp_path):
-    sources = {"hf": pretrained / "final", "pth": pretrained / "weights.pth", "deepspeed": pretrained / "checkpoints",
-               "run_dir": pretrained}
-    losses = {}
-    for name, source in sources.items():
-        out = tmp_path / name
+    """One rank, each source in turn in one launch, and a start from scratch."""
+    cases = {}
+    for name, source in pretrained.items():
         extra = {"tokenizer": tokenizer_dir} if name == "pth" else {}
-        run_launcher("sft.py", sft_args(out, init_from=source, max_steps=2, save_interval=2, zero_stage=1, **extra),
-                     nproc=1, launcher="python")
-        losses[name] = train_losses(out)
-        assert (out / "tokenizer" / "tokenizer.json").is_file()
+        cases[name] = "sft", sft_args(tmp_path / name, init_from=source, max_steps=2, save_interval=2, zero_stage=1,
+                                      **extra)
+    cases["scratch"] = "sft", sft_args(tmp_path / "scratch", tokenizer=tokenizer_dir, max_steps=2, save_interval=2,
+                                       zero_stage=1)
+    run_cases(cases, tmp_path, nproc=1)
+    losses = {}
+    for name in pretrained:
+        losses[name] = train_losses(tmp_path / name)
+        assert (tmp_path / name / "tokenizer" / "tokenizer.json").is_file()
     assert losses["hf"] == losses["pth"] == losses["deepspeed"] == losses["run_dir"]
-    scratch = tmp_path / "scratch"
-    run_launcher("sft.py", sft_args(scratch, tokenizer=tokenizer_dir, max_steps=2, save_interval=2, zero_stage=1),
-                 nproc=1, launcher="python")
-    assert train_losses(scratch)[1] > losses["hf"][1] + 0.05  # the pretrained start is better than random
+    assert train_losses(tmp_path / "scratch")[1] > losses["hf"][1] + 0.05  # the pretrained start is better than random
 
 
-def test_sft_loss_is_normalised_over_tokens_not_micro_batches(base_model_dir, tmp_path):
-    runs = {}
-    for micro, accum in ((1, 4), (4, 1)):
-        out = tmp_path / f"m{micro}a{accum}"
-        run_launcher("sft.py", sft_args(out, init_from=base_model_dir, micro_batch_size=micro, grad_accum=accum,
-                                        max_steps=3, save_interval=3, zero_stage=2, precision="fp32"))
-        runs[(micro, accum)] = out
+def test_sft_loss_is_normalised_over_tokens_not_micro_batches(sft_runs):
+    runs = {(micro, accum): sft_runs[f"m{micro}a{accum}"] for micro, accum in ((1, 4), (4, 1))}
     a, b = train_losses(runs[(1, 4)]), train_losses(runs[(4, 1)])
     assert all(a[s] == pytest.approx(b[s], rel=1e-5) for s in a)
     wa, wb = load_file(runs[(1, 4)] / "final" / "model.safetensors"), load_file(runs[(4, 1)] / "final" / "model.safetensors")
@@ -131,11 +152,8 @@ def test_sft_loss_is_normalised_over_tokens_not_micro_batches(base_model_dir, tm
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-4)
 
 
-def test_mixed_pretrain_and_sft_run(tokenizer_dir, tmp_path):
-    out = tmp_path / "mixed"
-    run_launcher("pretrain.py", sft_args(out, tokenizer=tokenizer_dir, max_steps=4, save_interval=4, zero_stage=2,
-                                         data=f"pretrain:{SAMPLES / 'tinyshakespeare.txt'}:0.7")
-                 + ["--data", f"sft:{SHAREGPT}:0.3"])
+def test_mixed_pretrain_and_sft_run(sft_runs):
+    out = sft_runs["mixed"]
     losses = train_losses(out)
     assert sorted(losses) == [1, 2, 3, 4] and all(v is not None for v in losses.values())
 

@@ -10,8 +10,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import SAMPLES
-from tests.distributed.test_loop import run_ranks
+from tests.helpers import SAMPLES, run_ranks_in_turn
 
 pytestmark = pytest.mark.distributed
 
@@ -32,8 +31,9 @@ def _train(rank, world_size, out, base_model_dir, name, extra):
 
 
 def test_a_stage_declared_outside_the_engine_trains_through_the_one_loop(base_model_dir, tmp_path):
-    run_ranks(_train, 1, tmp_path, base_model_dir, "toy", ["--toy-weight", "3"])
-    run_ranks(_train, 1, tmp_path, base_model_dir, "sft", [])
+    # SFT first: the toy run registers its stage in the process they share.
+    run_ranks_in_turn(1, [(_train, tmp_path, base_model_dir, "sft", []),
+                          (_train, tmp_path, base_model_dir, "toy", ["--toy-weight", "3"])])
     toy, sft = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                 for name in ("toy", "sft"))
     # The first step: the same init, data and batch, so the same NLL; the toy's loss is 3x it.

@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import SAMPLES
-from tests.helpers import cli_flags, launcher_env, run_launcher
+from tests.helpers import SAMPLES, cli_flags, launcher_env, run_launcher
 
 pytestmark = pytest.mark.distributed
 

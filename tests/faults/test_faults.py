@@ -1,5 +1,6 @@
 """Faults with nothing lost: SIGKILL at random steps (and mid-save), broken checkpoints, a full
-disk, NaN streaks. 2 CPU ranks, ZeRO-2, fp32, debug preset; one unbroken run is the reference."""
+disk, NaN streaks. 2 CPU ranks, ZeRO-2, fp32, debug preset; one unbroken run is the reference: the
+session's ZeRO-2 pretraining run (conftest's `pretrained_runs`), whose flags every run here uses."""
 
 from __future__ import annotations
 
@@ -16,30 +17,25 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import (
+    PRETRAIN_RUN,
     ROOT,
-    cli_flags,
     launcher_command,
     launcher_env,
     metrics,
+    pretrain_args,
+    run_cases,
     run_launcher,
+    selected_params,
 )
 
-pytestmark = pytest.mark.distributed
-STEPS = 12
-
-
-def args(tokenizer_dir, data, out, **overrides) -> list[str]:
-    values = {"tokenizer": tokenizer_dir, "data": data, "output-dir": out, "seq-len": 32, "micro-batch-size": 4,
-              "max-steps": STEPS, "warmup-steps": 2, "lr": 3e-3, "log-interval": 1, "eval-interval": 100,
-              "save-interval": 2, "keep-last": 0, "zero-stage": 2, "precision": "fp32", "seed": 11}
-    return cli_flags(values, **overrides)
+pytestmark = pytest.mark.faults
+STEPS = PRETRAIN_RUN["max-steps"]  # 12: a checkpoint every 2 steps, ZeRO-2, fp32, seed 11
+args = pretrain_args
 
 
 @pytest.fixture(scope="module")
-def unbroken(tokenizer_dir, pretrain_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("unbroken") / "run"
-    run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, out))
-    return out
+def unbroken(pretrained_runs):
+    return pretrained_runs[2]
 
 
 def assert_same_weights(a, b):
@@ -96,14 +92,6 @@ def test_crash_in_the_middle_of_a_save_is_skipped(tokenizer_dir, pretrain_data, 
     assert_same_weights(unbroken, out)
 
 
-@pytest.fixture
-def broken(unbroken, tmp_path):
-    """A copy of the unbroken run without its final/, to break."""
-    out = tmp_path / "run"
-    shutil.copytree(unbroken, out, ignore=shutil.ignore_patterns("final"))
-    return out
-
-
 def truncate(path, _other_run=None):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -113,23 +101,62 @@ def foreign(path, other_run):
     shutil.copy2(other_run / "checkpoints" / "global_step10" / path.name, path)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (truncate, "is truncated"),
-    (lambda p, _: p.unlink(), "is missing"),
-    (foreign, "not the file this checkpoint wrote"),
-], ids=["truncated", "missing-rank-file", "other-run"])
-def test_a_broken_checkpoint_is_refused_or_skipped(tokenizer_dir, pretrain_data, broken, unbroken, damage, message):
-    newest = broken / "checkpoints" / f"global_step{STEPS}"
-    damage(newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt", unbroken)
-    before = {p: p.stat().st_mtime_ns for p in (broken / "checkpoints").rglob("*") if p.is_file()}
+DAMAGES = [pytest.param(truncate, "is truncated", id="truncated"),
+           pytest.param(lambda p, _: p.unlink(), "is missing", id="missing-rank-file"),
+           pytest.param(foreign, "not the file this checkpoint wrote", id="other-run")]
+
+
+def file_times(run) -> dict:
+    return {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def broken_resumes(request, tokenizer_dir, pretrain_data, unbroken, tmp_path_factory) -> dict[str, dict]:
+    """{damage id: ...} for the damages this session's tests select: a copy of the unbroken run
+    (without final/) whose newest tag has rank 1's optimizer file damaged; an explicit --resume of
+    that tag, and the files' times before and after it; then --resume auto. Each damage's explicit
+    resume in one launch, each one's --resume auto in another (were two launches a damage)."""
+    out = tmp_path_factory.mktemp("broken")
+    chosen = selected_params(request, "test_a_broken_checkpoint_is_refused_or_skipped", "damage", "message")
+    runs = {}
+    for case in (p for p in DAMAGES if p.values in chosen):
+        broken = out / case.id
+        shutil.copytree(unbroken, broken, ignore=shutil.ignore_patterns("final"))
+        newest = broken / "checkpoints" / f"global_step{STEPS}"
+        case.values[0](newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt", unbroken)
+        runs[case.id] = {"newest": newest, "before": file_times(broken)}
+    explicit = run_cases({name: ("pretrain", args(tokenizer_dir, pretrain_data, run["newest"].parents[1],
+                                                  resume=run["newest"])) for name, run in runs.items()},
+                         out / "explicit", may_fail=tuple(runs))
+    for name, run in runs.items():
+        run.update(explicit=explicit[name], after=file_times(run["newest"].parents[1]))
+    auto = run_cases({name: ("pretrain", args(tokenizer_dir, pretrain_data, run["newest"].parents[1],
+                                              max_steps=STEPS + 1)) for name, run in runs.items()}, out / "auto")
+    for name, run in runs.items():
+        run["auto"] = auto[name]
+    return runs
+
+
+@pytest.mark.parametrize("damage, message", DAMAGES)
+def test_a_broken_checkpoint_is_refused_or_skipped(broken_resumes, request, damage, message):
+    run = broken_resumes[request.node.callspec.id]
+    newest = run["newest"]
     # an explicit --resume of the broken tag: a clear error, nothing written
-    proc = run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, broken, resume=newest), check=False)
+    proc = run["explicit"]
     assert proc.returncode != 0 and message in proc.stderr and f"cannot resume from {newest}" in proc.stderr
-    assert {p: p.stat().st_mtime_ns for p in (broken / "checkpoints").rglob("*") if p.is_file()} == before
+    assert run["after"] == run["before"]
     # --resume auto falls back to the newest complete checkpoint, with a warning
-    proc = run_launcher("pretrain.py", args(tokenizer_dir, pretrain_data, broken, max_steps=STEPS + 1))
+    proc = run["auto"]
     assert f"skipped incomplete checkpoint(s) global_step{STEPS}" in proc.stderr and message in proc.stderr
     assert f"at step {STEPS - 2}" in proc.stdout
+
+
+@pytest.fixture
+def broken(unbroken, tmp_path):
+    """A copy of the unbroken run without its final/, to break."""
+    out = tmp_path / "run"
+    shutil.copytree(unbroken, out, ignore=shutil.ignore_patterns("final"))
+    return out
 
 
 def test_checkpoint_tools_refuse_a_broken_shard(broken, unbroken, tmp_path):

@@ -23,7 +23,7 @@ from tests.helpers import (
     run_launcher,
 )
 
-pytestmark = pytest.mark.distributed
+pytestmark = pytest.mark.faults
 HANG_TIMEOUT = 8
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SAMPLES
-from tests.distributed.test_loop import build, run_ranks
+from tests.helpers import SAMPLES, build_trainer, run_ranks
 
-pytestmark = pytest.mark.distributed
+pytestmark = pytest.mark.faults
 
 
 def _oserror(code: int, path) -> OSError:
@@ -79,8 +78,8 @@ def _failing_saves(rank, world_size, out, base_model_dir):
     from engine.checkpoint.resume import find_resume_tag, tag_problems
     from engine.checkpoint.run_dir import SIDECAR
 
-    trainer = build(rank, world_size, out, base_model_dir, "pretrain", seq_len=32, max_steps=4, save_interval=100,
-                    eval_interval=100, keep_last=1, data=SAMPLES / "tinyshakespeare.txt")
+    trainer = build_trainer(rank, world_size, out, base_model_dir, "pretrain", seq_len=32, max_steps=4,
+                            save_interval=100, eval_interval=100, keep_last=1, data=SAMPLES / "tinyshakespeare.txt")
     ckpts = trainer.plan.run.checkpoints
     for _ in range(2):
         trainer.train_step()

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SAMPLES
-from tests.helpers import metrics, run_launcher
+from tests.helpers import SAMPLES, metrics, run_launcher
 
 pytestmark = pytest.mark.system
 

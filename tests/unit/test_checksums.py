@@ -6,7 +6,6 @@ check. Tags are synthetic ZeRO-3 layouts (tests/unit/test_ds_checkpoint.py) with
 from __future__ import annotations
 
 import shutil
-import socket
 import warnings
 from pathlib import Path
 
@@ -30,16 +29,11 @@ from engine.checkpoint.sidecar import Sidecar
 from engine.offline.consolidate import consolidate
 from engine.offline.ds_layout import file_fingerprint
 from engine.offline.inspect import inspect
-from tests.unit.test_ds_checkpoint import save_zero3, weights
+from tests.helpers import CHECKPOINT_WORLD as WORLD
+from tests.helpers import FakeEngine, save_zero3, sidecar, weights
 
-WORLD = 2
 MODEL = "zero_pp_rank_1_mp_rank_00_model_states.pt"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-
-
-def sidecar(step: int, files: dict[str, str]) -> Sidecar:
-    return Sidecar(step=step, tokens_seen=0, kind="pretrain", zero_stage=3, world_size=WORLD, precision="fp32",
-                   config={}, model_config={}, files=files)
 
 
 def make_tag(ckpt: Path, step: int, digests: bool = True) -> Path:
@@ -166,26 +160,6 @@ def test_pruned_while_hashing_in_the_background(ckpt, monkeypatch, after_reads):
 
 # --------------------------------------------------------------------------------------------
 # checkpoint.save on one in-process gloo rank, with an engine that writes shards as DeepSpeed does
-
-
-class FakeEngine:
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
-        path = Path(save_dir) / tag
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save({"module": {"w": torch.ones(3)}, **client_state}, path / "mp_rank_00_model_states.pt")
-        torch.save({"optimizer_state_dict": {"m": torch.zeros(5)}}, path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-
-
-@pytest.fixture
-def one_rank():
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("verify", ["full", "tail"])

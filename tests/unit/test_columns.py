@@ -11,7 +11,7 @@ from engine.data.files import ReadStats
 from engine.data.kinds import detect_kind
 from engine.data.pairs import read_pairs
 from engine.data.prepare import prepare, prepare_cached
-from tests.unit.test_data import labelled_runs, write_jsonl
+from tests.helpers import labelled_runs, write_jsonl
 
 DOLLY = [
     {"instruction": "Summarise the passage.", "context": "Llamas are camelids from South America.",

@@ -14,29 +14,10 @@ from engine.data.format import IGNORE_INDEX
 from engine.data.loader import BatchLoader, ShardedSampler, eval_batches
 from engine.data.prepare import prepare
 from engine.data.text import PretrainDataset, read_documents
-from tests.conftest import SAMPLES
+from tests.helpers import SAMPLES, labelled_runs, write_jsonl
 
 SHAREGPT = SAMPLES / "sharegpt_identity_500.json"
 ALPACA_SEED = SAMPLES / "alpaca_seed_tasks.jsonl"
-
-
-def labelled_runs(ids, labels):
-    """Contiguous runs of trained-on tokens, as token lists."""
-    runs, current = [], []
-    for token, label in zip(ids, labels):
-        if label == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            assert label == token
-            current.append(token)
-    return runs + ([current] if current else [])
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 # ----------------------------------------------------------------------------- label masks

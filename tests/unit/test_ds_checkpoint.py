@@ -29,38 +29,7 @@ from engine.offline.peft_names import AdapterConfig, fold_lora
 from engine.offline.pth_io import write_pth
 from engine.offline.safetensors_io import write_safetensors
 from engine.offline.tensors import Entry
-from tests.unit.test_tensor_io import ROOT, peak_rss_child
-
-
-def weights(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    # Odd sizes, so every partition needs padding.
-    return {"embed.weight": torch.randn(7, 5, generator=g), "norm.weight": torch.randn(5, generator=g),
-            "proj.weight": torch.randn(3, 5, generator=g), "proj.bias": torch.randn(3, generator=g)}
-
-
-def save_zero3(tag: Path, params: dict[str, torch.Tensor], world: int, frozen: tuple[str, ...] = ()) -> None:
-    """What DeepSpeed ZeRO-3 writes: each parameter cut in `world` slices of ceil(n / world), padded."""
-    tag.mkdir(parents=True)
-    trainable = {n: t for n, t in params.items() if n not in frozen}
-
-    def slice_of(t: torch.Tensor, r: int) -> torch.Tensor:
-        part = math.ceil(t.numel() / world)
-        padded = torch.cat([t.flatten(), torch.zeros(part * world - t.numel())])
-        return padded[r * part:(r + 1) * part].clone()
-
-    for r in range(world):
-        flat = torch.cat([slice_of(t, r) for t in trainable.values()])
-        torch.save({"optimizer_state_dict": {"zero_stage": 3, "partition_count": world, "fp32_flat_groups": [flat],
-                                             "optimizer_state_dict": {"state": {0: {"exp_avg": torch.ones(10)}}}}},
-                   tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
-        torch.save({"module": {n: torch.empty(0) for n in params} | {"lm_head.weight": torch.empty(0)},
-                    "buffer_names": [], "param_shapes": [{n: t.shape for n, t in trainable.items()}],
-                    "frozen_param_shapes": {n: params[n].shape for n in frozen},
-                    "frozen_param_fragments": {n: slice_of(params[n], r) for n in frozen},
-                    "shared_params": {"lm_head.weight": "embed.weight"} if r == 0 else {},
-                    "global_steps": 5, "dp_world_size": world},
-                   tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+from tests.helpers import ROOT, peak_rss_child, save_zero3, weights
 
 
 def save_zero2(tag: Path, params: dict[str, torch.Tensor], world: int) -> None:
@@ -177,6 +146,7 @@ def test_zero3_partitions_any_world_size(tmp_path, world):
         assert torch.equal(src.read(), t), name
 
 
+@pytest.mark.slow
 def test_reading_a_checkpoint_reads_no_optimizer_moments(tmp_path):
     """A child loads a ZeRO-3 tag whose Adam moments take 512 MB and reads every weight: its peak RSS
     grows by a few MB, where loading the optimizer file (the control) grows by the moments."""
@@ -205,6 +175,7 @@ def test_reading_a_checkpoint_reads_no_optimizer_moments(tmp_path):
     assert loaded < 20, (loaded, control)
 
 
+@pytest.mark.slow
 def test_consolidate_prints_no_deprecation_warning_for_a_pth(tmp_path):
     """The whole command in a fresh process, since torch's C++ warnings (such as write_record()'s
     'Passing Storage by data pointer is deprecated') go to stderr once per process."""

@@ -10,7 +10,7 @@ from itertools import islice
 import pytest
 
 from common.errors import ZerotrainError
-from tests.conftest import SAMPLES
+from tests.helpers import SAMPLES
 
 
 def poems(count: int, skip: int = 0) -> list[str]:

@@ -177,6 +177,7 @@ def test_cli_generate_prints_prompts_and_completions(model_dir, capsys):
 
 # --------------------------------------------------------------------------- chat
 
+@pytest.mark.slow
 def test_chat_over_a_pipe(model_dir):
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")

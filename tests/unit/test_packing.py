@@ -41,23 +41,24 @@ def test_packed_row_logits_equal_each_example_alone(arch, attn_implementation):
 
 
 def _loss_curves(rank, world_size, out, base_model_dir, steps):
-    from tests.distributed.test_loop import build
+    from tests.helpers import build_trainer
 
     curves = {}
     for pack in ("true", "false"):
-        trainer = build(rank, world_size, out / f"pack-{pack}", base_model_dir, "sft", pack=pack, seq_len=256,
-                        micro_batch_size=4, grad_accum=2, max_steps=steps)
+        trainer = build_trainer(rank, world_size, out / f"pack-{pack}", base_model_dir, "sft", pack=pack, seq_len=256,
+                                micro_batch_size=4, grad_accum=2, max_steps=steps)
         curves[pack] = [trainer.train_step()["loss"] for _ in range(steps)]
     (out / "curves.json").write_text(json.dumps(curves))
 
 
+@pytest.mark.distributed
 def test_packed_and_padded_runs_have_the_same_loss_curve(base_model_dir, tmp_path):
     """One rank, real DeepSpeed (ZeRO-2, fp32), the debug preset on the shipped ShareGPT sample:
     the same seed, so the same examples every step, packed (rows of up to 256 tokens) or padded.
     Observed: the curves agree to 5e-8 relative or better (float summation order); with packing
     broken (position_ids dropped, so examples in a row attend to each other) the first step's
     loss is 4e-4 off and later ones up to 5e-3. The bound sits between the two."""
-    from tests.distributed.test_loop import run_ranks
+    from tests.helpers import run_ranks
 
     steps = 4
     run_ranks(_loss_curves, 1, tmp_path, base_model_dir, steps)

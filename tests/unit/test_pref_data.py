@@ -18,7 +18,7 @@ from engine.data.pairs import (
 )
 from engine.data.prepare import prepare
 from engine.data.sources import parse_data_sources
-from tests.unit.test_data import labelled_runs, write_jsonl
+from tests.helpers import labelled_runs, write_jsonl
 
 EN = {"system": "You are terse.", "user": "What colour is the sky?", "earlier": "Blue, mostly.",
       "follow": "And at night?", "chosen": "Black, with stars.", "rejected": "Green."}

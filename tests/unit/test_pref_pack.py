@@ -40,6 +40,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated and will be remo
 
 VOCAB, SEQ_LEN, PAD = 64, 32, 0
 ATOL = 1e-5
+REL = 1e-6
+"""Summed log-probs (~50) round at a few 1e-6: packed and padded batches sum in another order, and
+so do the CPU kernels (ATEN_CPU_CAPABILITY), so values are compared relative to their size too."""
 
 
 def tokens(g: torch.Generator, n: int) -> torch.Tensor:
@@ -110,7 +113,7 @@ def grads(model: torch.nn.Module) -> torch.Tensor:
 
 
 def close(ours, theirs, what: str) -> None:
-    torch.testing.assert_close(torch.as_tensor(ours).float(), torch.as_tensor(theirs).float(), rtol=0, atol=ATOL,
+    torch.testing.assert_close(torch.as_tensor(ours).float(), torch.as_tensor(theirs).float(), rtol=REL, atol=ATOL,
                                msg=lambda m: f"{what}: {m}")
 
 

@@ -15,7 +15,7 @@ from engine.data import conversations, text, writer
 from engine.data.files import ReadStats
 from engine.data.prepare import prepare
 from engine.data.writer import PrepareProgress
-from tests.conftest import SAMPLES
+from tests.helpers import SAMPLES
 
 
 def write_jsonl(path, records, trailer=""):
@@ -44,7 +44,7 @@ def test_pretrain_tokens_do_not_depend_on_the_chunk_size(tokenizer, tmp_path, mo
         assert (tmp_path / "cut" / f"{split}.bin").read_bytes() == (tmp_path / "whole" / f"{split}.bin").read_bytes()
 
 
-@pytest.mark.parametrize("num_proc", [1, 2])
+@pytest.mark.parametrize("num_proc", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: worker processes
 def test_progress_counts_every_input_byte_document_and_token(tokenizer, tmp_path, monkeypatch, num_proc):
     monkeypatch.setattr(text, "PRETRAIN_CHUNK_DOCS", 50)
     monkeypatch.setattr(conversations, "SFT_CHUNK", 40)  # several chunks, so that workers run ahead of the writer

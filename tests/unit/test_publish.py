@@ -13,7 +13,7 @@ import pytest
 from common import publish
 from common.errors import ZerotrainError
 from common.publish import publishing, write_text
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_a_directory_is_replaced_whole(tmp_path):
@@ -64,6 +64,7 @@ CRASH = textwrap.dedent("""
 
 @pytest.mark.parametrize("where, expect", [("before-swap", "old"), ("after-swap", "new"),
                                            ("between-renames", "old")])
+@pytest.mark.slow
 def test_a_crash_while_publishing_final_leaves_a_loadable_model(base_model_dir, tmp_path, where, expect):
     from transformers import AutoModelForCausalLM
 

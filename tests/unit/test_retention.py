@@ -12,7 +12,7 @@ import pytest
 from common.errors import ZerotrainError
 from engine.checkpoint.run_dir import SIDECAR, universal_dir
 from engine.checkpoint.save import prune
-from tests.unit.test_checksums import FakeEngine, one_rank, sidecar  # noqa: F401 - one_rank is a fixture
+from tests.helpers import FakeEngine, sidecar
 
 
 def make_tags(ckpt_dir, complete, unfinished):

@@ -14,7 +14,7 @@ from engine.data.conversations import read_conversations
 from engine.data.format import IGNORE_INDEX
 from engine.data.kinds import KINDS
 from engine.data.prepare import prepare
-from tests.conftest import SAMPLES
+from tests.helpers import SAMPLES
 
 SHAREGPT = SAMPLES / "sharegpt_identity_500.json"
 ALPACA_SEED = SAMPLES / "alpaca_seed_tasks.jsonl"
@@ -93,6 +93,7 @@ def prepared_bytes(directory):
 
 
 @pytest.mark.parametrize("seq_len", [64, 512])
+@pytest.mark.slow
 def test_batched_and_parallel_preparation_is_byte_identical_to_the_per_conversation_encoder(
         tokenizer, sft_inputs, tmp_path, monkeypatch, seq_len):
     with monkeypatch.context() as m:
@@ -131,6 +132,7 @@ def test_span_search_matches_the_any_rule_for_overlapping_and_unsorted_spans():
         assert chat._inside_spans(offsets, spans).tolist() == expected
 
 
+@pytest.mark.slow
 def test_bad_records_name_their_line_with_several_processes(tokenizer, tmp_path, monkeypatch):
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     bad = {"messages": [{"role": "wizard", "content": "q"}]}
@@ -145,6 +147,7 @@ def test_bad_records_name_their_line_with_several_processes(tokenizer, tmp_path,
     assert meta["stats"]["bad_lines"] == 1 and meta["splits"]["train"]["examples"] + meta["splits"]["val"]["examples"] == 35
 
 
+@pytest.mark.slow
 def test_a_template_that_is_not_prefix_stable_is_named_from_a_worker(tokenizer, tmp_path, monkeypatch):
     reversed_template = copy.deepcopy(tokenizer)
     reversed_template.chat_template = ("{%- for message in messages|reverse %}{{ message['content'] + '\\n' }}"

@@ -14,7 +14,7 @@ from engine.objectives.causal_lm import PRETRAIN, SFT
 from engine.objectives.distill import DISTILL
 from engine.objectives.preference import DPO
 from engine.training.plan import plan_run
-from tests.conftest import SAMPLES
+from tests.helpers import SAMPLES
 from tests.toy_stage import TOY, ToyConfig, ToyLoss
 
 

@@ -25,36 +25,7 @@ from engine.offline.safetensors_io import (
     write_safetensors,
 )
 from engine.offline.tensors import Entry
-
-ROOT = Path(__file__).resolve().parents[2]
-
-# For a child process: the growth of its peak RSS over a phase, in MB. Not ru_maxrss, which a child
-# inherits from its parent at spawn (pytest's own RSS would hide a child smaller than it): VmHWM is
-# the child's own peak, and writing 5 to clear_refs resets it to the current RSS (Linux >= 4.0).
-PEAK_RSS = textwrap.dedent(r"""
-    import re
-
-    def _status_mb(key):
-        with open("/proc/self/status") as f:
-            return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
-
-    def phase_start():
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_mb("VmRSS")
-
-    def peak_growth(start):
-        return _status_mb("VmHWM") - start
-""")
-
-
-def peak_rss_child(script: str, *args: str) -> list[float]:
-    """Run `script` (which prints MB figures from PEAK_RSS's functions) in a fresh process."""
-    if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("peak RSS per phase needs Linux's /proc/self/clear_refs")
-    run = subprocess.run([sys.executable, "-c", PEAK_RSS + textwrap.dedent(script), *args], capture_output=True,
-                         text=True, check=True)
-    return [float(x) for x in run.stdout.split()]
+from tests.helpers import ROOT, peak_rss_child
 
 
 def sources() -> dict[str, torch.Tensor]:
@@ -159,6 +130,7 @@ def test_pth_loads_mapped_and_with_torchs_computed_offsets(tmp_path):
         config.load.calculate_storage_offsets = saved
 
 
+@pytest.mark.slow
 def test_pth_writer_warns_nothing(tmp_path):
     """Neither a Python warning nor torch's C++ one ('write_record(): Passing Storage by data
     pointer is deprecated'), which goes to stderr once per process: hence a fresh process."""
@@ -182,6 +154,7 @@ def test_pth_writer_warns_nothing(tmp_path):
         run.stdout + run.stderr
 
 
+@pytest.mark.slow
 def test_pth_passes_zip_integrity_checks(tmp_path):
     path = write(tmp_path, sources(), {"tied": "fp32"})
     with zipfile.ZipFile(path) as z:
@@ -212,6 +185,7 @@ def test_pth_writer_holds_one_produced_tensor_at_a_time(tmp_path):
     assert all(torch.equal(got[f"w{i}"], torch.full((64, 64), float(i), dtype=torch.bfloat16)) for i in range(20))
 
 
+@pytest.mark.slow
 def test_pth_peak_memory_is_one_tensor_not_the_model(tmp_path):
     """A child writes a 256 MB model of 4 MB tensors: its peak RSS grows by a few tensors, where
     torch.save of the whole state dict (the control, so the measurement can fail) grows by the model."""
@@ -369,6 +343,7 @@ def test_locator_refuses_storages_not_mapped_from_the_file(tmp_path):
         other.offset(torch.ones(3))
 
 
+@pytest.mark.slow
 def test_locating_reads_no_tensor_data(tmp_path):
     """A child locates every tensor of a 256 MB file: its peak RSS does not grow with the file."""
     write_pth([Entry(f"t{i}", (1024, 1024), torch.float32,
