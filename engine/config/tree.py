@@ -166,14 +166,16 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         annotation = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(annotation)
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     try:
         if origin is list:  # "a,b" and ["a", "b"] alike
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, (list, tuple)):
                 raise ValueError
-            return [part.strip() for v in value for part in str(v).split(",") if part.strip()]
+            parts = [part.strip() for v in value for part in str(v).split(",") if part.strip()]
+            item = args[0] if args and args[0] is not str else None
+            return [coerce(part, item, where) for part in parts] if item is not None else parts
         if annotation is bool:
             if isinstance(value, bool):
                 return value

@@ -12,20 +12,20 @@ from engine.data.chat import message
 
 # Each shape's (required, optional) keys. Keys name record fields, except user/assistant/system
 # in a message-list mapping and user/assistant in a pair mapping: those are role values.
-# Each shape's (required, optional) keys. Keys name record fields, except user/assistant/system
-# in a message-list mapping and user/assistant in a pair mapping: those are role values.
 COLUMN_SHAPES = {
     "single-turn": (("prompt", "response"), ("input", "system", "history")),
     "message-list": (("messages",), ("role", "content", "user", "assistant", "system")),
     "pair": (("chosen", "rejected"), ("prompt", "system", "role", "content", "user", "assistant")),
+    "prompt": (("prompt",), ("system",)),
 }
 
 
-_ROLE_VALUE_KEYS = {"single-turn": (), "message-list": ("user", "assistant", "system"), "pair": ("user", "assistant")}
+_ROLE_VALUE_KEYS = {"single-turn": (), "message-list": ("user", "assistant", "system"), "pair": ("user", "assistant"),
+                    "prompt": ()}
 COLUMNS_HELP = ("single-turn SFT: prompt=FIELD,response=FIELD[,input=FIELD,system=FIELD,history=FIELD]; "
                 "message lists: messages=FIELD[,role=FIELD,content=FIELD,user=VALUE,assistant=VALUE,system=VALUE]; "
                 "preference pairs: chosen=FIELD,rejected=FIELD[,prompt=FIELD,system=FIELD,role=FIELD,content=FIELD,"
-                "user=VALUE,assistant=VALUE]")
+                "user=VALUE,assistant=VALUE]; RL prompts: prompt=FIELD[,system=FIELD]")
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class Columns:
 
     @property
     def kind(self) -> str:
-        """The data kind the mapping reads: pref for pairs, sft for conversations."""
-        return "pref" if self.shape == "pair" else "sft"
+        """The data kind the mapping reads: pref for pairs, prompt for RL prompts, sft for conversations."""
+        return {"pair": "pref", "prompt": "prompt"}.get(self.shape, "sft")
 
     @property
     def roles(self) -> dict[str, str]:
@@ -51,9 +51,10 @@ class Columns:
         return ",".join(f"{k}={v}" for k, v in sorted(self.fields.items()))
 
 
-def parse_columns(spec: str) -> Columns | None:
+def parse_columns(spec: str, prompts: bool = False) -> Columns | None:
     """The checked mapping of a --columns KEY=VALUE,... string (None when empty); its shape is
-    told by its keys (chosen/rejected: pairs; messages: message lists; else single-turn)."""
+    told by its keys (chosen/rejected: pairs; messages: message lists; else single-turn), or is
+    the RL prompts' when `prompts`."""
     if not spec.strip():
         return None
     known = sorted({k for required, optional in COLUMN_SHAPES.values() for k in required + optional})
@@ -68,7 +69,7 @@ def parse_columns(spec: str) -> Columns | None:
         if key in fields:
             raise ZerotrainError(f"--columns {spec!r}: '{key}' is given twice; give each key once")
         fields[key] = value
-    shape = ("pair" if {"chosen", "rejected"} & fields.keys() else
+    shape = ("prompt" if prompts else "pair" if {"chosen", "rejected"} & fields.keys() else
              "message-list" if "messages" in fields else "single-turn")
     required, optional = COLUMN_SHAPES[shape]
     stray = [k for k in fields if k not in required + optional]
@@ -84,7 +85,7 @@ def parse_columns(spec: str) -> Columns | None:
 
 def columns_for(kind: str, spec: str) -> Columns | None:
     """The checked --columns mapping for raw data of `kind` (None without one)."""
-    mapping = parse_columns(spec)
+    mapping = parse_columns(spec, prompts=kind == "prompt")
     if mapping is None or mapping.kind == kind:
         return mapping
     if kind == "pretrain":

@@ -138,8 +138,6 @@ def read_conversations(path: str | Path, skip_bad_lines: bool = False, stats: Re
 
 # Conversations per unit of work: large enough that batching the template and the tokenizer
 # pays, small enough that memory stays flat (only a few chunks are in flight at a time).
-# Conversations per unit of work: large enough that batching the template and the tokenizer
-# pays, small enough that memory stays flat (only a few chunks are in flight at a time).
 SFT_CHUNK = 512
 
 

@@ -6,6 +6,7 @@ beside text.py, conversations.py and pairs.py and one entry here.
     pretrain   text documents -> fixed-length windows of one token stream (text.py)
     sft        conversations -> one labelled sequence each (conversations.py)
     pref       preference pairs -> a chosen and a rejected sequence each (pairs.py)
+    prompt     RL prompts and their columns -> left-padded prompts to sample from (prompts.py)
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ from engine.data.pairs import (
     collate_pref_packed,
     detect_pref_format,
     write_pref,
+)
+from engine.data.prompts import (
+    PROMPT_SUFFIXES,
+    PromptDataset,
+    collate_prompts,
+    detect_prompt_format,
+    write_prompts,
 )
 from engine.data.text import PRETRAIN_SUFFIXES, PretrainDataset, write_pretrain
 
@@ -78,6 +86,9 @@ class DataKind:
     """Part of the preparation key: raised when the same raw files come to read otherwise."""
     progress_by_bytes: bool = True
     """Its writer reports the bytes it has read (a progress bar with an end), not only items."""
+    also_reads: tuple[str, ...] = ()
+    """Other kinds whose raw records it reads too (RL prompts from conversations: their turns up to
+    the last user turn)."""
 
     def check_inputs(self, paths: list[str]) -> None:
         """Every raw input exists, is not empty and has a suffix this kind reads."""
@@ -110,6 +121,9 @@ KINDS: dict[str, DataKind] = {kind.name: kind for kind in (
              item="samples", unit="convs", language_modeling=True, mapped=True, reader_version=SFT_READER_VERSION),
     DataKind("pref", "preference pairs", "preference", PREF_SUFFIXES, write_pref, _sequences(PrefDataset),
              _pairs_collate, item="pairs", unit="pairs", language_modeling=False, mapped=True, progress_by_bytes=False),
+    DataKind("prompt", "RL prompts", "prompt", PROMPT_SUFFIXES, write_prompts, _sequences(PromptDataset),
+             lambda seq_len, pad_id, pack: partial(collate_prompts, pad_id=pad_id), item="prompts", unit="prompts",
+             language_modeling=False, mapped=True, progress_by_bytes=False, also_reads=("sft",)),
 )}
 
 
@@ -139,7 +153,7 @@ def collate_for(kinds: list[str], seq_len: int, pad_id: int, pack: bool) -> Coll
 
 def detect_kind(paths: list[str], columns: str = "") -> str:
     """The kind of raw files, from their first record: pref for .json/.jsonl/.parquet whose first
-    record is a preference pair; sft for other .json files and .jsonl/.parquet whose first record
+    record is a preference pair; prompt for one with a "prompt" and no reply (TRL's RL prompts); sft for other .json files and .jsonl/.parquet whose first record
     is a conversation; else pretrain. A --columns mapping says what its records are (pairs or
     conversations) instead."""
     mapping = parse_columns(columns)
@@ -152,6 +166,8 @@ def detect_kind(paths: list[str], columns: str = "") -> str:
             # Pairs first: a ShareGPT pair also has "conversations".
             if detect_pref_format(first):
                 kinds.add("pref")
+            elif detect_prompt_format(first) == "trl" and not {"completion", "response", "output"} & first.keys():
+                kinds.add("prompt")
             else:
                 kinds.add("sft" if path.suffix == ".json" or detect_sft_format(first) else "pretrain")
         else:

@@ -56,8 +56,8 @@ class LossSums:
 class Objective(ABC):
     """The loss of one training stage."""
 
-    unit: ClassVar[Literal["token", "pair"]]
-    """What the loss is averaged over."""
+    unit: ClassVar[Literal["token", "pair", "sequence"]]
+    """What the loss is averaged over (a token-level loss's validation also reports perplexity)."""
 
     def check(self, cfg: Config, plan: RunPlan) -> None:
         """Checks of the objective's own inputs (a teacher's tokenizer, say) that need no process
@@ -77,6 +77,11 @@ class Objective(ABC):
         Every rank calls it for the same step (ZeRO-3 generation is collective). As given, by
         default."""
         return batches
+
+    def step_metrics(self) -> dict[str, float | None]:
+        """Metrics of the step's batches themselves, already reduced over ranks by step_batches
+        (an RL step's rewards and completion lengths), logged beside the loss. None by default."""
+        return {}
 
     @abstractmethod
     def units(self, batch: Batch) -> int:

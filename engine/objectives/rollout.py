@@ -1,4 +1,5 @@
-"""On-policy samples: the trained model's own replies to the prompts of a batch (GKD, MiniLLM).
+"""On-policy samples: the trained model's own completions of prompts (`sample`: RL's rollouts),
+and its own replies to the prompts of an SFT batch (`sample_replies`: GKD, MiniLLM).
 
 A row's prompt is everything before its last trained span (the final assistant reply of an SFT
 conversation, with earlier turns as context); the model samples a new reply to it, and the row
@@ -9,6 +10,8 @@ one whose divergence to the teacher is measured.
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,16 +37,62 @@ def prompts(batch: Batch) -> list[torch.Tensor]:
     return out
 
 
+@dataclass
+class Completions:
+    """What `sample` drew: completion ids [rows, L] (pad after the end), the mask of their
+    tokens up to and including the first stop id [rows, L], and which rows ran out of tokens
+    before one [rows]."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    truncated: torch.Tensor
+
+
 @torch.no_grad()
+def sample(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+           temperature: float, stop_ids: list[int], pad_id: int, seed: int, top_p: float = 1.0,
+           synced: bool = False, gather: bool = False) -> Completions:
+    """Completions of left-padded prompts [rows, width] sampled from `model` (its generate(),
+    in eval mode, then back as it was).
+
+    The sampling stream is seeded by `seed` alone and leaves the global RNG where it was, so a
+    resumed run draws the same samples. Under ZeRO-3 either `synced` keeps ranks in step (every
+    rank runs forwards until all are done, gathering each layer's weights each token, as
+    transformers needs for partitioned weights) or `gather` collects the whole model on every
+    rank once, for the call (faster, when the model fits on one device).
+    """
+    devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
+    was_training = model.training
+    model.eval()
+    try:
+        with _gathered(model, gather), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
+                                 temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,
+                                 eos_token_id=stop_ids, pad_token_id=pad_id, synced_gpus=synced and not gather)
+    finally:
+        model.train(was_training)
+    ids = out[:, prompt_ids.shape[1]:]
+    is_stop = torch.isin(ids, torch.tensor(stop_ids, device=ids.device))
+    # Up to and including the first stop id: nothing after it counts (generate pads there).
+    before_stop = (is_stop.cumsum(-1) - is_stop.long()) == 0
+    return Completions(ids.masked_fill(~before_stop, pad_id), before_stop, ~is_stop.any(-1))
+
+
+def _gathered(model: Any, gather: bool):
+    """The model's ZeRO-3 partitioned weights gathered whole for the duration (read-only)."""
+    if not gather:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+
 def sample_replies(model: Any, batch: Batch, *, seq_len: int, max_new_tokens: int, temperature: float,
                    stop_ids: list[int], pad_id: int, seed: int, synced: bool) -> Batch:
     """`batch` with each row's last reply replaced by one `model` samples (right-padded rows,
     labels on the sampled tokens only, up to and including the first of `stop_ids`: the
-    end-of-turn token).
-
-    The sampling stream is seeded by `seed` alone and leaves the global RNG where it was, so a
-    resumed run draws the same samples. `synced` keeps ranks in step under ZeRO-3 (every rank
-    runs forwards until all are done), as transformers needs for partitioned weights.
+    end-of-turn token). Sampling is `sample`'s: seeded by `seed` alone, `synced` under ZeRO-3.
     """
     heads = prompts(batch)
     device = batch["input_ids"].device
@@ -57,21 +106,11 @@ def sample_replies(model: Any, batch: Batch, *, seq_len: int, max_new_tokens: in
     for r, head in enumerate(heads):
         input_ids[r, width - len(head):] = head
         attention[r, width - len(head):] = 1
-    was_training = model.training
-    model.eval()
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
-                                 temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=budget,
-                                 eos_token_id=stop_ids, pad_token_id=pad_id, synced_gpus=synced)
-    finally:
-        model.train(was_training)
+    drawn = sample(model, input_ids, attention, max_new_tokens=budget, temperature=temperature, stop_ids=stop_ids,
+                   pad_id=pad_id, seed=seed, synced=synced)
     examples = []
-    for head, reply in zip(heads, out[:, width:]):
-        ends = torch.isin(reply, torch.tensor(stop_ids, device=reply.device)).nonzero().flatten()
-        reply = reply[:int(ends[0]) + 1] if len(ends) else reply
+    for head, reply, kept in zip(heads, drawn.ids, drawn.mask):
+        reply = reply[kept]
         examples.append({"input_ids": torch.cat([head, reply]),
                          "labels": torch.cat([torch.full_like(head, IGNORE_INDEX), reply])})
     return {**collate_pad(examples, pad_id), "on_policy": torch.ones(())}

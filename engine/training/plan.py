@@ -50,7 +50,7 @@ def check_stage_data(stage: Stage, sources: list[DataSource]) -> None:
     trains_on = " and ".join(data_kind(k).title for k in stage.data_kinds)
     for source in sources:
         for kind in dict.fromkeys(k for k in (source.kind, source.held) if k is not None):
-            if kind not in stage.data_kinds:
+            if kind not in stage.data_kinds and kind not in data_kind(source.kind).also_reads:
                 elsewhere = " or ".join(launchers_for(kind)) or "no launcher"
                 raise ZerotrainError(f"{' '.join(source.paths)}: {data_kind(kind).title} are for {elsewhere} "
                                      f"({stage.name} was given {kind} data; it trains on {trains_on})")

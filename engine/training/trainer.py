@@ -160,7 +160,7 @@ class Trainer:
             self.stopping = self.stop_signal or round(totals["signal"] / totals["signalled"])
         means = {k: None if step_nonfinite else v / max(1.0, units) for k, v in totals.items()
                  if k not in ("nonfinite", "tokens", "signalled", "signal")}
-        return {**means, "tokens": int(totals["tokens"]), "lr": lr}
+        return {**means, **self.objective.step_metrics(), "tokens": int(totals["tokens"]), "lr": lr}
 
     # ----------------------------------------------------------------------- evaluation
 

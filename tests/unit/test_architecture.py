@@ -129,8 +129,8 @@ def test_launchers_are_thin_and_name_one_stage():
 DECLARED_IN = {"engine/data", "engine/objectives"}
 
 
-@pytest.mark.parametrize("pattern", [r"""kind\s*[!=]=\s*["'](pretrain|sft|pref)["']""",
-                                     r"""stage(\.name)?\s*[!=]=\s*["'](pretrain|sft|dpo|distill)["']""",
+@pytest.mark.parametrize("pattern", [r"""kind\s*[!=]=\s*["'](pretrain|sft|pref|prompt)["']""",
+                                     r"""stage(\.name)?\s*[!=]=\s*["'](pretrain|sft|dpo|distill|grpo)["']""",
                                      r"""\.data_kind\b"""])
 def test_nothing_outside_the_declarations_branches_on_a_kind_or_stage_by_name(pattern):
     offenders = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "engine").rglob("*.py"))

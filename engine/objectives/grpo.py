@@ -1,0 +1,329 @@
+"""GRPO and its siblings (dr_grpo, dapo, bnpo, cispo): the policy samples G completions of each
+prompt, reward functions score them, and each completion is pushed up or down by its advantage
+over its group (engine.objectives.policy_loss has the math, equal to TRL's GRPOTrainer).
+
+A step, on each rank: the loader gives each micro-batch --micro-batch-size / G prompts (so a
+micro-batch holds whole groups of --micro-batch-size completions, TRL's convention that the
+batch size counts completions); the model samples G completions of each (one sampling stream
+per step, rank and micro-batch, seeded by the run's seed, so a resumed run samples the same);
+the reward functions score them; advantages are taken within each group; with --kl-beta > 0 the
+reference (the --init-from model, or the policy with its LoRA adapter disabled) scores the
+completion tokens. The loop then trains on the completions as on any batch: rows of prompt then
+completion, the completion tokens trained.
+
+Under ZeRO-3 the policy's weights are gathered once for a micro-batch's generation, not once a
+token. The policy samples from its current weights, so the ratio to the "old" policy is 1 and
+only the advantage's sign and size move it (TRL's num_iterations = 1); the clip matters for
+more updates per rollout, which this stage does not do yet.
+
+The rollout log, RUN/rollouts.jsonl, holds every completion of each logged step (all ranks',
+written by rank 0): its step, group, prompt, completion text and tokens, each function's reward,
+the weighted reward and the advantage, so anyone can recompute the rewards and advantages.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import numpy as np
+import torch
+
+from common.errors import ZerotrainError
+from engine.config.sections import invalid, require_positive
+from engine.data.format import IGNORE_INDEX
+from engine.objectives.base import Batch, LossSums, Objective, Stage, model_inputs
+from engine.objectives.policy_loss import (
+    LOSS_TYPES,
+    SCALE_REWARDS,
+    TOKEN_LEVEL,
+    clipped,
+    group_advantages,
+    per_token_loss,
+    summed_loss,
+)
+from engine.objectives.rewards import Reward, load_reward, score
+from engine.objectives.tokens import token_logps, trained_tokens
+
+if TYPE_CHECKING:
+    from engine.config.tree import Config
+    from engine.training.parts import Data, RunPlan
+
+
+@dataclass
+class RLConfig:
+    """Reinforcement learning with rewards (launcher/grpo.py): sampling, rewards and the loss."""
+
+    SECTION: ClassVar[str] = "rl"
+
+    rl_loss: str = "grpo"
+    """grpo, dr_grpo, dapo, bnpo or cispo: TRL's loss types (they differ in how token losses are averaged)."""
+    reward_fn: list[str] = field(default_factory=lambda: ["accuracy"])
+    """Reward functions: built-in accuracy, format or length, or PATH.py:NAME (TRL's signature); repeatable."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per --reward-fn (default: 1 each); a completion's reward is the weighted sum."""
+    num_generations: int = 8
+    """Completions sampled per prompt (G), the group its advantage is taken in; must divide --micro-batch-size."""
+    max_new_tokens: int = 256
+    """Longest completion, in tokens; prompts are cut from the left to leave it room within --seq-len."""
+    temperature: float = 1.0
+    """Sampling temperature; the log-probs trained on are taken at the same temperature, as TRL does."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p (1 = all)."""
+    kl_beta: float = 0.0
+    """Weight of the k3 KL to the reference in the loss (TRL's beta); 0 builds no reference model."""
+    epsilon: float = 0.2
+    """The ratio's lower clip bound is 1 - epsilon."""
+    epsilon_high: float = 0.0
+    """The upper clip bound is 1 + epsilon_high (0: the same as epsilon; DAPO uses 0.28); cispo's cap on the ratio
+    (0: 5, MiniMax-M1's)."""
+    scale_rewards: str = "group"
+    """group: advantages divided by their group's std, batch: by the micro-batch's std, none: not divided (Dr. GRPO)."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit --max-new-tokens without an end out of the loss (DAPO)."""
+
+    def __post_init__(self) -> None:
+        if self.rl_loss not in LOSS_TYPES:
+            invalid(self, "rl_loss", self.rl_loss, "one of " + ", ".join(LOSS_TYPES))
+        if self.scale_rewards not in SCALE_REWARDS:
+            invalid(self, "scale_rewards", self.scale_rewards, "one of " + ", ".join(SCALE_REWARDS))
+        for name in ("num_generations", "max_new_tokens", "temperature"):
+            require_positive(self, name)
+        if not 0.0 < self.top_p <= 1.0:
+            invalid(self, "top_p", self.top_p, "a number in (0, 1]")
+        if self.kl_beta < 0:
+            invalid(self, "kl_beta", self.kl_beta, "0 (no reference) or more")
+        if not 0.0 < self.epsilon < 1.0:
+            invalid(self, "epsilon", self.epsilon, "a number in (0, 1)")
+        if self.epsilon_high < 0:
+            invalid(self, "epsilon_high", self.epsilon_high, "0 (the same as epsilon) or more")
+        if not self.reward_fn:
+            invalid(self, "reward_fn", self.reward_fn, "at least one reward function")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_fn):
+            invalid(self, "reward_weights", self.reward_weights,
+                    f"one weight per --reward-fn ({len(self.reward_fn)} of them)")
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon_high or (5.0 if self.rl_loss == "cispo" else self.epsilon)
+
+
+class GroupRelative(Objective):
+    """The GRPO family's loss over sampled completions."""
+
+    unit = "sequence"
+
+    def __init__(self, rl: RLConfig, seed: int, seq_len: int):
+        self.rl, self.seed, self.seq_len = rl, seed, seq_len
+        self.rewards: list[Reward] = [load_reward(spec) for spec in rl.reward_fn]
+        self.weights = torch.tensor(rl.reward_weights or [1.0] * len(self.rewards), dtype=torch.float64)
+        self.reference: Callable[[Batch], torch.Tensor] | None = None
+        self.prompts = None  # the training prompts' records (engine.data.prompts.PromptDataset)
+        self.tokenizer = None
+        self.metrics: dict[str, float] = {}
+        self.log_path = None
+        self.log_interval = 0
+
+    # ----------------------------------------------------------------------- set-up
+
+    def check(self, cfg: Config, plan: RunPlan) -> None:
+        rl, mbs = self.rl, cfg.train.micro_batch_size
+        if mbs % rl.num_generations:
+            raise ZerotrainError(f"--micro-batch-size {mbs} counts completions and must hold whole groups of "
+                                 f"--num-generations {rl.num_generations}: use a multiple of it")
+        if rl.max_new_tokens >= cfg.data.seq_len:
+            raise ZerotrainError(f"--max-new-tokens {rl.max_new_tokens} leaves no room for a prompt within --seq-len "
+                                 f"{cfg.data.seq_len}: raise --seq-len or lower --max-new-tokens")
+        if cfg.data.pack:
+            raise ZerotrainError("--pack: RL batches are prompts and their completions, one row each; drop --pack")
+
+    def build(self, cfg: Config, plan: RunPlan, engine: Any, data: Data) -> None:
+        from engine.config.deepspeed import zero_stage
+        from engine.distributed import log_on_rank0, world
+        from engine.objectives.reference import reference_logps
+        from engine.objectives.rollout import stop_ids
+
+        self.tokenizer, self.prompts = plan.tokenizer, data.train
+        self.stop_ids, self.pad_id = stop_ids(plan.tokenizer), plan.tokenizer.pad_token_id
+        self.zero3 = zero_stage(plan.ds_config) == 3
+        self.log_path, self.log_interval = plan.run.root / "rollouts.jsonl", cfg.train.log_interval
+        # The loader's micro-batches are prompts, each to be sampled G times.
+        data.loader.micro_batch_size = cfg.train.micro_batch_size // self.rl.num_generations
+        if data.val is not None:
+            log_on_rank0(world().rank, "validation: none for RL runs (their held-out measure is a reward, not a loss)")
+            data.val = None
+        if "accuracy" in [reward.name for reward in self.rewards] and len(data.train):
+            from engine.objectives.rewards import ANSWER_COLUMNS
+
+            _, columns = data.train.record(0)
+            if not any(name in columns for name in ANSWER_COLUMNS):
+                raise ZerotrainError(f"--reward-fn accuracy reads the right answer from a column named "
+                                     f"{' or '.join(ANSWER_COLUMNS)}, but the prompts' columns are {sorted(columns)}; "
+                                     "add one to the data, or pick other reward functions")
+        if self.rl.kl_beta:
+            self.reference = reference_logps(cfg, plan, engine, "", self.completion_logps)
+
+    def completion_logps(self, model: Any, batch: Batch, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs [rows, positions] of the completion tokens at the sampling temperature, 0
+        elsewhere; the logits), the policy's and the reference's alike."""
+        logits = model(**model_inputs(batch)).logits
+        if self.rl.temperature != 1.0:
+            logits = logits / self.rl.temperature
+        return token_logps(logits, batch["labels"]), logits
+
+    # ----------------------------------------------------------------------- rollouts
+
+    def step_batches(self, model: Any, batches: list[Batch], step: int) -> list[Batch]:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        module = getattr(model, "module", model)
+        device = next(module.parameters()).device
+        out, logged, stats = [], [], []
+        for i, batch in enumerate(batches):
+            seed = int(np.random.default_rng([self.seed, 0x7270, step, rank, i]).integers(2 ** 62))
+            rollout, rows, stat = self.rollout(module, {k: v.to(device) for k, v in batch.items()}, step, seed)
+            out.append(rollout)
+            logged.extend(rows)
+            stats.append(stat)
+        self.metrics = self.reduce_stats(stats, device)
+        if self.log_interval and step % self.log_interval == 0:
+            self.write_log(logged, rank)
+        return out
+
+    def rollout(self, module: Any, batch: Batch, step: int, seed: int) -> tuple[Batch, list[dict], dict]:
+        """One micro-batch of prompts -> its completions as a training batch, their rollout-log
+        rows and their statistics."""
+        from engine.objectives.rollout import sample
+
+        rl, g = self.rl, self.rl.num_generations
+        room = self.seq_len - rl.max_new_tokens
+        prompt_ids, prompt_mask = batch["prompt_ids"][:, -room:], batch["prompt_mask"][:, -room:]
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)
+        completions = sample(module, prompt_ids, prompt_mask, max_new_tokens=rl.max_new_tokens,
+                             temperature=rl.temperature, top_p=rl.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                             seed=seed, gather=self.zero3)
+        mask = completions.mask
+        if rl.mask_truncated_completions:
+            mask = mask & ~completions.truncated[:, None]
+        records = [self.prompts.record(int(i)) for i in batch["index"].repeat_interleave(g)]
+        prompts = [prompt for prompt, _ in records]
+        names = sorted({name for _, columns in records for name in columns})
+        columns = {name: [cols.get(name) for _, cols in records] for name in names}
+        ids = [row[m].tolist() for row, m in zip(completions.ids, completions.mask)]
+        texts = self.tokenizer.batch_decode([[t for t in row if t not in self.stop_ids] for row in ids],
+                                            skip_special_tokens=True)
+        given = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+                 for prompt, text in zip(prompts, texts)]
+        scores = score(self.rewards, prompts, given, ids, columns, step)
+        rewards, advantages, std = group_advantages(scores, self.weights, g, rl.scale_rewards)
+
+        width = prompt_ids.shape[1]
+        input_ids = torch.cat([prompt_ids, completions.ids], dim=1)
+        attention = torch.cat([prompt_mask, completions.mask.long()], dim=1)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[:, width:] = torch.where(mask, completions.ids, IGNORE_INDEX)
+        # Positions as generate() gave them: counted from each row's first prompt token.
+        position_ids = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)
+        train = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids,
+                 "labels": labels, "advantages": advantages.to(input_ids.device, torch.float32)}
+        if self.reference is not None:
+            train["ref_logps"] = self.reference(train)
+
+        lengths = completions.mask.sum(-1)
+        stat = {"completions": len(ids), "length": float(lengths.sum()),
+                "truncated": float(completions.truncated.sum()), "reward": float(torch.nansum(rewards)),
+                "reward_sq": float(torch.nansum(rewards ** 2)), "scored": float((~torch.isnan(rewards)).sum()),
+                "zero_std_groups": float((std.view(-1, g)[:, 0] == 0).sum()), "groups": len(ids) // g}
+        for j, reward in enumerate(self.rewards):
+            fn = scores[:, j]
+            stat[f"rewards/{reward.name}/sum"] = float(torch.nansum(fn))
+            stat[f"rewards/{reward.name}/count"] = float((~torch.isnan(fn)).sum())
+        rows = [{"step": step, "group": int(batch["index"][r // g]), "prompt": prompts[r], "completion": texts[r],
+                 "completion_tokens": int(lengths[r]),
+                 "rewards": {reward.name: _finite(scores[r, j]) for j, reward in enumerate(self.rewards)},
+                 "reward": _finite(rewards[r]), "advantage": float(advantages[r])} for r in range(len(ids))]
+        return train, rows, stat
+
+    def reduce_stats(self, stats: list[dict], device: torch.device) -> dict[str, float]:
+        """The step's rollout metrics (TRL's names), summed over micro-batches and ranks."""
+        from engine.distributed import all_reduce_sums
+
+        sums: dict[str, float] = {}
+        for stat in stats:
+            for k, v in stat.items():
+                sums[k] = sums.get(k, 0.0) + v
+        t = all_reduce_sums(sums, device)
+        scored = max(t["scored"], 1.0)
+        mean = t["reward"] / scored
+        metrics = {"reward": mean,
+                   "reward_std": float(np.sqrt(max(t["reward_sq"] / scored - mean ** 2, 0.0)
+                                               * scored / max(scored - 1.0, 1.0))),
+                   "completions/mean_length": t["length"] / t["completions"],
+                   "completions/clipped_ratio": t["truncated"] / t["completions"],
+                   "frac_reward_zero_std": t["zero_std_groups"] / t["groups"]}
+        for reward in self.rewards:
+            count = t[f"rewards/{reward.name}/count"]
+            metrics[f"rewards/{reward.name}/mean"] = t[f"rewards/{reward.name}/sum"] / count if count else None
+        return metrics
+
+    def step_metrics(self) -> dict[str, float]:
+        return self.metrics
+
+    def write_log(self, rows: list[dict], rank: int) -> None:
+        """Every rank's rows of this step, appended to the rollout log by rank 0."""
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if rank == 0:
+            with open(self.log_path, "a") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    # ----------------------------------------------------------------------- the loss
+
+    def units(self, batch: Batch) -> int:
+        mask = trained_tokens(batch["labels"])
+        return int(mask.sum()) if self.rl.rl_loss in TOKEN_LEVEL else int(mask.shape[0])
+
+    def loss(self, model: Callable[..., object], batch: Batch) -> LossSums:
+        rl = self.rl
+        logps, logits = self.completion_logps(model, batch)
+        mask = trained_tokens(batch["labels"])
+        losses, kl, ratio = per_token_loss(logps, None, batch.get("ref_logps"), batch["advantages"],
+                                           loss_type=rl.rl_loss, epsilon=rl.epsilon, epsilon_high=rl.clip_high,
+                                           beta=rl.kl_beta)
+        loss = summed_loss(losses, mask, rl.rl_loss, rl.max_new_tokens)
+        with torch.no_grad():
+            chosen = logits[mask].float()
+            entropy = torch.zeros_like(logps)
+            entropy[mask] = torch.logsumexp(chosen, -1) - (chosen.softmax(-1) * chosen).sum(-1)
+            metrics = {"entropy": self.per_unit(entropy, mask)}
+            metrics["clip_ratio/region_mean"] = self.per_unit(
+                clipped(ratio, batch["advantages"], rl.rl_loss, rl.epsilon, rl.clip_high).float(), mask)
+            if kl is not None:
+                metrics["kl"] = self.per_unit(kl.detach(), mask)
+        return LossSums(loss, metrics)
+
+    def per_unit(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A per-token quantity summed in the loss's units: over tokens for the token-level
+        losses, as each completion's mean for the others (the loop divides by the units)."""
+        values = values * mask
+        if self.rl.rl_loss in TOKEN_LEVEL:
+            return values.sum()
+        return (values.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+
+
+def _finite(value: torch.Tensor) -> float | None:
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
+GRPO = Stage("grpo", objective=lambda cfg: GroupRelative(cfg.section(RLConfig), cfg.train.seed, cfg.data.seq_len),
+             data_kinds=("prompt",), plain_data="prompt", section=RLConfig, mixes=False,
+             headline=(("reward", "reward"),),
+             summary="reinforcement learning with rewards: GRPO, Dr. GRPO, DAPO, BNPO, CISPO")

@@ -1,0 +1,91 @@
+"""GRPO through launcher/grpo.py on 2 ranks (one launch, two runs): ZeRO-3 with a frozen
+reference and LoRA under ZeRO-2 with the adapter-disabled reference, a reward function from a
+user's file beside a built-in one. The rollout log recomputes: each logged reward is the
+function's on the logged completion, each advantage its group's normalised reward; the KL to
+the reference is 0 before the first update and not after; the metrics carry TRL's names."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+
+from engine.objectives.policy_loss import group_advantages
+from tests.helpers import metrics, run_cases
+
+pytestmark = pytest.mark.distributed
+
+REWARD_FILE = '''
+def distinct(prompts, completions, completion_ids, solution, **columns):
+    """Distinct characters of the completion per 10, None for prompts without a solution."""
+    text = lambda c: c[-1]["content"] if isinstance(c, list) else c
+    return [len(set(text(c))) / 10 if s else None for c, s in zip(completions, solution)]
+'''
+STEPS, G, MBS = 3, 4, 8
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(base_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo")
+    prompts = out / "prompts.jsonl"
+    with open(prompts, "w") as f:
+        for i in range(40):
+            prompt = f"{i % 7} + {i % 5} =" if i % 2 else [{"role": "user", "content": f"What is {i % 7} + {i % 5}?"}]
+            f.write(json.dumps({"prompt": prompt, "solution": str(i % 7 + i % 5) if i % 10 else ""}) + "\n")
+    (out / "my_rewards.py").write_text(REWARD_FILE)
+    common = ["--init-from", base_model_dir, "--data", prompts, "--reward-fn", f"{out / 'my_rewards.py'}:distinct",
+              "length", "--reward-weights", "1", "0.5", "--num-generations", G, "--micro-batch-size", MBS,
+              "--max-new-tokens", 12, "--seq-len", 64, "--max-steps", STEPS, "--log-interval", 1, "--lr", "1e-3",
+              "--warmup-steps", 0, "--precision", "fp32", "--kl-beta", "0.05", "--save-interval", 100,
+              "--data-cache-dir", out / "cache", "--seed", 3]
+    run_cases({"zero3": ("grpo", [*common, "--output-dir", out / "zero3", "--zero-stage", 3]),
+               "lora": ("grpo", [*common, "--output-dir", out / "lora", "--zero-stage", 2, "--lora-r", 8,
+                                 "--rl-loss", "dapo", "--epsilon-high", "0.28"])}, out / "cases", nproc=2)
+    return out
+
+
+@pytest.mark.parametrize("run", ["zero3", "lora"])
+def test_the_rollout_log_recomputes_rewards_and_advantages(grpo_runs, run):
+    rows = [json.loads(line) for line in (grpo_runs / run / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == STEPS * MBS * 2  # every completion of every step, both ranks'
+    namespace: dict = {}
+    exec(REWARD_FILE, namespace)
+    groups = defaultdict(list)
+    for row in rows:
+        assert set(row) == {"step", "group", "prompt", "completion", "completion_tokens", "rewards", "reward",
+                            "advantage"}
+        completion = ([{"role": "assistant", "content": row["completion"]}] if isinstance(row["prompt"], list)
+                      else row["completion"])
+        solution = row["rewards"]["distinct"] is not None
+        [distinct] = namespace["distinct"]([row["prompt"]], [completion], [[0] * row["completion_tokens"]],
+                                           [solution])
+        assert row["rewards"]["distinct"] == distinct
+        assert row["rewards"]["length"] == -row["completion_tokens"] / 100
+        assert row["reward"] == pytest.approx((distinct or 0.0) + 0.5 * row["rewards"]["length"], rel=1e-12)
+        groups[(row["step"], row["group"])].append(row)
+    assert len(groups) == STEPS * (MBS // G) * 2 and all(len(g) == G for g in groups.values())
+    spread = 0
+    for group in groups.values():
+        scores = torch.tensor([[r["rewards"]["distinct"] if r["rewards"]["distinct"] is not None else math.nan,
+                                r["rewards"]["length"]] for r in group], dtype=torch.float64)
+        _, advantages, std = group_advantages(scores, torch.tensor([1.0, 0.5]), G, "group")
+        assert [r["advantage"] for r in group] == pytest.approx(advantages.tolist(), rel=1e-5, abs=1e-6)
+        spread += bool(std[0] > 0)
+    assert spread > len(groups) // 2  # most groups train (their rewards differ)
+
+
+@pytest.mark.parametrize("run", ["zero3", "lora"])
+def test_metrics_and_the_kl_to_the_reference(grpo_runs, run):
+    records = metrics(grpo_runs / run)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
+    first, last = records[0], [r for r in records if "loss" in r][-1]
+    for name in ("reward", "reward_std", "rewards/distinct/mean", "rewards/length/mean", "completions/mean_length",
+                 "completions/clipped_ratio", "frac_reward_zero_std", "kl", "entropy", "clip_ratio/region_mean"):
+        assert name in first and first[name] is not None, name
+    assert first["kl"] < 1e-6  # the policy is its reference before the first update
+    assert last["kl"] > 1e-6
+    assert 0 < first["completions/mean_length"] <= 12
+    assert (grpo_runs / run / "final").is_dir()
