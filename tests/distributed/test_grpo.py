@@ -2,7 +2,8 @@
 reference and LoRA under ZeRO-2 with the adapter-disabled reference, a reward function from a
 user's file beside a built-in one. The rollout log recomputes: each logged reward is the
 function's on the logged completion, each advantage its group's normalised reward; the KL to
-the reference is 0 before the first update and not after; the metrics carry TRL's names."""
+the reference is 0 before the first update and not after; the metrics carry TRL's names; a run
+resumed from its step-2 checkpoint samples the same completions and trains to the same losses."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from engine.objectives.policy_loss import group_advantages
-from tests.helpers import metrics, run_cases
+from tests.helpers import metrics, rewound_copy, run_cases, run_launcher, train_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -39,7 +40,7 @@ def grpo_runs(base_model_dir, tmp_path_factory):
     common = ["--init-from", base_model_dir, "--data", prompts, "--reward-fn", f"{out / 'my_rewards.py'}:distinct",
               "length", "--reward-weights", "1", "0.5", "--num-generations", G, "--micro-batch-size", MBS,
               "--max-new-tokens", 12, "--seq-len", 64, "--max-steps", STEPS, "--log-interval", 1, "--lr", "1e-3",
-              "--warmup-steps", 0, "--precision", "fp32", "--kl-beta", "0.05", "--save-interval", 100,
+              "--warmup-steps", 0, "--precision", "fp32", "--kl-beta", "0.05", "--save-interval", 2,
               "--data-cache-dir", out / "cache", "--seed", 3]
     run_cases({"zero3": ("grpo", [*common, "--output-dir", out / "zero3", "--zero-stage", 3]),
                "lora": ("grpo", [*common, "--output-dir", out / "lora", "--zero-stage", 2, "--lora-r", 8,
@@ -89,3 +90,16 @@ def test_metrics_and_the_kl_to_the_reference(grpo_runs, run):
     assert last["kl"] > 1e-6
     assert 0 < first["completions/mean_length"] <= 12
     assert (grpo_runs / run / "final").is_dir()
+
+
+def test_a_resumed_run_samples_and_trains_as_the_straight_one(grpo_runs, tmp_path):
+    straight = grpo_runs / "zero3"
+    resumed = rewound_copy(straight, tmp_path / "run", 2, later=("global_step3",))
+    flags = json.loads((grpo_runs / "cases" / "cases.json").read_text())["zero3"]["flags"]
+    flags[flags.index("--output-dir") + 1] = str(resumed)
+    proc = run_launcher("grpo.py", flags, nproc=2)
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert train_losses(resumed) == train_losses(straight)
+    last = lambda run: [line for line in (run / "rollouts.jsonl").read_text().splitlines()  # noqa: E731
+                        if json.loads(line)["step"] == STEPS][-MBS * 2:]
+    assert last(resumed) == last(straight)  # the same completions, rewards and advantages
