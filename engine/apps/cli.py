@@ -2,7 +2,7 @@
 
     zerotrain train-tokenizer --input FILE... --vocab-size 6400 --output DIR
     zerotrain extend-tokenizer --base TOKENIZER --input FILE... --add-vocab N --output DIR
-    zerotrain prepare --kind pretrain|sft|pref --input FILE... --tokenizer DIR --output DIR [--columns K=FIELD,...] [--num-proc N]
+    zerotrain prepare --kind pretrain|sft|pref|prompt --input FILE... --tokenizer DIR --output DIR [--columns K=FIELD,...] [--num-proc N]
     zerotrain consolidate CKPT_DIR OUTPUT [--tag global_stepN] [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
     zerotrain extract-adapter CKPT_DIR OUT_DIR [--tag global_stepN] [--lora-alpha A | --adapter-config FILE]
     zerotrain merge-adapter BASE ADAPTER OUTPUT
@@ -277,9 +277,10 @@ def _data_commands(sub) -> None:
     p.set_defaults(func=cmd_extend_tokenizer)
 
     p = sub.add_parser("prepare", allow_abbrev=False,
-                       help="tokenize pretraining text, SFT conversations or preference pairs into token files")
+                       help="tokenize pretraining text, SFT conversations, preference pairs or RL prompts into token files")
     p.add_argument("--kind", choices=tuple(KINDS), required=True,
-                   help="pref: chosen/rejected pairs for launcher/dpo.py (two sequences a pair)")
+                   help="pref: chosen/rejected pairs for launcher/dpo.py (two sequences a pair); prompt: RL prompts "
+                        "and their columns for launcher/grpo.py")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="HF tokenizer dir or sentencepiece .model")
     p.add_argument("--output", required=True, metavar="DIR")
