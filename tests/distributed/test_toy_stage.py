@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 
-from tests.helpers import SAMPLES, run_ranks_in_turn
+from tests.helpers import SAMPLES, run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -31,9 +31,9 @@ def _train(rank, world_size, out, base_model_dir, name, extra):
 
 
 def test_a_stage_declared_outside_the_engine_trains_through_the_one_loop(base_model_dir, tmp_path):
-    # SFT first: the toy run registers its stage in the process they share.
-    run_ranks_in_turn(1, [(_train, tmp_path, base_model_dir, "sft", []),
-                          (_train, tmp_path, base_model_dir, "toy", ["--toy-weight", "3"])])
+    # One process each: main() ends its process group, which a second main() in the process cannot reuse.
+    run_ranks(_train, 1, tmp_path, base_model_dir, "toy", ["--toy-weight", "3"])
+    run_ranks(_train, 1, tmp_path, base_model_dir, "sft", [])
     toy, sft = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                 for name in ("toy", "sft"))
     # The first step: the same init, data and batch, so the same NLL; the toy's loss is 3x it.
