@@ -140,10 +140,10 @@ def timings(run_dir: Path, total_seconds: float | None) -> list[str]:
 
 
 def objective(cfg: dict, kind: str | None) -> str:
-    """What a run minimised, in words."""
-    pref = cfg["pref"]
+    """What a run minimised, in words (a run's config.yaml holds its own stage's section only)."""
     if kind != "dpo":
         return "next-token loss on the assistant tokens" if kind == "sft" else "next-token loss"
+    pref = cfg["pref"]
     if pref["pref_loss"] not in ("dpo", "ipo"):
         return f"{pref['pref_loss'].upper()}, beta={pref['beta']:g}, no reference model"
     if pref["ref_from"]:

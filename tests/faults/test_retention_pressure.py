@@ -69,7 +69,7 @@ FAULTS = {
     "shards-no-space": (shards_no_space, "No space left on device"),
     "shards-permission-denied": (shards_permission_denied, "Permission denied"),
     "sidecar-no-space": (lambda _: publish_no_space("engine.checkpoint.sidecar"), "No space left on device"),
-    "latest-no-space": (lambda _: publish_no_space("engine.checkpoint"), "No space left on device"),
+    "latest-no-space": (lambda _: publish_no_space("engine.checkpoint.save"), "No space left on device"),
 }
 
 
