@@ -68,12 +68,20 @@ def export_final(engine, run: RunDir, tokenizer, model_config: Any, *, lora: boo
     return run.final
 
 
+def model_class(model_config: Any) -> type:
+    """The Auto class of a trained model's config: a reward model's sequence classification, else
+    a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    names = model_config.architectures or []
+    return (AutoModelForSequenceClassification if any(n.endswith("ForSequenceClassification") for n in names)
+            else AutoModelForCausalLM)
+
+
 def plain_model(model_config: Any, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A transformers model holding `state`, built without allocating random weights first."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+        model = model_class(model_config).from_config(model_config)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model

@@ -111,6 +111,9 @@ class Stage:
     flags are this stage's alone, and the other launchers refuse them."""
     mixes: bool = True
     """Several --data sources may be mixed by weight."""
+    model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    """Turns the causal LM built from --init-from (or the preset) into the module it trains, before
+    LoRA and DeepSpeed (a reward model's scalar head on its trunk); None: the causal LM itself."""
     headline: tuple[tuple[str, str], ...] = ()
     """(label, metric) shown beside the loss on the progress bar, e.g. ("acc", "rewards/accuracies")."""
     summary: str = ""

@@ -130,7 +130,7 @@ DECLARED_IN = {"engine/data", "engine/objectives"}
 
 
 @pytest.mark.parametrize("pattern", [r"""kind\s*[!=]=\s*["'](pretrain|sft|pref|prompt)["']""",
-                                     r"""stage(\.name)?\s*[!=]=\s*["'](pretrain|sft|dpo|distill|grpo)["']""",
+                                     r"""stage(\.name)?\s*[!=]=\s*["'](pretrain|sft|dpo|distill|grpo|reward)["']""",
                                      r"""\.data_kind\b"""])
 def test_nothing_outside_the_declarations_branches_on_a_kind_or_stage_by_name(pattern):
     offenders = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "engine").rglob("*.py"))

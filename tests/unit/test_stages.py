@@ -58,7 +58,7 @@ def test_its_data_kinds_are_checked_before_any_work(toy, tmp_path):
     with pytest.raises(ZerotrainError, match=r"pretraining text are for launcher/pretrain.py or launcher/sft.py or "
                                              r"launcher/distill.py \(toy was given pretrain data; it trains on SFT"):
         plan_run(stages.config_for(toy, [*base, "--data", f"pretrain:{SAMPLES / 'tinyshakespeare.txt'}"]), toy, 1)
-    with pytest.raises(ZerotrainError, match=r"preference pairs are for launcher/dpo.py \(toy was given pref data"):
+    with pytest.raises(ZerotrainError, match=r"preference pairs are for launcher/dpo.py or launcher/reward.py \(toy was given pref data"):
         plan_run(stages.config_for(toy, [*base, "--data", str(SAMPLES / "pref_pairs.jsonl")]), toy, 1)
 
 
