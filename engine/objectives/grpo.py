@@ -59,10 +59,13 @@ class RLConfig:
 
     rl_loss: str = "grpo"
     """grpo, dr_grpo, dapo, bnpo or cispo: TRL's loss types (they differ in how token losses are averaged)."""
-    reward_fn: list[str] = field(default_factory=lambda: ["accuracy"])
+    reward_fn: list[str] = field(default_factory=list)
     """Reward functions: built-in accuracy, format or length, or PATH.py:NAME (TRL's signature); repeatable."""
+    reward_model: str = ""
+    """A reward model (a launcher/reward.py run's final/, or any HF sequence-classification model, one label): its
+    score of prompt + completion is one more reward, after the --reward-fn ones."""
     reward_weights: list[float] = field(default_factory=list)
-    """One weight per --reward-fn (default: 1 each); a completion's reward is the weighted sum."""
+    """One weight per reward (each --reward-fn, then --reward-model; default: 1 each); the reward is the weighted sum."""
     num_generations: int = 8
     """Completions sampled per prompt (G), the group its advantage is taken in; must divide --micro-batch-size."""
     max_new_tokens: int = 256
@@ -98,11 +101,10 @@ class RLConfig:
             invalid(self, "epsilon", self.epsilon, "a number in (0, 1)")
         if self.epsilon_high < 0:
             invalid(self, "epsilon_high", self.epsilon_high, "0 (the same as epsilon) or more")
-        if not self.reward_fn:
-            invalid(self, "reward_fn", self.reward_fn, "at least one reward function")
-        if self.reward_weights and len(self.reward_weights) != len(self.reward_fn):
+        rewards = len(self.reward_fn) + bool(self.reward_model)
+        if self.reward_weights and len(self.reward_weights) != rewards:
             invalid(self, "reward_weights", self.reward_weights,
-                    f"one weight per --reward-fn ({len(self.reward_fn)} of them)")
+                    f"one weight per reward ({rewards}: each --reward-fn, then --reward-model)")
 
     @property
     def clip_high(self) -> float:
@@ -117,7 +119,8 @@ class GroupRelative(Objective):
     def __init__(self, rl: RLConfig, seed: int, seq_len: int):
         self.rl, self.seed, self.seq_len = rl, seed, seq_len
         self.rewards: list[Reward] = [load_reward(spec) for spec in rl.reward_fn]
-        self.weights = torch.tensor(rl.reward_weights or [1.0] * len(self.rewards), dtype=torch.float64)
+        self.weights = torch.tensor(rl.reward_weights or [1.0] * (len(self.rewards) + bool(rl.reward_model)),
+                                    dtype=torch.float64)
         self.reference: Callable[[Batch], torch.Tensor] | None = None
         self.prompts = None  # the training prompts' records (engine.data.prompts.PromptDataset)
         self.tokenizer = None
@@ -129,6 +132,9 @@ class GroupRelative(Objective):
 
     def check(self, cfg: Config, plan: RunPlan) -> None:
         rl, mbs = self.rl, cfg.train.micro_batch_size
+        if not rl.reward_fn and not rl.reward_model:
+            raise ZerotrainError("no reward: pass --reward-fn (accuracy, format, length or PATH.py:NAME; repeatable) "
+                                 "or --reward-model DIR")
         if mbs % rl.num_generations:
             raise ZerotrainError(f"--micro-batch-size {mbs} counts completions and must hold whole groups of "
                                  f"--num-generations {rl.num_generations}: use a multiple of it")
@@ -161,6 +167,12 @@ class GroupRelative(Objective):
                 raise ZerotrainError(f"--reward-fn accuracy reads the right answer from a column named "
                                      f"{' or '.join(ANSWER_COLUMNS)}, but the prompts' columns are {sorted(columns)}; "
                                      "add one to the data, or pick other reward functions")
+        if self.rl.reward_model:
+            from engine.config.precision import DTYPES
+            from engine.objectives.rewards import ModelReward
+
+            self.rewards.append(Reward("reward_model", ModelReward(self.rl.reward_model, engine.device,
+                                                                   DTYPES[plan.precision])))
         if self.rl.kl_beta:
             self.reference = reference_logps(cfg, plan, engine, "", self.completion_logps)
 

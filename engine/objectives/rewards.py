@@ -11,7 +11,8 @@ or [{"role": "assistant", "content": text}] for a conversational prompt), their 
 every other column of the prompt data by name, as lists aligned with the completions. None means
 "this function does not score that completion" (a math checker given a coding task, say).
 
---reward-fn NAME picks a built-in (REWARDS); --reward-fn PATH.py:NAME loads NAME from a file.
+--reward-fn NAME picks a built-in (REWARDS); --reward-fn PATH.py:NAME loads NAME from a file;
+--reward-model DIR scores with a trained reward model (ModelReward).
 """
 
 from __future__ import annotations
@@ -165,6 +166,49 @@ def load_reward(spec: str) -> Reward:
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
         raise ZerotrainError(f"--reward-fn {spec}: {path} has no function {name} (it has {', '.join(found) or 'none'})")
     return Reward(name, fn)
+
+
+class ModelReward:
+    """A reward model's score as a reward function: any transformers sequence-classification model
+    with one label (a launcher/reward.py run's final/), with its own tokenizer and chat template.
+    A conversational prompt and its completion are rendered as one conversation by that template;
+    a text prompt and its completion are scored as one text. Frozen, in eval mode, on `device`,
+    whole on every rank."""
+
+    def __init__(self, directory: str, device: torch.device, dtype: torch.dtype, batch_size: int = 16):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(directory)
+            self.model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype).to(device).eval()
+        except (OSError, ValueError) as e:
+            raise ZerotrainError(f"--reward-model {directory}: not a transformers sequence-classification model with "
+                                 f"its tokenizer ({e}); use a launcher/reward.py run's final/") from None
+        if self.model.config.num_labels != 1:
+            raise ZerotrainError(f"--reward-model {directory} has {self.model.config.num_labels} labels; a reward "
+                                 "model has one (its score)")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.device, self.batch_size = device, batch_size
+        self.__name__ = "reward_model"
+
+    def text(self, prompt: Any, completion: Any) -> str:
+        if isinstance(prompt, list):
+            return self.tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        return prompt + completion
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, completion_ids, **columns) -> list[float]:
+        texts = [self.text(p, c) for p, c in zip(prompts, completions)]
+        out: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            # Right-padded: the model scores each row at its last token that is not padding.
+            self.tokenizer.padding_side = "right"
+            batch = self.tokenizer(texts[start:start + self.batch_size], add_special_tokens=False, padding=True,
+                                   return_tensors="pt").to(self.device)
+            out.extend(self.model(**batch).logits[:, 0].float().tolist())
+        return out
 
 
 def score(rewards: list[Reward], prompts: list, completions: list, completion_ids: list[list[int]],
