@@ -6,12 +6,13 @@ import pytest
 from engine.data.kinds import detect_kind
 from engine.data.sources import parse_data_sources
 from engine.objectives.distill import DistillConfig
+from engine.objectives.grpo import RLConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 # The launcher a recipe is written for, by its name, and the data kind of that launcher's --data.
 # distill takes pretraining text or conversations, detected per file ("auto").
-KINDS = {"pretrain": "pretrain", "sft": "sft", "dpo": "pref", "distill": "auto"}
+KINDS = {"pretrain": "pretrain", "sft": "sft", "dpo": "pref", "distill": "auto", "reward": "pref", "grpo": "prompt"}
 
 
 def recipe_kind(recipe: Path) -> str:
@@ -75,3 +76,19 @@ def test_the_gpu_minillm_recipe_is_gpt2_sized_with_reverse_kl(monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = parse_config(["--config", "recipes/distill_minillm_gpt2.yaml"])
     assert cfg.model.preset == "gpt2-124m" and cfg.section(DistillConfig).kd_loss == "reverse_kl" and cfg.section(DistillConfig).on_policy_ratio > 0
+
+
+def test_the_rl_chain_sfts_trains_a_reward_model_then_grpo_and_serves(monkeypatch):
+    """recipes/chain_grpo_tiny.sh: SFT on the shipped additions, a reward model on the SFT model's
+    trunk, GRPO of the SFT model with accuracy and that reward model, then `zerotrain serve`."""
+    monkeypatch.chdir(ROOT)
+    text = (ROOT / "recipes" / "chain_grpo_tiny.sh").read_text()
+    phases = re.findall(r"^run launcher/(\w+)\.py --config (recipes/\S+\.yaml)$", text, re.M)
+    assert [launcher for launcher, _ in phases] == ["sft", "reward", "grpo"]
+    sft, reward, grpo = (parse_config(["--config", recipe]) for _, recipe in phases)
+    assert reward.model.init_from == grpo.model.init_from == sft.train.output_dir
+    rl = grpo.section(RLConfig)
+    assert rl.reward_model == reward.train.output_dir + "/final" and rl.reward_fn == ["accuracy"]
+    assert len(rl.reward_weights) == 2 and grpo.train.micro_batch_size % rl.num_generations == 0
+    assert detect_kind(grpo.data.data) == "prompt"
+    assert re.search(rf"^zerotrain serve {grpo.train.output_dir}/final\b", text, re.M)
