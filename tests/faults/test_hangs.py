@@ -38,8 +38,8 @@ class Job:
     """A launch, and every process it started: the launchers put workers in sessions of their own,
     so they are tracked as the launcher's descendants, remembered once seen."""
 
-    def __init__(self, cmd: list[str]) -> None:
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE,
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env or launcher_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, errors="replace")
         self.root = psutil.Process(self.proc.pid)
         self.seen: dict[int, psutil.Process] = {self.proc.pid: self.root}
@@ -159,3 +159,39 @@ def test_a_frozen_rank_is_taken_for_dead_and_the_job_ends(tokenizer_dir, pretrai
     stderr = job.output()[1]
     assert job.proc.returncode != 0
     assert "rank 1 has not answered for" in stderr and "--dist-timeout" in stderr, stderr[-3000:]
+
+
+STALLING_REWARD = '''
+import os, time
+
+def stalls(prompts, completions, completion_ids, **columns):
+    """Rank 1 never returns from step 2's scoring (a reward server that stopped answering)."""
+    if os.environ.get("RANK") == "1" and os.path.exists(os.environ["ZT_TEST_STALL_FLAG"]):
+        time.sleep(10 ** 6)
+    open(os.environ["ZT_TEST_STALL_FLAG"], "w").close()
+    return [float(len(c)) for c in completions]
+'''
+
+
+def test_a_reward_function_that_hangs_inside_a_rollout_ends_the_job_with_every_stack(base_model_dir, tmp_path):
+    """A GRPO rollout is watched like any step: rank 1 stuck in its reward function at step 2 ends
+    the job within the hang timeout, its stack dump shows the function, and the report names the
+    step's rollout as where it was."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join('{"prompt": "count to %d"}\n' % i for i in range(16)))
+    (tmp_path / "rewards.py").write_text(STALLING_REWARD)
+    out = tmp_path / "run"
+    cmd = launcher_command("grpo.py", ["--init-from", base_model_dir, "--data", prompts, "--output-dir", out,
+                                       "--reward-fn", f"{tmp_path / 'rewards.py'}:stalls", "--num-generations", 2,
+                                       "--micro-batch-size", 4, "--max-new-tokens", 4, "--seq-len", 32,
+                                       "--max-steps", 6, "--log-interval", 1, "--save-interval", 100,
+                                       "--precision", "fp32", "--zero-stage", 2, "--hang-timeout", HANG_TIMEOUT,
+                                       "--data-cache-dir", tmp_path / "cache"])
+    env = launcher_env(ZT_TEST_STALL_FLAG=str(tmp_path / "stall-flag"))
+    job = Job(cmd, env)
+    job.wait_gone(timeout=300)
+    stderr = job.output()[1]
+    assert job.proc.returncode != 0
+    stacks = (out / "hang" / "rank1.txt").read_text()
+    assert "in stalls" in stacks and "in rollout" in stacks, stacks[-3000:]
+    assert "the job is stalled" in stderr and ": preparing its batches" in stderr, stderr[-3000:]
