@@ -103,3 +103,22 @@ def test_a_resumed_run_samples_and_trains_as_the_straight_one(grpo_runs, tmp_pat
     last = lambda run: [line for line in (run / "rollouts.jsonl").read_text().splitlines()  # noqa: E731
                         if json.loads(line)["step"] == STEPS][-MBS * 2:]
     assert last(resumed) == last(straight)  # the same completions, rewards and advantages
+
+
+def test_checkpoint_tools_work_on_rl_runs(grpo_runs, tmp_path, capsys):
+    """consolidate of the ZeRO-3 run's last checkpoint gives its final/ weights; extract-adapter of
+    the LoRA run gives its final/adapter/; both in this process, as test_consolidate runs them."""
+    from safetensors.torch import load_file
+
+    from engine.apps.cli import main as zerotrain
+
+    for cmd in (["consolidate", str(grpo_runs / "zero3"), str(tmp_path / "zero3.safetensors")],
+                ["extract-adapter", str(grpo_runs / "lora"), str(tmp_path / "adapter")]):
+        assert zerotrain(cmd) == 0, (cmd, capsys.readouterr())
+    final = load_file(grpo_runs / "zero3" / "final" / "model.safetensors")
+    consolidated = load_file(tmp_path / "zero3.safetensors")
+    shared = final.keys() & consolidated.keys()
+    assert shared and all(torch.equal(final[k], consolidated[k]) for k in shared)
+    live = load_file(grpo_runs / "lora" / "final" / "adapter" / "adapter_model.safetensors")
+    extracted = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert live.keys() == extracted.keys() and all(torch.equal(live[k], extracted[k]) for k in live)
