@@ -122,3 +122,55 @@ def test_checkpoint_tools_work_on_rl_runs(grpo_runs, tmp_path, capsys):
     live = load_file(grpo_runs / "lora" / "final" / "adapter" / "adapter_model.safetensors")
     extracted = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert live.keys() == extracted.keys() and all(torch.equal(live[k], extracted[k]) for k in live)
+
+
+def _fixed_rollout_steps(rank, world_size, out, base_model_dir, prompts, zero):
+    """Two steps of GRPO on the same 8 completions a step, however they fall into ranks and
+    micro-batches: 1 rank x 2 micro-batches of 4, or 2 ranks x 1."""
+    from engine.data.format import IGNORE_INDEX
+    from engine.distributed import World
+    from engine.objectives.grpo import GRPO
+    from engine.stages import config_for
+    from engine.training.main import setup
+    from tests.helpers import step_records
+
+    argv = ["--init-from", str(base_model_dir), "--data", str(prompts), "--output-dir", str(out / f"z{zero}"),
+            "--reward-fn", "length", "--num-generations", "2", "--micro-batch-size", "4",
+            "--grad-accum", str(2 // world_size), "--max-new-tokens", "8", "--seq-len", "32", "--max-steps", "4",
+            "--lr", "1e-3", "--warmup-steps", "0", "--zero-stage", str(zero), "--precision", "fp32", "--seed", "3",
+            "--kl-beta", "0.05", "--rl-loss", "dapo", "--data-cache-dir", str(out / f"cache{zero}")]
+    trainer = setup(config_for(GRPO, argv), GRPO, World(rank, rank, world_size))
+    objective = trainer.objective
+
+    def rollouts(step):
+        g = torch.Generator().manual_seed(100 + step)
+        batches = []
+        for lengths in ([20, 17, 14, 20], [11, 20, 9, 15]):  # unequal token counts: dapo's global mean shows
+            ids = torch.randint(3, 900, (4, 20), generator=g)
+            keep = torch.arange(20)[None, :] < torch.tensor(lengths)[:, None]
+            labels = torch.where(keep, ids, IGNORE_INDEX)
+            labels[:, :8] = IGNORE_INDEX  # the prompt
+            batch = {"input_ids": ids, "attention_mask": keep.long(), "position_ids": torch.arange(20).expand(4, 20),
+                     "labels": labels, "advantages": torch.randn(4, generator=g)}
+            batch["ref_logps"] = objective.reference({k: v.to(trainer.engine.device) for k, v in batch.items()})
+            batches.append(batch)
+        return batches if world_size == 1 else [batches[rank]]
+
+    objective.step_batches = lambda model, given, step: rollouts(step)
+    records = step_records(trainer, 2)
+    if rank == 0:
+        (out / f"z{zero}-{world_size}.json").write_text(json.dumps(records))
+
+
+def test_fixed_rollouts_train_alike_on_two_zero3_ranks_and_one_zero0_rank(base_model_dir, tmp_path):
+    from tests.helpers import run_ranks
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(16)))
+    run_ranks(_fixed_rollout_steps, 1, tmp_path, base_model_dir, prompts, 0)
+    run_ranks(_fixed_rollout_steps, 2, tmp_path, base_model_dir, prompts, 3)
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("z0-1.json", "z3-2.json"))
+    for a, b in zip(one, two):
+        for key in ("loss", "kl", "entropy", "clip_ratio/region_mean"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), key
+    assert one[1]["kl"] > 0  # the second step trains a policy that has moved from its reference
