@@ -25,10 +25,16 @@ PANELS = (("loss", "training loss", "loss"),
           ("val_loss", "validation loss", "loss"),
           ("lr", "learning rate", "lr"),
           ("tokens_per_sec", "throughput", "tokens/s"))
-# A third column, drawn only when some run has them: (training key, panel title, y-axis label, a
-# gray reference line: chance accuracy, zero margin). The val_ series of the key shares the panel.
+# More columns, each drawn only when some run has its metrics: (training key, panel title, y-axis
+# label, a gray reference line or None: chance accuracy, zero margin). The val_ series of the key
+# shares the panel.
 PREF_PANELS = (("rewards/accuracies", "reward accuracy", "chosen reward > rejected", 0.5),
                ("rewards/margins", "reward margin", "chosen - rejected reward", 0.0))
+REWARD_MODEL_PANELS = (("accuracy", "reward model accuracy", "r(chosen) > r(rejected)", 0.5),
+                       ("margin", "reward model margin", "r(chosen) - r(rejected)", 0.0))
+RL_PANELS = (("reward", "mean reward (RL)", "reward", None),
+             ("completions/mean_length", "completion length (RL)", "tokens", None))
+COLUMNS = (PREF_PANELS, REWARD_MODEL_PANELS, RL_PANELS)
 VAL = "val_"
 
 
@@ -74,7 +80,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def run_curves(records: list[dict], label: str) -> RunCurves:
     """Series per panel key; a step's latest value wins, missing/null/non-finite values are gaps."""
     curves = RunCurves(label)
-    keys = [key for key, _, _ in PANELS] + [k for key, *_ in PREF_PANELS for k in (key, VAL + key)]
+    keys = [key for key, _, _ in PANELS] + [k for column in COLUMNS for key, *_ in column for k in (key, VAL + key)]
     for key in keys:
         by_step: dict[int, float] = {}
         for record in records:
@@ -101,8 +107,8 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = None) -> list[RunCurves]:
     """Draw the panels for `run_dirs` into the PNG `out` (written to a temporary name, then
-    renamed); return the curves drawn. Four panels (2 x 2, 1200 x 800 pixels), six (2 x 3,
-    1800 x 800) when some run has preference metrics."""
+    renamed); return the curves drawn. Four panels (2 x 2, 1200 x 800 pixels), and a column of
+    two more (600 pixels wider) for each of preference, reward-model and RL metrics some run has."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -113,9 +119,10 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
         raise ZerotrainError(f"--out {out}: the plot is a PNG image, give a name ending in .png")
     dirs = [Path(d) for d in run_dirs]
     runs = [run_curves(read_metrics(d), label) for d, label in zip(dirs, run_labels(dirs))]
-    pref = any(k in run.series for run in runs for key, *_ in PREF_PANELS for k in (key, VAL + key))
+    extra = [column for column in COLUMNS
+             if any(k in run.series for run in runs for key, *_ in column for k in (key, VAL + key))]
 
-    columns = 3 if pref else 2
+    columns = 2 + len(extra)
     fig = Figure(figsize=(6 * columns, 8), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)  # the Agg canvas: no display needed, whatever matplotlib's default backend
     grid = fig.subplots(2, columns, sharex=True)
@@ -132,9 +139,10 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
         _finish_panel(ax, panel_title, ylabel, drawn)
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    if pref:
-        for ax, (key, panel_title, ylabel, reference) in zip(grid[:, 2], PREF_PANELS):
-            ax.axhline(reference, color="gray", linestyle=":", linewidth=1, label="_reference")
+    for at, column in enumerate(extra, 2):
+        for ax, (key, panel_title, ylabel, reference) in zip(grid[:, at], column):
+            if reference is not None:
+                ax.axhline(reference, color="gray", linestyle=":", linewidth=1, label="_reference")
             drawn = 0
             for index, run in enumerate(runs):
                 for series_key, val in ((key, False), (VAL + key, True)):
@@ -145,7 +153,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
                             linestyle="--" if val else "-", marker="o" if val or len(steps) < 2 else None,
                             markersize=3, linewidth=1.5)
                     drawn += 1
-            if key == "rewards/accuracies":
+            if key in ("rewards/accuracies", "accuracy"):
                 ax.set_ylim(-0.05, 1.05)
             _finish_panel(ax, panel_title, ylabel, drawn)
     for ax in grid[-1]:

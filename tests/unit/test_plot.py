@@ -180,3 +180,23 @@ def test_a_failed_write_keeps_the_old_image_and_leaves_no_temporary(two_runs, tm
 def test_labels_are_dir_names_unless_they_clash():
     assert run_labels([Path("runs/pretrain"), Path("runs/sft")]) == ["pretrain", "sft"]
     assert run_labels([Path("x/a/run"), Path("y/a/run")]) == ["x/a/run", "y/a/run"]
+
+
+def test_rl_runs_add_reward_and_completion_length_panels(two_runs, tmp_path, monkeypatch):
+    """A GRPO run's reward and completions/mean_length get a column of their own, beside a DPO
+    run's preference column when both are plotted."""
+    grpo = write_run(tmp_path / "grpo", [{"step": s, "loss": 0.0, "reward": r, "completions/mean_length": n}
+                                         for s, r, n in ((1, 0.2, 14.0), (2, 0.3, 13.5), (3, 0.45, 12.0))])
+    dpo = write_run(tmp_path / "dpo", [pref_step(1, 0.0, 0.0), pref_step(2, 0.5, 0.1)])
+    figures = drawn_figures(monkeypatch)
+    out = tmp_path / "rl.png"
+    runs = plot_runs([dpo, grpo], out)
+    assert image_size(out) == (2400, 800)
+    assert runs[1].series["reward"] == ([1, 2, 3], [0.2, 0.3, 0.45])
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes] == ["training loss", "validation loss", "reward accuracy",
+                                               "mean reward (RL)", "learning rate", "throughput", "reward margin",
+                                               "completion length (RL)"]
+    reward, length = axes[3], axes[7]
+    assert [line.get_label() for line in reward.get_lines()] == ["grpo"]  # no reference line, the dpo run has none
+    assert list(length.get_lines()[0].get_ydata()) == [14.0, 13.5, 12.0]
