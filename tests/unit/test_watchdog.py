@@ -69,6 +69,7 @@ def test_a_stall_writes_every_stack_and_names_the_rank_behind(tmp_path, capsys, 
     dogs[0].mark("step 8: all-reduce of the step's sums")
     dogs[1].mark("step 8, micro-batch 1 of 1: forward")
     stuck_in_a_collective(dogs)
+    wait_until(lambda: len(exits) == 2)  # a watchdog sets `ended` first, then calls exit
     assert exits == [HANG_EXIT, HANG_EXIT] and [d.ended for d in dogs] == ["stall", "stall"]
     for rank in (0, 1):
         stacks = (tmp_path / "hang" / f"rank{rank}.txt").read_text()
@@ -99,7 +100,7 @@ def test_a_dead_rank_ends_the_job_and_rank0_tells_the_others(tmp_path, capsys):
         dog.start(step=0)
     time.sleep(0.3)  # every counter seen moving
     dogs[2]._stop.set()  # rank 2's process is gone: its counter stops, nothing marks it done
-    wait_until(lambda: dogs[0].ended and dogs[1].ended)
+    wait_until(lambda: dogs[0].ended and dogs[1].ended and len(exits) == 2)
     assert [d.ended for d in dogs[:2]] == ["dead", "dead"] and exits == [HANG_EXIT, HANG_EXIT]
     err = capsys.readouterr().err
     assert err.count("rank 2 has not answered for") == 1  # rank 0 says it; rank 1 follows its verdict
@@ -125,7 +126,7 @@ def test_a_finished_rank_is_not_taken_for_dead_and_a_failed_one_ends_the_job(tmp
     time.sleep(1.5)  # three times dead_after
     assert dogs[0].ended is None and exits == []
     dogs[2].stop(failed=True)
-    wait_until(lambda: dogs[0].ended)
+    wait_until(lambda: dogs[0].ended and exits)
     assert dogs[0].ended == "failed" and exits == [FAILED_EXIT]
     dogs[0].stop()
 
@@ -140,7 +141,7 @@ def test_the_store_gone_ends_the_job(tmp_path):
     exits = []
     dog = Watchdog(tmp_path / "hang", 1, 2, 60.0, store=Gone(), exit=exits.append, **FAST)
     dog.start(step=0)
-    wait_until(lambda: dog.ended)
+    wait_until(lambda: dog.ended and exits)
     assert dog.ended == "store" and exits == [HANG_EXIT]
 
 
