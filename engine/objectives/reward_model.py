@@ -57,8 +57,8 @@ def as_reward_model(model: torch.nn.Module) -> torch.nn.Module:
     config = copy.deepcopy(model.config)
     config.num_labels = 1
     config.architectures = None
-    scorer = AutoModelForSequenceClassification.from_config(config, dtype=model.dtype,
-                                                           attn_implementation=model.config._attn_implementation)
+    # The copied config carries the causal LM's attention implementation along.
+    scorer = AutoModelForSequenceClassification.from_config(config, dtype=model.dtype)
     prefix = model.base_model_prefix
     missing, unexpected = getattr(scorer, prefix).load_state_dict(getattr(model, prefix).state_dict(), strict=False)
     if missing or unexpected:

@@ -189,6 +189,8 @@ class ModelReward:
                                  "model has one (its score)")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # Right-padded: the model scores each row at its last token that is not padding.
+        self.tokenizer.padding_side = "right"
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device, self.batch_size = device, batch_size
         self.__name__ = "reward_model"
@@ -203,8 +205,6 @@ class ModelReward:
         texts = [self.text(p, c) for p, c in zip(prompts, completions)]
         out: list[float] = []
         for start in range(0, len(texts), self.batch_size):
-            # Right-padded: the model scores each row at its last token that is not padding.
-            self.tokenizer.padding_side = "right"
             batch = self.tokenizer(texts[start:start + self.batch_size], add_special_tokens=False, padding=True,
                                    return_tensors="pt").to(self.device)
             out.extend(self.model(**batch).logits[:, 0].float().tolist())
