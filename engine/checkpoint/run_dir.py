@@ -3,6 +3,7 @@
     RUN/config.yaml          the resolved config, written at start
     RUN/tokenizer/           the tokenizer the run uses (HF format)
     RUN/metrics.jsonl        one JSON object per logged step
+    RUN/rollouts.jsonl       RL runs: every completion of each logged step (engine.objectives.grpo)
     RUN/checkpoints/         DeepSpeed's save_checkpoint dir: latest, global_stepN/ (+ _universal)
         global_stepN/zerotrain.json   the sidecar, written last (engine.checkpoint.sidecar)
     RUN/final/               the trained model in HF format, with the tokenizer
@@ -27,6 +28,7 @@ from model.state_dict import STATE_DICT_SUFFIXES
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
 METRICS = "metrics.jsonl"
+ROLLOUTS = "rollouts.jsonl"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FINAL = "final"
@@ -61,6 +63,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / METRICS
+
+    @property
+    def rollouts(self) -> Path:
+        return self.root / ROLLOUTS
 
     @property
     def checkpoints(self) -> Path:

@@ -153,7 +153,7 @@ class GroupRelative(Objective):
         self.tokenizer, self.prompts = plan.tokenizer, data.train
         self.stop_ids, self.pad_id = stop_ids(plan.tokenizer), plan.tokenizer.pad_token_id
         self.zero3 = zero_stage(plan.ds_config) == 3
-        self.log_path, self.log_interval = plan.run.root / "rollouts.jsonl", cfg.train.log_interval
+        self.log_path, self.log_interval = plan.run.rollouts, cfg.train.log_interval
         # The loader's micro-batches are prompts, each to be sampled G times.
         data.loader.micro_batch_size = cfg.train.micro_batch_size // self.rl.num_generations
         if data.val is not None:
