@@ -32,6 +32,7 @@ setup(
         "uvicorn",
     ],
     # gpu: liger-kernel's fused linear cross-entropy for --loss-chunk-size (a Triton kernel, CUDA only)
-    extras_require={"test": ["pytest>=8", "ninja", "trl==1.16.0", "openai"], "gpu": ["liger-kernel>=0.8"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "ninja", "trl==1.16.0", "openai"],
+                    "gpu": ["liger-kernel>=0.8"]},
     entry_points={"console_scripts": ["zerotrain = engine.apps.cli:main"]},
 )

@@ -172,18 +172,35 @@ def _worker_context(fn: Callable):
 def ordered_map(fn: Callable, tasks: Iterable[dict[str, Any]], num_proc: int, tokenizer) -> Iterator:
     """fn(tokenizer=tokenizer, **task) for each task, in order, over `num_proc` worker processes
     that are given the tokenizer once. At most 2 x num_proc tasks are in flight, so a long input
-    is never all in memory; with one process, or a single task, the work is done here."""
+    is never all in memory; with one process, or a single task, the work is done here.
+
+    concurrent.futures' pool, not multiprocessing.Pool: a worker that dies (the kernel's OOM
+    killer, a crash in native code) breaks it, which ends the run with an error, where Pool would
+    start a new worker and wait for the lost task's result forever."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     tasks = iter(tasks)
     first = list(islice(tasks, 2))
     if num_proc <= 1 or len(first) < 2:
         for task in chain(first, tasks):
             yield fn(tokenizer=tokenizer, **task)
         return
-    with _worker_context(fn).Pool(num_proc, _init_worker, (tokenizer,)) as pool:
-        pending: deque = deque()
+    pool = ProcessPoolExecutor(num_proc, mp_context=_worker_context(fn), initializer=_init_worker,
+                               initargs=(tokenizer,))
+    pending: deque = deque()
+    try:
         for task in chain(first, tasks):
-            pending.append(pool.apply_async(_call_in_worker, (fn, task)))
+            pending.append(pool.submit(_call_in_worker, fn, task))
             if len(pending) >= 2 * num_proc:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool as e:
+        raise ZerotrainError(f"a data preparation worker process died ({e}): if the machine ran out of memory, "
+                             "prepare with fewer processes (--num-proc), or with --num-proc 1 to see the error "
+                             "in this process") from e
+    finally:
+        # On an error, or when the caller stops early: the queued tasks are dropped and the at most
+        # num_proc running ones finish, so no worker outlives the call.
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -4,6 +4,7 @@ encoder wrote: the reference below is that encoder, kept as it was."""
 import copy
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -161,6 +162,16 @@ def test_a_template_that_is_not_prefix_stable_is_named_from_a_worker(tokenizer, 
     with pytest.raises(ZerotrainError, match=rf"{path}:1: the chat template is not prefix-stable"):
         prepare("sft", [str(path)], reversed_template, tmp_path / "out", seq_len=64, show_progress=False,
                 num_proc=2)
+
+
+def _die(tokenizer, **task):
+    os._exit(3)
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_ends_the_map_with_an_error_not_a_hang(tokenizer):
+    with pytest.raises(ZerotrainError, match="a data preparation worker process died"):
+        list(writer.ordered_map(_die, ({"i": i} for i in range(6)), 2, tokenizer))
 
 
 def test_num_proc_must_not_be_negative(tokenizer, tmp_path):
