@@ -1,7 +1,7 @@
 """Resuming training: which checkpoint (--resume auto | never | PATH, the newest complete one),
 whether it can be loaded safely, converting it when the number of ranks changed, and loading
-model, optimizer, scheduler and this rank's RNG back; the trainer restores its own counters and
-the data position from the client state returned."""
+model, optimizer, scheduler and this rank's RNG back; the trainer restores its own counters, the
+data position and what the objective carried from the state returned."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 from common.errors import ZerotrainError
 from common.publish import put_in_place, remove, temporary_name
 from engine.checkpoint.rng import set_rng_state
-from engine.checkpoint.run_dir import SIDECAR, TAG_RE, universal_dir, zerotrain_tags
+from engine.checkpoint.run_dir import OBJECTIVE_STATE, SIDECAR, TAG_RE, universal_dir, zerotrain_tags
 from engine.checkpoint.sidecar import Sidecar
 
 
@@ -89,6 +89,18 @@ def saved_world_size(tag_dir: Path) -> int:
     return sidecar.world_size
 
 
+def check_reshapable(tag_dir: Path, world_size: int) -> None:
+    """Refuse to resume `tag_dir` on `world_size` ranks when it was saved on another number and
+    its objective carried per-rank state to later steps (an RL run saved in the middle of its
+    --num-iterations updates of one rollout: each rank's rollouts belong to its own ranks)."""
+    saved = saved_world_size(tag_dir)
+    if saved != world_size and any(tag_dir.glob(OBJECTIVE_STATE.format(rank="*"))):
+        raise ZerotrainError(f"{tag_dir} was saved on {saved} ranks in the middle of reusing each rank's rollouts "
+                             f"(--num-iterations), which cannot be shared out to {world_size}: resume on {saved} "
+                             "ranks, or from a checkpoint at a step that is a multiple of --num-iterations "
+                             "(--resume PATH)")
+
+
 def make_universal(tag_dir: Path) -> Path:
     """Convert a tag to DeepSpeed's universal format (any world size can load it), once: rank 0
     runs ds_to_universal into a temporary folder and renames it; the folder is reused after."""
@@ -112,8 +124,9 @@ def make_universal(tag_dir: Path) -> Path:
     return target
 
 
-def load(engine, tag_dir: Path) -> dict[str, Any]:
-    """Load model, optimizer, scheduler and this rank's RNG state; return zerotrain's client state.
+def load(engine, tag_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load model, optimizer, scheduler and this rank's RNG state; return zerotrain's client state
+    and what the objective carried on this rank ({} when nothing).
 
     `tag_dir` may be a universal conversion (saved on another number of ranks): the data
     position is a global sample cursor, so it carries over to any world size as it is.
@@ -131,4 +144,7 @@ def load(engine, tag_dir: Path) -> dict[str, Any]:
     rank_file = tag_dir / f"rng_state_{dist.get_rank()}.pt"
     if rank_file.is_file() and saved_world_size(tag_dir) == dist.get_world_size():
         set_rng_state(safe_load(rank_file, mmap=False))
-    return client_state["zerotrain"]
+    # A universal conversion holds no objective state: check_reshapable refused those that had any.
+    state_file = tag_dir / OBJECTIVE_STATE.format(rank=dist.get_rank())
+    objective_state = safe_load(state_file, mmap=False) if state_file.is_file() else {}
+    return client_state["zerotrain"], objective_state

@@ -6,6 +6,7 @@
     RUN/rollouts.jsonl       RL runs: every completion of each logged step (engine.objectives.grpo)
     RUN/checkpoints/         DeepSpeed's save_checkpoint dir: latest, global_stepN/ (+ _universal)
         global_stepN/zerotrain.json   the sidecar, written last (engine.checkpoint.sidecar)
+        global_stepN/objective_state_{rank}.pt   what an objective carries to later steps, if anything
     RUN/final/               the trained model in HF format, with the tokenizer
     RUN/final/adapter/       LoRA runs: the PEFT adapter
     RUN/hang/rankN.txt       a stalled job's Python stacks, one file per rank (engine.training.watchdog)
@@ -35,6 +36,7 @@ FINAL = "final"
 ADAPTER = "adapter"
 HANG = "hang"
 SIDECAR = "zerotrain.json"
+OBJECTIVE_STATE = "objective_state_{rank}.pt"
 UNIVERSAL_SUFFIX = "_universal"
 
 TAG_RE = re.compile(r"^global_step(\d+)$")

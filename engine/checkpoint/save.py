@@ -3,7 +3,8 @@ only ever names a complete checkpoint, and the retention of older ones (--keep-l
 
 A checkpoint tag folder (`checkpoints/global_stepN/`) holds DeepSpeed's files (model, optimizer
 and scheduler state; the client state carries step, tokens seen, data position and config),
-one `rng_state_{rank}.pt` per rank, and `zerotrain.json`, written last by rank 0 once every
+one `rng_state_{rank}.pt` per rank (and one `objective_state_{rank}.pt` where the objective carries
+something from step to step: an RL run's rollouts that later steps train on again), and `zerotrain.json`, written last by rank 0 once every
 rank has finished. Only then is `latest` replaced (temporary name, then rename). With
 `--verify-checkpoints full` each rank then hashes its share of the files whole in the background
 and publishes the digests in `checksums/` (engine.checkpoint.checksums), whose `wait_for_checksums()` a
@@ -25,6 +26,7 @@ from engine.checkpoint.checksums import start_digests
 from engine.checkpoint.rng import rng_state
 from engine.checkpoint.run_dir import (
     LATEST,
+    OBJECTIVE_STATE,
     SIDECAR,
     tag_name,
     universal_dir,
@@ -61,13 +63,16 @@ def check_free_space(ckpt_dir: Path, needed: int) -> None:
 
 
 def save(engine, ckpt_dir: Path, client_state: dict[str, Any], sidecar: Sidecar, keep_last: int,
-         estimated_bytes: int, after_shards: Callable[[Path], None] | None = None, *, verify: str) -> Path:
+         estimated_bytes: int, after_shards: Callable[[Path], None] | None = None, *, verify: str,
+         objective_state: dict[str, Any] | None = None) -> Path:
     """Save a checkpoint of step `sidecar.step` on every rank (collective); returns the tag folder.
 
     `estimated_bytes` sizes the first checkpoint; later ones are assumed as big as the last.
     `after_shards(tag_dir)` runs on every rank once DeepSpeed's files are written (a test hook).
     `verify` is --verify-checkpoints: with "full" this rank's share of the files is hashed in a
     background thread once the save is complete, and the call returns without waiting for it.
+    `objective_state`: this rank's share of what the objective carries to later steps (saved when
+    not empty; tensors and plain values, loadable with weights_only).
     """
     import torch.distributed as dist
 
@@ -95,6 +100,9 @@ def save(engine, ckpt_dir: Path, client_state: dict[str, Any], sidecar: Sidecar,
             after_shards(tag_dir)
         with publishing(tag_dir / f"rng_state_{rank}.pt") as tmp:
             torch.save(rng_state(), tmp)
+        if objective_state:
+            with publishing(tag_dir / OBJECTIVE_STATE.format(rank=rank)) as tmp:
+                torch.save(objective_state, tmp)
     except OSError as e:
         raise write_failed(tag_dir, rank, e) from e
     dist.barrier()

@@ -78,6 +78,21 @@ class Objective(ABC):
         default."""
         return batches
 
+    def draws_data(self, step: int) -> bool:
+        """Whether step `step` takes new micro-batches from the loader; False for a step that
+        trains on batches the objective kept from an earlier one (step_batches is then given
+        none). True by default."""
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this rank's objective carries to later steps (batches kept for them), saved with
+        the checkpoint so a resumed run trains on them too: tensors and plain values. Empty by
+        default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what state_dict saved (given {} when it saved nothing)."""
+
     def step_metrics(self) -> dict[str, float | None]:
         """Metrics of the step's batches themselves, already reduced over ranks by step_batches
         (an RL step's rewards and completion lengths), logged beside the loss. None by default."""

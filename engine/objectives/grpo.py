@@ -12,9 +12,13 @@ completion tokens. The loop then trains on the completions as on any batch: rows
 completion, the completion tokens trained.
 
 Under ZeRO-3 the policy's weights are gathered once for a micro-batch's generation, not once a
-token. The policy samples from its current weights, so the ratio to the "old" policy is 1 and
-only the advantage's sign and size move it (TRL's num_iterations = 1); the clip matters for
-more updates per rollout, which this stage does not do yet.
+token. With --num-iterations 1 (the default) the policy samples from its current weights, so the
+ratio to the "old" policy is 1 and only the advantage's sign and size move it. With
+--num-iterations N (TRL's num_iterations), a step's rollouts are trained on again by the next
+N - 1 steps, which draw no prompts: their log-probs under the policy that sampled them are taken
+once, after sampling, and the ratio to them is clipped by --epsilon / --epsilon-high. A checkpoint
+in the middle of such a cycle saves each rank's rollouts with it, so the resumed run trains on
+the same ones.
 
 The rollout log, RUN/rollouts.jsonl, holds every completion of each logged step (all ranks',
 written by rank 0): its step, group, prompt, completion text and tokens, each function's reward,
@@ -85,13 +89,16 @@ class RLConfig:
     """group: advantages divided by their group's std, batch: by the micro-batch's std, none: not divided (Dr. GRPO)."""
     mask_truncated_completions: bool = False
     """Leave completions that hit --max-new-tokens without an end out of the loss (DAPO)."""
+    num_iterations: int = 1
+    """Optimizer steps per rollout (TRL's num_iterations): the next N - 1 steps train on a step's completions again,
+    clipped against the policy that sampled them; prompts are drawn every N steps."""
 
     def __post_init__(self) -> None:
         if self.rl_loss not in LOSS_TYPES:
             invalid(self, "rl_loss", self.rl_loss, "one of " + ", ".join(LOSS_TYPES))
         if self.scale_rewards not in SCALE_REWARDS:
             invalid(self, "scale_rewards", self.scale_rewards, "one of " + ", ".join(SCALE_REWARDS))
-        for name in ("num_generations", "max_new_tokens", "temperature"):
+        for name in ("num_generations", "max_new_tokens", "temperature", "num_iterations"):
             require_positive(self, name)
         if not 0.0 < self.top_p <= 1.0:
             invalid(self, "top_p", self.top_p, "a number in (0, 1]")
@@ -127,6 +134,9 @@ class GroupRelative(Objective):
         self.metrics: dict[str, float] = {}
         self.log_path = None
         self.log_interval = 0
+        # --num-iterations > 1: the rollouts of the cycle's first step, kept for its later steps.
+        self.kept: list[Batch] | None = None
+        self.last_step = 0
 
     # ----------------------------------------------------------------------- set-up
 
@@ -186,9 +196,17 @@ class GroupRelative(Objective):
 
     # ----------------------------------------------------------------------- rollouts
 
+    def draws_data(self, step: int) -> bool:
+        return (step - 1) % self.rl.num_iterations == 0
+
     def step_batches(self, model: Any, batches: list[Batch], step: int) -> list[Batch]:
         import torch.distributed as dist
 
+        self.last_step = step
+        if not self.draws_data(step):
+            if self.kept is None:
+                raise RuntimeError(f"step {step} reuses rollouts that were never made")
+            return self.kept  # the metrics stay the rollout's: they describe what is trained on
         rank = dist.get_rank() if dist.is_initialized() else 0
         module = getattr(model, "module", model)
         device = next(module.parameters()).device
@@ -202,7 +220,25 @@ class GroupRelative(Objective):
         self.metrics = self.reduce_stats(stats, device)
         if self.log_interval and step % self.log_interval == 0:
             self.write_log(logged, rank)
+        self.kept = None
+        if self.rl.num_iterations > 1:
+            # The sampling policy's log-probs, for the ratio of this cycle's later updates (the
+            # first's ratio is 1 all the same: the same weights score the same tokens).
+            with torch.no_grad():
+                for train in out:
+                    train["old_logps"] = self.completion_logps(model, train)[0]
+            self.kept = out
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.kept is None or self.last_step % self.rl.num_iterations == 0:
+            return {}  # the cycle is complete: the next step samples anew
+        return {"rollouts": [{k: v.cpu() for k, v in batch.items()} for batch in self.kept],
+                "metrics": self.metrics, "step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.kept, self.metrics, self.last_step = state["rollouts"], state["metrics"], state["step"]
 
     def rollout(self, module: Any, batch: Batch, step: int, seed: int) -> tuple[Batch, list[dict], dict]:
         """One micro-batch of prompts -> its completions as a training batch, their rollout-log
@@ -306,9 +342,9 @@ class GroupRelative(Objective):
         rl = self.rl
         logps, logits = self.completion_logps(model, batch)
         mask = trained_tokens(batch["labels"])
-        losses, kl, ratio = per_token_loss(logps, None, batch.get("ref_logps"), batch["advantages"],
-                                           loss_type=rl.rl_loss, epsilon=rl.epsilon, epsilon_high=rl.clip_high,
-                                           beta=rl.kl_beta)
+        losses, kl, ratio = per_token_loss(logps, batch.get("old_logps"), batch.get("ref_logps"),
+                                           batch["advantages"], loss_type=rl.rl_loss, epsilon=rl.epsilon,
+                                           epsilon_high=rl.clip_high, beta=rl.kl_beta)
         loss = summed_loss(losses, mask, rl.rl_loss, rl.max_new_tokens)
         with torch.no_grad():
             chosen = logits[mask].float()

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from common.errors import ZerotrainError
-from engine.checkpoint.resume import find_resume_tag, saved_world_size
+from engine.checkpoint.resume import check_reshapable, find_resume_tag, saved_world_size
 from engine.checkpoint.run_dir import RunDir, zerotrain_tags
 from engine.config.deepspeed import fill_ds_config, load_ds_config
 from engine.config.precision import resolve_precision
@@ -75,6 +75,7 @@ def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
     resume_tag = find_resume_tag(run.checkpoints, cfg.checkpoint.resume)
     saved = saved_world_size(resume_tag) if resume_tag is not None else None
     if saved is not None and saved != world_size:
+        check_reshapable(resume_tag, world_size)
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     init_source = resolve_init_from(cfg.model.init_from)
     tokenizer = load_tokenizer(tokenizer_path(cfg, init_source))

@@ -114,7 +114,9 @@ class Trainer:
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
         mark = self.watchdog.mark  # where a stall report says this rank was
         mark(f"step {self.state.step + 1}: loading its {accum} micro-batch(es)")
-        batches = [self.data.loader.next_batch() for _ in range(accum)]
+        # An objective that trains on one step's rollouts again in later steps draws nothing then.
+        draws = self.objective.draws_data(self.state.step + 1)
+        batches = [self.data.loader.next_batch() for _ in range(accum)] if draws else []
         mark(f"step {self.state.step + 1}: preparing its batches")
         batches = self.objective.step_batches(engine, batches, self.state.step + 1)
         mark(f"step {self.state.step + 1}: all-reduce of the trained units")
@@ -199,7 +201,8 @@ class Trainer:
         tag = save_checkpoint(self.engine, self.plan.run.checkpoints, client, sidecar, self.cfg.checkpoint.keep_last,
                               estimated_bytes=self.model.checkpoint_bytes,
                               after_shards=self.hooks.after_checkpoint_shards,
-                              verify=self.cfg.checkpoint.verify_checkpoints)
+                              verify=self.cfg.checkpoint.verify_checkpoints,
+                              objective_state=self.objective.state_dict())
         if self.model.lora:
             write_adapter(self.engine, tag / ADAPTER if self.world.rank == 0 else None, zero3=self.zero3,
                           precision=self.plan.precision)
@@ -207,9 +210,11 @@ class Trainer:
         return tag
 
     def restore(self, tag: Path) -> None:
-        """Model, optimizer, scheduler, this rank's RNG, the counters and the data position."""
-        client = resume.load(self.engine, tag)
+        """Model, optimizer, scheduler, this rank's RNG, the counters, the data position and what
+        the objective carried."""
+        client, objective_state = resume.load(self.engine, tag)
         self.state.load_state_dict(client["state"])
+        self.objective.load_state_dict(objective_state)
         self.data.loader.load_state_dict(client["loader"])
         self.resumed_from = tag
         saved = self.plan.saved_world_size

@@ -3,7 +3,9 @@ reference and LoRA under ZeRO-2 with the adapter-disabled reference, a reward fu
 user's file beside a built-in one. The rollout log recomputes: each logged reward is the
 function's on the logged completion, each advantage its group's normalised reward; the KL to
 the reference is 0 before the first update and not after; the metrics carry TRL's names; a run
-resumed from its step-2 checkpoint samples the same completions and trains to the same losses."""
+resumed from its step-2 checkpoint samples the same completions and trains to the same losses.
+The LoRA run takes two updates per rollout (--num-iterations 2): step 2 trains on step 1's
+completions again, and a run resumed from step 1 (in the middle of that) trains as the straight one."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ def distinct(prompts, completions, completion_ids, solution, **columns):
     return [len(set(text(c))) / 10 if s else None for c, s in zip(completions, solution)]
 '''
 STEPS, G, MBS = 3, 4, 8
+SAMPLED = {"zero3": [1, 2, 3], "lora": [1, 3]}  # the steps that sample (the LoRA run: --num-iterations 2)
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +47,16 @@ def grpo_runs(base_model_dir, tmp_path_factory):
               "--data-cache-dir", out / "cache", "--seed", 3]
     run_cases({"zero3": ("grpo", [*common, "--output-dir", out / "zero3", "--zero-stage", 3]),
                "lora": ("grpo", [*common, "--output-dir", out / "lora", "--zero-stage", 2, "--lora-r", 8,
-                                 "--rl-loss", "dapo", "--epsilon-high", "0.28"])}, out / "cases", nproc=2)
+                                 "--rl-loss", "dapo", "--epsilon-high", "0.28", "--num-iterations", 2,
+                                 "--save-interval", 1])}, out / "cases", nproc=2)
     return out
 
 
 @pytest.mark.parametrize("run", ["zero3", "lora"])
 def test_the_rollout_log_recomputes_rewards_and_advantages(grpo_runs, run):
     rows = [json.loads(line) for line in (grpo_runs / run / "rollouts.jsonl").read_text().splitlines()]
-    assert len(rows) == STEPS * MBS * 2  # every completion of every step, both ranks'
+    assert sorted({row["step"] for row in rows}) == SAMPLED[run]
+    assert len(rows) == len(SAMPLED[run]) * MBS * 2  # every completion of every sampling step, both ranks'
     namespace: dict = {}
     exec(REWARD_FILE, namespace)
     groups = defaultdict(list)
@@ -67,7 +72,7 @@ def test_the_rollout_log_recomputes_rewards_and_advantages(grpo_runs, run):
         assert row["rewards"]["length"] == -row["completion_tokens"] / 100
         assert row["reward"] == pytest.approx((distinct or 0.0) + 0.5 * row["rewards"]["length"], rel=1e-12)
         groups[(row["step"], row["group"])].append(row)
-    assert len(groups) == STEPS * (MBS // G) * 2 and all(len(g) == G for g in groups.values())
+    assert len(groups) == len(SAMPLED[run]) * (MBS // G) * 2 and all(len(g) == G for g in groups.values())
     spread = 0
     for group in groups.values():
         scores = torch.tensor([[r["rewards"]["distinct"] if r["rewards"]["distinct"] is not None else math.nan,
@@ -90,6 +95,11 @@ def test_metrics_and_the_kl_to_the_reference(grpo_runs, run):
     assert last["kl"] > 1e-6
     assert 0 < first["completions/mean_length"] <= 12
     assert (grpo_runs / run / "final").is_dir()
+    if run == "lora":  # step 2 trains on step 1's completions, moved off the policy that sampled them
+        second = [r for r in records if r["step"] == 2 and "loss" in r][0]
+        assert [second[k] for k in ("reward", "completions/mean_length")] == [first[k] for k in
+                                                                              ("reward", "completions/mean_length")]
+        assert second["loss"] != first["loss"]
 
 
 def test_a_resumed_run_samples_and_trains_as_the_straight_one(grpo_runs, tmp_path):
@@ -103,6 +113,24 @@ def test_a_resumed_run_samples_and_trains_as_the_straight_one(grpo_runs, tmp_pat
     last = lambda run: [line for line in (run / "rollouts.jsonl").read_text().splitlines()  # noqa: E731
                         if json.loads(line)["step"] == STEPS][-MBS * 2:]
     assert last(resumed) == last(straight)  # the same completions, rewards and advantages
+
+
+def test_a_run_resumed_between_updates_of_one_rollout_trains_on_the_same_completions(grpo_runs, tmp_path):
+    """The LoRA run's step-1 checkpoint holds each rank's rollouts (step 2 trains on them again):
+    the resumed run takes them back instead of sampling, and ends as the straight run did."""
+    straight = grpo_runs / "lora"
+    assert sorted(p.name for p in (straight / "checkpoints" / "global_step1").glob("objective_state_*")) == [
+        "objective_state_0.pt", "objective_state_1.pt"]
+    assert not list((straight / "checkpoints" / "global_step2").glob("objective_state_*"))  # a cycle's end
+    resumed = rewound_copy(straight, tmp_path / "run", 1, later=("global_step2", "global_step3"))
+    flags = json.loads((grpo_runs / "cases" / "cases.json").read_text())["lora"]["flags"]
+    flags[flags.index("--output-dir") + 1] = str(resumed)
+    proc = run_launcher("grpo.py", flags, nproc=2)
+    assert "resumed from" in proc.stdout and "at step 1" in proc.stdout
+    assert train_losses(resumed) == train_losses(straight)
+    last = lambda run: [line for line in (run / "rollouts.jsonl").read_text().splitlines()  # noqa: E731
+                        if json.loads(line)["step"] == STEPS][-MBS * 2:]
+    assert last(resumed) == last(straight)
 
 
 def test_checkpoint_tools_work_on_rl_runs(grpo_runs, tmp_path, capsys):

@@ -112,3 +112,19 @@ def test_checkpoint_tools_take_a_run_directory(tmp_path):
     assert checkpoint_dir(run) == run / "checkpoints"
     assert resolve_tag(run) == tag
     assert resolve_tag(run / "checkpoints") == tag and resolve_tag(tag) == tag
+
+
+def test_a_checkpoint_with_per_rank_rollouts_resumes_on_its_own_number_of_ranks_only(tmp_path):
+    from engine.checkpoint.resume import check_reshapable
+    from engine.checkpoint.sidecar import Sidecar
+
+    tag = tmp_path / "global_step3"
+    tag.mkdir()
+    Sidecar(step=3, tokens_seen=0, kind="grpo", zero_stage=2, world_size=2, precision="fp32", config={},
+            model_config={}).write(tag)
+    check_reshapable(tag, 4)  # nothing carried: any number of ranks
+    (tag / "objective_state_0.pt").write_bytes(b"")
+    check_reshapable(tag, 2)
+    with pytest.raises(ZerotrainError, match=r"saved on 2 ranks in the middle of reusing each rank's rollouts "
+                                             r"\(--num-iterations\), which cannot be shared out to 4: resume on 2"):
+        check_reshapable(tag, 4)
