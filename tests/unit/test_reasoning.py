@@ -4,11 +4,17 @@ and labels, and `zerotrain serve`'s split of a completion into reasoning_content
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import random
+import types
 
+import anyio
 import pytest
+import torch
 
 from common.errors import ZerotrainError
+from engine.apps.serve import Generator, ReasoningStream, create_app, split_reasoning
 from engine.data import chat
 from engine.data.conversations import SFTDataset, read_conversations
 from engine.data.format import IGNORE_INDEX
@@ -133,3 +139,185 @@ def test_sft_turns_carry_reasoning_content_and_reject_a_non_string(tmp_path):
     path.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [QUESTION, dict(REPLY, reasoning_content=7)]}))
     with pytest.raises(ZerotrainError, match=rf"{path}:2: messages\[1\].reasoning_content must be a string .* not int"):
         list(read_conversations(path))
+
+
+# ----------------------------------------------------------------------------- serve: the split
+
+SPLITS = [
+    # (completion, prompt opened the block, (reasoning_content, content))
+    ("<think>\nadd 2 and 3\n</think>\nThe answer is 5.", False, ("add 2 and 3", "The answer is 5.")),
+    ("<think>\n\nr\n\n</think>\n\nc\n", False, ("r", "c\n")),  # Qwen3's blank lines
+    ("<think></think>c", False, ("", "c")),
+    ("<think>\n\n</think>\n", False, ("", "")),
+    ("<think>\nstill thinking when the tokens ran out", False, ("still thinking when the tokens ran out", "")),
+    ("<think>a </thin", False, ("a </thin", "")),
+    ("<think>a</think>b</think>c", False, ("a", "b</think>c")),  # the first close ends the block
+    ("The answer is 5.", False, (None, "The answer is 5.")),
+    ("\n<think>x</think>y", False, (None, "\n<think>x</think>y")),  # not leading: content, unchanged
+    ("<thin", False, (None, "<thin")),
+    ("", False, (None, "")),
+    ("<", False, (None, "<")),
+    ("reasoning without the tag\n</think>\nanswer", True, ("reasoning without the tag", "answer")),  # DeepSeek-R1
+    ("no close", True, ("no close", "")),
+    ("", True, ("", "")),
+]
+
+
+@pytest.mark.parametrize("text, opened, expected", SPLITS)
+def test_split_reasoning(text, opened, expected):
+    assert split_reasoning(text, opened) == expected
+
+
+def streamed(pieces: list[str], opened: bool) -> tuple[str | None, str]:
+    """What a client reassembles from the deltas a stream of `pieces` gives."""
+    stream = ReasoningStream(opened)
+    deltas = [d for piece in pieces for d in stream.feed(piece)] + stream.feed("", final=True)
+    kinds = [key for d in deltas for key in d]
+    assert kinds == sorted(kinds, key=lambda k: k != "reasoning_content"), "reasoning after content"
+    assert all(len(d) == 1 and next(iter(d.values())) for d in deltas), "an empty or mixed delta"
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    return (reasoning if "reasoning_content" in kinds else None), "".join(d.get("content", "") for d in deltas)
+
+
+def none_if_empty(split: tuple[str | None, str]) -> tuple[str | None, str]:
+    # A stream sends no delta for empty reasoning: the client cannot tell it from none.
+    return (split[0] or None), split[1]
+
+
+@pytest.mark.parametrize("text, opened, expected", SPLITS)
+def test_a_stream_split_anywhere_gives_the_whole_text_split(text, opened, expected):
+    cuts = range(len(text) + 1)
+    for points in itertools.chain(itertools.combinations(cuts, 1), itertools.combinations(cuts, 2)):
+        bounds = [0, *points, len(text)]
+        pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+        assert streamed(pieces, opened) == none_if_empty(expected), pieces
+
+
+def test_a_stream_in_random_pieces_gives_the_whole_text_split():
+    rng = random.Random(0)
+    alphabet = ["<think>", "</think>", "<", "/", "think", ">", "\n", "a", "b ", "\n\n"]
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        opened = rng.random() < 0.2
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randrange(1, 6))))
+        bounds = [0, *cuts, len(text)]
+        pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+        assert streamed(pieces, opened) == none_if_empty(split_reasoning(text, opened)), pieces
+
+
+# ----------------------------------------------------------------------------- serve: the app
+
+class ScriptedModel(torch.nn.Module):
+    """Answers every prompt with `reply` then eos, token by token to the streamer as generate does;
+    keeps the prompts it was given."""
+
+    def __init__(self, tokenizer, reply: str):
+        super().__init__()
+        self.config = types.SimpleNamespace(max_position_embeddings=1024)
+        self.device = torch.device("cpu")
+        self.tokenizer, self.reply, self.prompts = tokenizer, reply, []
+
+    def generate(self, input_ids: torch.Tensor, streamer=None, **kwargs) -> torch.Tensor:
+        self.prompts.append(self.tokenizer.decode(input_ids[0]))
+        new = self.tokenizer.encode(self.reply, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        if streamer is not None:
+            streamer.put(input_ids)
+            for token in new:
+                streamer.put(torch.tensor([token]))
+            streamer.end()
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)
+
+
+def post(app, path: str, body: dict) -> tuple[int, bytes]:
+    """Status and body of a POST to the ASGI `app`, in process."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if not sent and not receive.asked:
+            receive.asked = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await anyio.sleep_forever()  # the client stays: a response may listen for it leaving
+
+    receive.asked = False
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "client": ("test", 1), "server": ("test", 80)}
+    anyio.run(app, scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def serve_app(tokenizer, reply: str):
+    model = ScriptedModel(tokenizer, reply)
+    return create_app(Generator(model, tokenizer, "scripted")), model
+
+
+def events(body: bytes) -> list[dict]:
+    lines = [line.removeprefix("data: ") for line in body.decode().split("\n\n") if line]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+REASONING_REPLY = "<think>\nadd 2 and 3: 5\n</think>\nThe answer is 5."
+
+
+def test_serve_returns_reasoning_content_apart_from_content(tokenizer):
+    app, _ = serve_app(tokenizer, REASONING_REPLY)
+    status, body = post(app, "/v1/chat/completions", {"messages": [QUESTION]})
+    assert status == 200, body
+    assert json.loads(body)["choices"][0]["message"] == {"role": "assistant", "content": "The answer is 5.",
+                                                        "reasoning_content": "add 2 and 3: 5"}
+    status, body = post(app, "/v1/completions", {"prompt": "q", "max_tokens": 64})
+    assert json.loads(body)["choices"][0]["text"] == REASONING_REPLY  # raw completions are not split
+
+
+def test_serve_streams_reasoning_deltas_then_content_deltas(tokenizer):
+    app, _ = serve_app(tokenizer, REASONING_REPLY)
+    status, body = post(app, "/v1/chat/completions", {"messages": [QUESTION], "stream": True})
+    assert status == 200
+    deltas = [e["choices"][0]["delta"] for e in events(body)]
+    assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
+    kinds = [key for d in deltas[1:-1] for key in d]
+    assert kinds == sorted(kinds, key=lambda k: k != "reasoning_content") and len(set(kinds)) == 2
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "add 2 and 3: 5"
+    assert "".join(d.get("content", "") for d in deltas) == "The answer is 5."
+
+
+def test_serve_leaves_a_reply_without_a_think_block_as_it_is(tokenizer):
+    app, _ = serve_app(tokenizer, "Five.")
+    _, body = post(app, "/v1/chat/completions", {"messages": [QUESTION]})
+    assert json.loads(body)["choices"][0]["message"] == {"role": "assistant", "content": "Five."}
+    _, body = post(app, "/v1/chat/completions", {"messages": [QUESTION], "stream": True})
+    deltas = [e["choices"][0]["delta"] for e in events(body)]
+    assert all(list(d) == ["content"] for d in deltas[1:-1])
+    assert "".join(d["content"] for d in deltas[1:-1]) == "Five."
+
+
+def test_serve_renders_request_reasoning_and_chat_template_kwargs(tokenizer):
+    app, model = serve_app(tokenizer, "Five.")
+    history = [QUESTION, {"role": "assistant", "content": "5", "reasoning_content": "2 + 3"}, QUESTION]
+    status, _ = post(app, "/v1/chat/completions", {"messages": history,
+                                                   "chat_template_kwargs": {"enable_thinking": False}})
+    assert status == 200
+    assert model.prompts[-1] == render(tokenizer, history, True, enable_thinking=False)
+    assert "<think>\n2 + 3\n</think>\n5" in model.prompts[-1]
+    assert model.prompts[-1].endswith("<|im_start|>assistant\n<think>\n\n</think>\n")
+    status, body = post(app, "/v1/chat/completions",
+                        {"messages": [QUESTION], "chat_template_kwargs": {"tokenize": True}})
+    assert status == 400 and json.loads(body)["error"]["param"] == "chat_template_kwargs"
+
+
+def test_serve_splits_a_completion_whose_prompt_opened_the_think_block(tokenizer):
+    opening = copy.deepcopy(tokenizer)  # DeepSeek-R1's template ends its generation prompt with "<think>\n"
+    opening.chat_template = CHAT_TEMPLATE.replace("'<|im_start|>assistant\\n' }}",
+                                                  "'<|im_start|>assistant\\n<think>\\n' }}")
+    assert opening.chat_template != CHAT_TEMPLATE
+    model = ScriptedModel(opening, "add them\n</think>\n5")
+    app = create_app(Generator(model, opening, "scripted"))
+    _, body = post(app, "/v1/chat/completions", {"messages": [QUESTION]})
+    assert model.prompts[-1].endswith("<think>\n")
+    assert json.loads(body)["choices"][0]["message"]["reasoning_content"] == "add them"
