@@ -20,8 +20,9 @@ from engine.data.conversations import SFTDataset, read_conversations
 from engine.data.format import IGNORE_INDEX
 from engine.data.prepare import prepare
 from model.tokenizer import CHAT_TEMPLATE, CHATML_WITHOUT_REASONING, DEFAULT_TOKENIZER, load_tokenizer
-from tests.helpers import SAMPLES
+from tests.helpers import SAMPLES, load_module
 
+REASONING_SAMPLE = SAMPLES / "arithmetic" / "reasoning.jsonl"
 QUESTION = {"role": "user", "content": "What is 2 + 3?"}
 REPLY = {"role": "assistant", "content": "<answer>5</answer>", "reasoning_content": "2 + 3 = 5."}
 
@@ -139,6 +140,20 @@ def test_sft_turns_carry_reasoning_content_and_reject_a_non_string(tmp_path):
     path.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [QUESTION, dict(REPLY, reasoning_content=7)]}))
     with pytest.raises(ZerotrainError, match=rf"{path}:2: messages\[1\].reasoning_content must be a string .* not int"):
         list(read_conversations(path))
+
+
+def test_the_reasoning_sample_is_what_its_script_makes(tokenizer, tmp_path):
+    load_module("scripts/make_arithmetic.py").build(tmp_path)
+    for name in ("sft.jsonl", "prompts.jsonl", "held_out.jsonl", "reasoning.jsonl"):
+        assert (tmp_path / name).read_bytes() == (SAMPLES / "arithmetic" / name).read_bytes(), name
+    conversations = [m for _, m in read_conversations(REASONING_SAMPLE)]
+    assert 20 <= len(conversations) <= 40
+    for messages in conversations:
+        reply = messages[-1]
+        a, b = map(int, messages[0]["content"].removeprefix("What is ").removesuffix("?").split(" + "))
+        assert reply["reasoning_content"].endswith(f"So {a} + {b} = {a + b}.")
+        assert reply["content"] == f"<answer>{a + b}</answer>"
+        assert chat._chatml_spans(messages) is not None
 
 
 # ----------------------------------------------------------------------------- serve: the split
