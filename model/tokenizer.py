@@ -32,8 +32,28 @@ DEFAULT_TOKENIZER = Path(__file__).resolve().parent / "default_tokenizer"
 
 # ChatML. Each message renders on its own, so rendering messages[:i] with the generation prompt is
 # a prefix of rendering messages[:i + 1] when message i is the assistant's: the engine finds the
-# assistant spans to train on that way.
+# assistant spans to train on that way (engine.data.chat, whose fast path follows this rule).
+# Reasoning models: an assistant message's non-empty `reasoning_content` renders before its reply
+# as `<think>\n...\n</think>\n`, for every turn (Qwen3's template drops earlier turns' reasoning,
+# which would break that prefix rule), unless the reply already starts with `<think>`. The thinking
+# switch is Qwen3's: `enable_thinking=False` closes an empty think block after the generation prompt.
 CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- set reasoning = message['reasoning_content'] if message['role'] == 'assistant' else none %}"
+    "{%- if reasoning is string and reasoning and not message['content'].startswith('<think>') %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n<think>\\n' + reasoning + '\\n</think>\\n' + message['content']"
+    " + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and not enable_thinking %}{{ '<think>\\n\\n</think>\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+# The template before reasoning: tokenizers saved earlier (run directories, train-tokenizer's output)
+# carry it. It renders messages without reasoning exactly as CHAT_TEMPLATE does.
+CHATML_WITHOUT_REASONING = (
     "{%- for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endfor %}"

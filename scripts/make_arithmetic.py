@@ -10,6 +10,8 @@ share of the pairs is kept apart (never in SFT or GRPO training). Writes, in DIR
     sft.jsonl             {"messages": [user "What is a + b?", assistant "<answer>a+b</answer>"]}, training pairs
     prompts.jsonl         {"prompt": [user "What is a + b?"], "solution": "a+b"}, training pairs (TRL's shape)
     held_out.jsonl        the same shape, the held-out pairs
+    reasoning.jsonl       the first 32 training pairs as a reasoning model's SFT data: the assistant
+                          turn's "reasoning_content" works the sum out column by column
 """
 
 from __future__ import annotations
@@ -19,9 +21,21 @@ import json
 import random
 from pathlib import Path
 
+REASONING_EXAMPLES = 32
+
 
 def question(a: int, b: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"What is {a} + {b}?"}]
+
+
+def working(a: int, b: int) -> str:
+    """a + b added column by column, in words: what a reasoning model thinks before it answers."""
+    ones = a % 10 + b % 10
+    steps = [f"Ones: {a % 10} + {b % 10} = {ones}" + (f", write {ones % 10} and carry 1." if ones >= 10 else ".")]
+    if max(a, b) >= 10 or ones >= 10:
+        carried = " + 1 carried" if ones >= 10 else ""
+        steps.append(f"Tens: {a // 10} + {b // 10}{carried} = {a // 10 + b // 10 + ones // 10}.")
+    return "\n".join(steps + [f"So {a} + {b} = {a + b}."])
 
 
 def build(out: Path, limit: int = 20, held_out: float = 0.2, seed: int = 0) -> dict[str, int]:
@@ -40,6 +54,9 @@ def build(out: Path, limit: int = 20, held_out: float = 0.2, seed: int = 0) -> d
                         for a, b in train))
     write("prompts.jsonl", ({"prompt": question(a, b), "solution": str(a + b)} for a, b in train))
     write("held_out.jsonl", ({"prompt": question(a, b), "solution": str(a + b)} for a, b in held))
+    write("reasoning.jsonl", ({"messages": question(a, b) + [{"role": "assistant", "reasoning_content": working(a, b),
+                                                              "content": f"<answer>{a + b}</answer>"}]}
+                              for a, b in train[:REASONING_EXAMPLES]))
     return {"train": len(train), "held_out": len(held)}
 
 

@@ -5,7 +5,10 @@
     POST /v1/completions        a raw text prompt
 
 Both POSTs stream with `stream: true` (server-sent events of OpenAI's chunk objects, then
-`data: [DONE]`). Decoding is transformers' `model.generate`, configured as `zerotrain generate`
+`data: [DONE]`). A chat completion that opens with a `<think>` block (a reasoning model's) is
+answered as vLLM's reasoning parsers answer it: the block's text as `reasoning_content`, the rest
+as `content`; `chat_template_kwargs` (vLLM's field, e.g. {"enable_thinking": false}) reach the
+chat template. Decoding is transformers' `model.generate`, configured as `zerotrain generate`
 does (engine.apps.generate). The model answers one request at a time: each generation runs in a
 worker thread holding a lock, so the event loop stays free and concurrent requests queue instead
 of sharing the model's state or the global RNG that `seed` sets.
@@ -13,6 +16,7 @@ of sharing the model's state or the global RNG that `seed` sets.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import threading
@@ -58,9 +62,16 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
+    reasoning_content: str | None = None  # an earlier reply's reasoning, as this server returns it
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def for_template(self) -> dict[str, str]:
+        out = {"role": self.role, "content": self.text()}
+        if self.role == "assistant" and self.reasoning_content is not None:
+            out["reasoning_content"] = self.reasoning_content
+        return out
 
 
 class StreamOptions(BaseModel):
@@ -84,6 +95,7 @@ class _Request(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens
+    chat_template_kwargs: dict[str, Any] | None = None  # variables for the template, e.g. enable_thinking
 
 
 class CompletionRequest(_Request):
@@ -101,6 +113,65 @@ class RequestError(Exception):
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict[str, Any]:
     """OpenAI's error object."""
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+# --------------------------------------------------------------------------- reasoning
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_reasoning(text: str, opened: bool = False, final: bool = True) -> tuple[str | None, str]:
+    """(reasoning_content, content) of a chat completion, as vLLM's DeepSeek-R1 / Qwen3 reasoning
+    parsers split it: the text between a leading `<think>` (or from the start, when the prompt
+    `opened` the block itself) and `</think>`, without the newlines around it, then the rest, without
+    the newlines that follow `</think>` (the template puts one there). reasoning_content is None when
+    there is no such block; a block that never closes (the completion ran out of tokens) is all
+    reasoning.
+
+    With `final` false, `text` is what a stream has so far, and only what later text cannot change
+    is given: each result is a prefix of what any longer text gives, so a stream can send the
+    difference (ReasoningStream)."""
+    if not opened:
+        if not text.startswith(THINK_OPEN):
+            if not final and THINK_OPEN.startswith(text):
+                return None, ""  # may yet become "<think>"
+            return None, text
+        text = text[len(THINK_OPEN):]
+    end = text.find(THINK_CLOSE)
+    if end >= 0:
+        content = text[end + len(THINK_CLOSE):].lstrip("\n")
+        return text[:end].strip("\n"), content
+    if not final:
+        # A tail that may begin "</think>" waits, and trailing newlines wait for the text after them.
+        text = text[:len(text) - held_back(text, [THINK_CLOSE])]
+    return text.strip("\n"), ""
+
+
+class ReasoningStream:
+    """A streamed chat completion's text as reasoning_content and content deltas (split_reasoning)."""
+
+    def __init__(self, opened: bool = False):
+        self.opened, self.text = opened, ""
+        self.sent_reasoning = self.sent_content = 0
+
+    def feed(self, piece: str, final: bool = False) -> list[dict[str, str]]:
+        """The deltas (`{"reasoning_content": ...}`, then `{"content": ...}`) that `piece` releases."""
+        self.text += piece
+        reasoning, content = split_reasoning(self.text, self.opened, final)
+        deltas = []
+        if reasoning is not None and len(reasoning) > self.sent_reasoning:
+            deltas.append({"reasoning_content": reasoning[self.sent_reasoning:]})
+            self.sent_reasoning = len(reasoning)
+        if len(content) > self.sent_content:
+            deltas.append({"content": content[self.sent_content:]})
+            self.sent_content = len(content)
+        return deltas
+
+
+def opens_thinking(prompt: str) -> bool:
+    """Whether a rendered chat prompt ends inside a think block, as DeepSeek-R1's template's
+    generation prompt does: the completion then starts with reasoning, without `<think>`."""
+    return prompt.rstrip().endswith(THINK_OPEN)
 
 
 # --------------------------------------------------------------------------- generation
@@ -162,6 +233,21 @@ class Generator:
                                  "or n_positions); serve needs it to cap max_tokens. Add it to the model's config.json")
         self.context: int = context
         self.lock = threading.Lock()
+
+    def chat_prompt(self, messages: Messages, template_kwargs: dict[str, Any] | None) -> str:
+        """`messages` rendered with the chat template and the assistant's generation prompt, with
+        `template_kwargs` as template variables (a RequestError for one of apply_chat_template's own
+        arguments, which would change what it returns rather than what the template renders)."""
+        template_kwargs = template_kwargs or {}
+        own = {name for name, p in inspect.signature(self.tokenizer.apply_chat_template).parameters.items()
+               if p.kind is not p.VAR_KEYWORD} | {"messages"}
+        clash = sorted(own & set(template_kwargs))
+        if clash:
+            raise RequestError(f"chat_template_kwargs: {', '.join(clash)} cannot be set there (the server renders "
+                               "the prompt itself); send template variables only, such as enable_thinking",
+                               "chat_template_kwargs")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  **template_kwargs)
 
     def job(self, prompt: str | Messages, request: _Request, max_tokens: int | None, default_max_tokens: int | None,
             param: str) -> Job:
@@ -254,14 +340,22 @@ def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _respond(generator: Generator, request: _Request, job: Job, *, chat: bool):
+async def _respond(generator: Generator, request: _Request, job: Job, *, chat: bool, opened: bool = False):
     """The completion as one JSON object (chat.completion or text_completion), or with `stream` as
-    server-sent events of OpenAI's chunks, a chat stream opening with the assistant's role."""
+    server-sent events of OpenAI's chunks, a chat stream opening with the assistant's role. A chat
+    completion's think block goes to reasoning_content (split_reasoning; `opened`: the prompt opened it)."""
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": generator.model_name}
     if not request.stream:
         result = await generator.complete(job)
-        content = {"message": {"role": "assistant", "content": result.text}} if chat else {"text": result.text}
+        if chat:
+            reasoning, text = split_reasoning(result.text, opened)
+            message = {"role": "assistant", "content": text}
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+            content = {"message": message}
+        else:
+            content = {"text": result.text}
         choice = {"index": 0, **content, "logprobs": None, "finish_reason": result.finish_reason}
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                 "usage": result.usage()}
@@ -272,17 +366,26 @@ async def _respond(generator: Generator, request: _Request, job: Job, *, chat: b
     def chunk(content: dict[str, Any], finish_reason: str | None = None) -> str:
         return _sse({**head, "choices": [{"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}]})
 
+    reasoning = ReasoningStream(opened)
+
+    def contents(piece: str, final: bool = False) -> list[dict[str, Any]]:
+        """A chat stream's text as reasoning_content and content deltas, a completion's as it is."""
+        if chat:
+            return [{"delta": delta} for delta in reasoning.feed(piece, final)]
+        return [{"text": piece}] if piece else []
+
     async def events() -> AsyncIterator[str]:
         if chat:
             yield chunk({"delta": {"role": "assistant", "content": ""}})
         try:
             async for item in generator.stream(job):
-                if isinstance(item, str):
-                    yield chunk({"delta": {"content": item}} if chat else {"text": item})
-                    continue
-                yield chunk({"delta": {}} if chat else {"text": ""}, item.finish_reason)
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": item.usage()})
+                final = isinstance(item, Result)  # the text held back is released with it
+                for content in contents("" if final else item, final):
+                    yield chunk(content)
+                if final:
+                    yield chunk({"delta": {}} if chat else {"text": ""}, item.finish_reason)
+                    if include_usage:
+                        yield _sse({**head, "choices": [], "usage": item.usage()})
         except Exception as e:  # the 200 and earlier chunks are already sent: report it in the stream
             logging.getLogger("uvicorn.error").exception("generation failed")
             yield _sse(error_body(f"{type(e).__name__}: {e}", kind="server_error"))
@@ -327,9 +430,9 @@ def create_app(generator: Generator) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-        job = generator.job(messages, request, request.max_completion_tokens or request.max_tokens, None, "messages")
-        return await _respond(generator, request, job, chat=True)
+        prompt = generator.chat_prompt([m.for_template() for m in request.messages], request.chat_template_kwargs)
+        job = generator.job(prompt, request, request.max_completion_tokens or request.max_tokens, None, "messages")
+        return await _respond(generator, request, job, chat=True, opened=opens_thinking(prompt))
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest):

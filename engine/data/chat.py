@@ -19,9 +19,12 @@ ROLE_ALIASES = {
 }
 
 
-def message(turn: Any, role_key: str, text_key: str, where: str, name: str) -> dict[str, str]:
+def message(turn: Any, role_key: str, text_key: str, where: str, name: str,
+            reasoning_key: str | None = None) -> dict[str, str]:
     """One {role, content} message from a raw turn (roles through ROLE_ALIASES); `name` says
-    where the turn is in its record, for errors."""
+    where the turn is in its record, for errors. With `reasoning_key`, an assistant turn's reasoning
+    (DeepSeek's and OpenAI's `reasoning_content`, null meaning none) is carried as
+    "reasoning_content", which the chat template renders as a `<think>` block before the reply."""
     if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
         raise ZerotrainError(f"{where}: {name} needs '{role_key}' and '{text_key}'")
     role = ROLE_ALIASES.get(str(turn[role_key]).lower())
@@ -30,7 +33,14 @@ def message(turn: Any, role_key: str, text_key: str, where: str, name: str) -> d
                              f"expected one of {sorted(ROLE_ALIASES)}")
     if not isinstance(turn[text_key], str):
         raise ZerotrainError(f"{where}: {name}.{text_key} must be a string")
-    return {"role": role, "content": turn[text_key]}
+    out = {"role": role, "content": turn[text_key]}
+    reasoning = turn.get(reasoning_key) if reasoning_key and role == "assistant" else None
+    if reasoning is not None:
+        if not isinstance(reasoning, str):
+            raise ZerotrainError(f"{where}: {name}.{reasoning_key} must be a string (the reasoning before the "
+                                 f"reply) or null, not {type(reasoning).__name__}")
+        out["reasoning_content"] = reasoning
+    return out
 
 
 def system_message(record: dict) -> list[dict[str, str]]:
@@ -51,16 +61,26 @@ def assistant_spans(messages: list[dict[str, str]], tokenizer,
     return assistant_spans_batch([messages], tokenizer, [where])[0]
 
 
+# Other names transformers reads as an assistant's reasoning, as some templates do: left to rendering.
+_OTHER_REASONING_KEYS = ("thinking", "reasoning")
+
+
 def _chatml_spans(messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]] | None:
     """What rendering every prefix with model.tokenizer.CHAT_TEMPLATE would give assistant_spans,
     computed from its one rule (each message is '<|im_start|>' role '\\n' content '<|im_end|>\\n',
-    the generation prompt '<|im_start|>assistant\\n'); None for a message that is not plain text."""
+    an assistant's non-empty reasoning_content as '<think>\\n' reasoning '\\n</think>\\n' before a
+    content that does not start with '<think>', the generation prompt '<|im_start|>assistant\\n');
+    None for a message that is not plain text."""
     pieces, spans, at = [], [], 0
     for i, turn in enumerate(messages):
-        role, content = turn.get("role"), turn.get("content")
-        if type(role) is not str or type(content) is not str:
+        role, content, reasoning = turn.get("role"), turn.get("content"), turn.get("reasoning_content")
+        if (type(role) is not str or type(content) is not str or (reasoning is not None and type(reasoning) is not str)
+                or any(turn.get(key) is not None for key in _OTHER_REASONING_KEYS)):
             return None
         head = "<|im_start|>" + role + "\n"
+        if role == "assistant" and reasoning and not content.startswith("<think>"):
+            # Part of the reply: the generation prompt ends before it, so it is trained on.
+            content = "<think>\n" + reasoning + "\n</think>\n" + content
         piece = head + content + "<|im_end|>\n"
         if role == "assistant":
             # The prefix with the generation prompt ends after the header (nothing before a first
@@ -80,17 +100,39 @@ def assistant_spans_batch(conversations: list[list[dict[str, str]]], tokenizer,
     With zerotrain's own ChatML template the prefixes' lengths follow from its rule, so only the
     whole conversations are rendered (one call), and a conversation whose render differs from
     what the rule gives takes the general path: rendering the prefixes was most of the time of
-    SFT preparation (a conversation with k replies has 2k of them)."""
-    from model.tokenizer import CHAT_TEMPLATE
+    SFT preparation (a conversation with k replies has 2k of them). Tokenizers saved before the
+    template rendered reasoning carry CHATML_WITHOUT_REASONING, which follows the same rule for
+    messages without reasoning; one with reasoning renders otherwise there, so takes the general path."""
+    from model.tokenizer import CHAT_TEMPLATE, CHATML_WITHOUT_REASONING
 
-    if not conversations or tokenizer.chat_template != CHAT_TEMPLATE:
-        return _rendered_spans(conversations, tokenizer, wheres)
-    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
-    results = [_chatml_spans(messages) for messages in conversations]
-    odd = [i for i, (text, derived) in enumerate(zip(texts, results)) if derived is None or derived[0] != text]
-    for i, result in zip(odd, _rendered_spans([conversations[i] for i in odd], tokenizer, [wheres[i] for i in odd])):
-        results[i] = result
+    if not conversations or tokenizer.chat_template not in (CHAT_TEMPLATE, CHATML_WITHOUT_REASONING):
+        results = _rendered_spans(conversations, tokenizer, wheres)
+    else:
+        texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+        results = [_chatml_spans(messages) for messages in conversations]
+        odd = [i for i, (text, derived) in enumerate(zip(texts, results)) if derived is None or derived[0] != text]
+        for i, result in zip(odd, _rendered_spans([conversations[i] for i in odd], tokenizer,
+                                                  [wheres[i] for i in odd])):
+            results[i] = result
+    _check_reasoning_rendered(conversations, results, wheres)
     return results
+
+
+def _check_reasoning_rendered(conversations: list[list[dict[str, str]]],
+                              results: list[tuple[str, list[tuple[int, int]]]], wheres: list[str]) -> None:
+    """An error for a template that leaves out an assistant's reasoning_content, which would
+    otherwise train on the reply without its thinking (a reply that starts with its own <think>
+    block is rendered instead of it, on purpose)."""
+    for messages, (text, _), where in zip(conversations, results, wheres):
+        for turn in messages:
+            reasoning = turn.get("reasoning_content")
+            if (reasoning and isinstance(reasoning, str) and turn.get("role") == "assistant"
+                    and not str(turn.get("content")).startswith("<think>") and reasoning not in text):
+                raise ZerotrainError(
+                    f"{where}: an assistant turn has reasoning_content, but the tokenizer's chat template leaves it "
+                    "out (zerotrain's before reasoning did, as do many); give the tokenizer a template that renders "
+                    "it, such as model/default_tokenizer/chat_template.jinja copied into its directory, or put the "
+                    "reasoning in the reply as <think>...</think>")
 
 
 def _rendered_spans(conversations: list[list[dict[str, str]]], tokenizer,

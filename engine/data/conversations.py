@@ -23,10 +23,9 @@ SFT_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
 # Part of an SFT preparation's key: raised when the same raw files come to read as other
-# conversations, so that cached preparations are made again (2: Alpaca's `history` is read).
-# Part of an SFT preparation's key: raised when the same raw files come to read as other
-# conversations, so that cached preparations are made again (2: Alpaca's `history` is read).
-SFT_READER_VERSION = 2
+# conversations, so that cached preparations are made again (2: Alpaca's `history` is read;
+# 3: assistant turns' `reasoning_content` is read).
+SFT_READER_VERSION = 3
 
 
 def detect_sft_format(record: Any) -> str | None:
@@ -50,14 +49,14 @@ def detect_sft_format(record: Any) -> str | None:
     return None
 
 
-SFT_SHAPES = ("ShareGPT {conversations: [{from, value}], system?}, OpenAI {messages: [{role, content}]}, "
-              "MiniMind {conversations: [{role, content}]}, Alpaca {instruction, input?, output, system?, "
-              "history?: [[user, assistant]...]}, Dolly {instruction, context?, response}, "
+SFT_SHAPES = ("ShareGPT {conversations: [{from, value}], system?}, OpenAI {messages: [{role, content, "
+              "reasoning_content?}]}, MiniMind {conversations: [{role, content}]}, Alpaca {instruction, input?, "
+              "output, system?, history?: [[user, assistant]...]}, Dolly {instruction, context?, response}, "
               "Alpaca seed {instruction, instances: [{input, output}]}; anything else: --columns")
 
 
 def _turns(record: dict, key: str, role_key: str, text_key: str, where: str) -> list[dict[str, str]]:
-    return system_message(record) + [message(turn, role_key, text_key, where, f"{key}[{i}]")
+    return system_message(record) + [message(turn, role_key, text_key, where, f"{key}[{i}]", "reasoning_content")
                                      for i, turn in enumerate(record.get(key) or [])]
 
 

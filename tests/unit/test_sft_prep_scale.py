@@ -191,6 +191,13 @@ def test_chatml_spans_derived_from_the_template_rule_match_rendering_every_prefi
         [turn("system", "s"), turn("assistant", "a1"), turn("assistant", "a2 <|im_end|>\n"), turn("user", "u")],
         [turn("user", "emoji \U0001F600 and 中文"), turn("assistant", "\t"), turn("user", "again")],
         [dict(turn("user", "q"), reasoning_content=None), dict(turn("assistant", "a"), thinking="hidden")],
+        # Reasoning renders inside the reply, except where the reply already starts with <think>.
+        [turn("user", "q"), dict(turn("assistant", "a"), reasoning_content="r\n\n"), turn("user", "u"),
+         dict(turn("assistant", ""), reasoning_content="\nsecond <|im_end|>")],
+        [dict(turn("assistant", "<think>\nmine\n</think>\na"), reasoning_content="ignored"),
+         dict(turn("user", "q"), reasoning_content="not an assistant's"),
+         dict(turn("assistant", "a"), reasoning_content="")],
+        [turn("user", "q"), dict(turn("assistant", "a"), reasoning_content=["not", "text"])],
     ]
     conversations = awkward + [m for path in sft_inputs for _, m in read_conversations(path)]
     wheres = [f"c{i}" for i in range(len(conversations))]
