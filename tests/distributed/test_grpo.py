@@ -115,6 +115,20 @@ def test_a_resumed_run_samples_and_trains_as_the_straight_one(grpo_runs, tmp_pat
     assert last(resumed) == last(straight)  # the same completions, rewards and advantages
 
 
+def test_an_rl_run_resumes_on_another_number_of_ranks(grpo_runs, tmp_path):
+    """The 2-rank ZeRO-3 run's step-2 checkpoint (a cycle's end: nothing carried) goes on on one
+    rank: converted to DeepSpeed's universal layout, then one more step, sampled and trained."""
+    resumed = rewound_copy(grpo_runs / "zero3", tmp_path / "run", 2, later=("global_step3",))
+    flags = json.loads((grpo_runs / "cases" / "cases.json").read_text())["zero3"]["flags"]
+    flags[flags.index("--output-dir") + 1] = str(resumed)
+    proc = run_launcher("grpo.py", flags, nproc=1, launcher="python")
+    assert "saved on 2 ranks, now 1" in proc.stdout
+    last = [r for r in metrics(resumed) if "loss" in r][-1]
+    assert last["step"] == STEPS and math.isfinite(last["loss"]) and last["reward"] is not None
+    rows = [json.loads(line) for line in (resumed / "rollouts.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if r["step"] == STEPS]) == 2 * MBS + MBS  # the straight run's two ranks, then one
+
+
 def test_a_run_resumed_between_updates_of_one_rollout_trains_on_the_same_completions(grpo_runs, tmp_path):
     """The LoRA run's step-1 checkpoint holds each rank's rollouts (step 2 trains on them again):
     the resumed run takes them back instead of sampling, and ends as the straight run did."""
