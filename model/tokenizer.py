@@ -292,8 +292,10 @@ def _merge_sentencepiece(model_file: Path, texts: list[str], add_vocab: int) -> 
     return proto.SerializeToString()
 
 
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A sha256 hex digest of the vocabulary, merges, normalisation, special tokens and chat template.
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase, *, chat_template: bool = True) -> str:
+    """A sha256 hex digest of the vocabulary, merges, normalisation, special tokens and chat template
+    (`chat_template=False`: of what maps text to ids alone, for models that must share ids but not
+    how conversations are rendered: a teacher and its student).
 
     Padding and truncation settings are left out: transformers changes them on the backend when
     asked to pad or truncate, which does not change the ids a text encodes to.
@@ -305,7 +307,8 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     else:
         backend = sorted(tokenizer.get_vocab().items())
     special = [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token]
-    blob = json.dumps([backend, special, tokenizer.chat_template], sort_keys=True, ensure_ascii=False)
+    template = tokenizer.chat_template if chat_template else None
+    blob = json.dumps([backend, special, template], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -150,8 +150,9 @@ class Distill(Objective):
                                  "with --preset, or a DeepSpeed checkpoint)")
         self.source = resolve_init_from(self.kd.teacher)
         if self.source.tokenizer is not None:
-            theirs = tokenizer_fingerprint(load_tokenizer(str(self.source.tokenizer)))
-            if theirs != tokenizer_fingerprint(plan.tokenizer):
+            # The ids must agree, not the chat templates: the student's renders the data.
+            theirs = tokenizer_fingerprint(load_tokenizer(str(self.source.tokenizer)), chat_template=False)
+            if theirs != tokenizer_fingerprint(plan.tokenizer, chat_template=False):
                 raise ZerotrainError(f"--teacher {self.kd.teacher} uses another tokenizer ({self.source.tokenizer}) than "
                                      "the student: distillation compares next-token distributions over one vocabulary, "
                                      "so both must use the same tokenizer")

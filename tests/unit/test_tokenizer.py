@@ -125,6 +125,13 @@ def test_fingerprint(trained, sp_model):
     loaded(["a", "a b c"], padding=True, truncation=True, max_length=4)  # sets padding on the backend
     assert tokenizer_fingerprint(loaded) == tokenizer_fingerprint(tokenizer)
     assert tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(load_tokenizer(str(sp_model)))
+    # Another chat template renders conversations differently but maps text to the same ids.
+    from model.tokenizer import CHATML_WITHOUT_REASONING
+
+    older = load_tokenizer(str(out))
+    older.chat_template = CHATML_WITHOUT_REASONING
+    assert tokenizer_fingerprint(older) != tokenizer_fingerprint(loaded)
+    assert tokenizer_fingerprint(older, chat_template=False) == tokenizer_fingerprint(loaded, chat_template=False)
 
 
 def test_missing_path(tmp_path):
