@@ -30,8 +30,6 @@ def frozen_model(cfg: Config, plan: RunPlan, device: torch.device, source: Resol
                  zero3: bool) -> torch.nn.Module:
     """`source`'s weights (None: the preset's random init with the run's seed, the trained
     model's own starting point), without gradients, in eval mode."""
-    import deepspeed
-
     from engine.training.init_from import build_base_model
 
     # The seed of the trained model's init (engine.training.build.build_model), without moving the
@@ -42,19 +40,28 @@ def frozen_model(cfg: Config, plan: RunPlan, device: torch.device, source: Resol
     model.requires_grad_(False)
     model.eval()
     if zero3:
-        ds = {k: v for k, v in copy.deepcopy(plan.ds_config).items() if k not in ("optimizer", "scheduler")}
-        zero = ds.setdefault("zero_optimization", {})
-        zero["stage"] = 3
-        zero.pop("offload_optimizer", None)
-        frozen_engine, *_ = deepspeed.initialize(model=model, config=ds)
-        frozen_engine.eval()
-        return frozen_engine.module
+        return partitioned(model, plan.ds_config)
     # Parameters only, as DeepSpeed casts the trained model: buffers such as rotary frequencies
     # stay fp32 (cast, they would shift every logit: DPO's first step would not be log 2).
     model.to(device)
     for param in model.parameters():
         param.data = param.data.to(DTYPES[plan.precision])
     return model
+
+
+def partitioned(model: torch.nn.Module, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """`model`, frozen, partitioned over the ranks by a DeepSpeed ZeRO-3 engine of its own with no
+    optimizer (the run's config otherwise): the module to call. Its every forward is collective,
+    so every rank must run the same number of them."""
+    import deepspeed
+
+    ds = {k: v for k, v in copy.deepcopy(ds_config).items() if k not in ("optimizer", "scheduler")}
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = 3
+    zero.pop("offload_optimizer", None)
+    frozen_engine, *_ = deepspeed.initialize(model=model, config=ds)
+    frozen_engine.eval()
+    return frozen_engine.module
 
 
 def frozen_key(cfg: Config, plan: RunPlan, source: Resolved | None, **more: Any) -> str:

@@ -181,8 +181,13 @@ class GroupRelative(Objective):
             from engine.config.precision import DTYPES
             from engine.objectives.rewards import ModelReward
 
-            self.rewards.append(Reward("reward_model", ModelReward(self.rl.reward_model, engine.device,
-                                                                   DTYPES[plan.precision])))
+            model = ModelReward(self.rl.reward_model, engine.device, DTYPES[plan.precision],
+                                zero3_config=plan.ds_config if self.zero3 else None)
+            self.rewards.append(Reward("reward_model", model))
+            shards = sum(hasattr(p, "ds_id") for p in model.model.parameters())  # DeepSpeed marks what it partitions
+            log_on_rank0(world().rank, f"reward model {self.rl.reward_model}: "
+                         + (f"{shards} tensors partitioned over {world().size} ranks (ZeRO-3)" if shards
+                            else "whole on every rank"))
         if self.rl.kl_beta:
             self.reference = reference_logps(cfg, plan, engine, "", self.completion_logps)
 

@@ -172,10 +172,12 @@ class ModelReward:
     """A reward model's score as a reward function: any transformers sequence-classification model
     with one label (a launcher/reward.py run's final/), with its own tokenizer and chat template.
     A conversational prompt and its completion are rendered as one conversation by that template;
-    a text prompt and its completion are scored as one text. Frozen, in eval mode, on `device`,
-    whole on every rank."""
+    a text prompt and its completion are scored as one text. Frozen, in eval mode, on `device`:
+    whole on every rank, or partitioned over them by ZeRO-3 when `zero3_config` (the run's
+    DeepSpeed config) is given, as a ZeRO-3 run's reference and teacher are."""
 
-    def __init__(self, directory: str, device: torch.device, dtype: torch.dtype, batch_size: int = 16):
+    def __init__(self, directory: str, device: torch.device, dtype: torch.dtype, batch_size: int = 16,
+                 zero3_config: dict[str, Any] | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
@@ -192,6 +194,12 @@ class ModelReward:
         # Right-padded: the model scores each row at its last token that is not padding.
         self.tokenizer.padding_side = "right"
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if zero3_config is not None:
+            from engine.objectives.frozen import partitioned
+
+            # Each rank scores as many batches as the others (each has the same completions per
+            # micro-batch), as the collective forwards need.
+            self.model = partitioned(self.model.requires_grad_(False), zero3_config)
         self.device, self.batch_size = device, batch_size
         self.__name__ = "reward_model"
 

@@ -64,23 +64,25 @@ def test_final_loads_with_transformers_and_scores_as_training_did(reward_run):
 
 
 def test_grpo_with_the_reward_model_logs_its_scores(reward_run, base_model_dir, tmp_path):
-    """launcher/grpo.py --reward-model: the logged reward of each completion is the reward model's
-    score of the conversation (prompt + completion) rendered by its own chat template."""
+    """launcher/grpo.py --reward-model on 2 ZeRO-3 ranks (the reward model partitioned over them,
+    as the policy is): the logged reward of each completion is the whole reward model's score of
+    the conversation (prompt + completion) rendered by its own chat template."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Say {w}."}]}) + "\n"
                                for w in ("hi", "yes", "no", "maybe", "thanks", "bye")))
-    run_launcher("grpo.py", ["--init-from", base_model_dir, "--data", prompts, "--output-dir", tmp_path / "grpo",
-                             "--reward-model", reward_run / "final", "--num-generations", 4, "--micro-batch-size", 8,
-                             "--max-new-tokens", 8, "--seq-len", 64, "--max-steps", 1, "--log-interval", 1,
-                             "--precision", "fp32", "--zero-stage", 0, "--data-cache-dir", tmp_path / "cache"],
-                 nproc=1, launcher="python")
+    flags = ["--init-from", base_model_dir, "--data", prompts, "--output-dir", tmp_path / "grpo",
+             "--reward-model", reward_run / "final", "--num-generations", 4, "--micro-batch-size", 8,
+             "--max-new-tokens", 8, "--seq-len", 64, "--max-steps", 1, "--log-interval", 1,
+             "--precision", "fp32", "--zero-stage", 3, "--data-cache-dir", tmp_path / "cache"]
+    proc = run_launcher("grpo.py", flags, nproc=2)
+    assert "tensors partitioned over 2 ranks (ZeRO-3)" in proc.stdout
     rows = [json.loads(line) for line in (tmp_path / "grpo" / "rollouts.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and metrics(tmp_path / "grpo")[0]["rewards/reward_model/mean"] is not None
+    assert len(rows) == 16 and metrics(tmp_path / "grpo")[0]["rewards/reward_model/mean"] is not None
     model = AutoModelForSequenceClassification.from_pretrained(reward_run / "final").eval()
     tokenizer = AutoTokenizer.from_pretrained(reward_run / "final")
-    for row in rows[:3]:
+    for row in rows[:3] + rows[-3:]:  # both ranks' completions
         text = tokenizer.apply_chat_template(row["prompt"] + [{"role": "assistant", "content": row["completion"]}],
                                              tokenize=False)
         with torch.no_grad():
