@@ -81,7 +81,7 @@ def check_stage_sections(cfg: Config, stage: Stage) -> None:
 def load_config(values: dict[str, Any], source: str) -> Config:
     """A saved config (config.yaml, a checkpoint's) of a run of any stage, earlier zerotrain
     versions' included (they saved every stage's section)."""
-    return Config.from_dict(values, stage_sections=stage_sections(), source=source)
+    return Config.from_dict(values, stage_sections=stage_sections(), source=source, saved=True)
 
 
 def launchers_for(kind: str) -> list[str]:

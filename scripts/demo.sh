@@ -55,11 +55,11 @@ fi
 
 if [ "$QUICK" = 1 ]; then
   VOCAB=1000 SEQ=128 MAX_NEW=16
-  PRETRAIN_FLAGS=(--seq-len $SEQ --max-steps 20 --warmup-steps 4 --log-interval 2 --eval-interval 10 --eval-batches 2
+  PRETRAIN_FLAGS=(--seq-len $SEQ --max-steps 20 --warmup-steps 4 --log-interval 2 --eval-interval 10 --eval-samples 32
                   --save-interval 10)
-  SFT_FLAGS=(--seq-len $SEQ --max-steps 10 --warmup-steps 2 --log-interval 2 --eval-interval 5 --eval-batches 2
+  SFT_FLAGS=(--seq-len $SEQ --max-steps 10 --warmup-steps 2 --log-interval 2 --eval-interval 5 --eval-samples 16
              --save-interval 5 --micro-batch-size 4)
-  DPO_FLAGS=(--max-steps 6 --warmup-steps 1 --eval-interval 3 --eval-batches 2 --save-interval 6)
+  DPO_FLAGS=(--max-steps 6 --warmup-steps 1 --eval-interval 3 --eval-samples 32 --save-interval 6)
 else
   VOCAB=6400 SEQ=256 MAX_NEW=48
   PRETRAIN_FLAGS=()

@@ -145,7 +145,7 @@ def selected_params(request, test_name: str, *argnames: str) -> list:
 
 
 PRETRAIN_RUN = {"preset": "debug", "seq-len": 32, "micro-batch-size": 4, "grad-accum": 1, "max-steps": 12,
-                "warmup-steps": 2, "lr": 3e-3, "log-interval": 1, "eval-interval": 4, "eval-batches": 2,
+                "warmup-steps": 2, "lr": 3e-3, "log-interval": 1, "eval-interval": 4, "eval-samples": 16,
                 "save-interval": 2, "keep-last": 0, "zero-stage": 2, "precision": "fp32", "seed": 11}
 """The flags of the session's pretraining runs (conftest's `pretrained_runs`: 2 ranks, ZeRO-2 and
 ZeRO-3): a test that resumes or repeats one of them passes the same flags (pretrain_args)."""
@@ -221,7 +221,7 @@ def build_trainer(rank: int, world_size: int, out: Path, base_model_dir: Path, s
 
     values = {"init-from": base_model_dir, "data": SHAREGPT, "output-dir": out / f"run{world_size}", "seq-len": 64,
               "micro-batch-size": 2, "grad-accum": 1, "max-steps": 4, "warmup-steps": 1, "lr": 5e-3,
-              "zero-stage": 2, "precision": "fp32", "seed": 3, "eval-batches": 2, "val-fraction": 0.2}
+              "zero-stage": 2, "precision": "fp32", "seed": 3, "eval-samples": 8, "val-fraction": 0.2}
     cfg = parse_config(cli_flags(values, **flags))
     return setup(cfg, SFT if stage == "sft" else PRETRAIN, World(rank, rank, world_size))
 
@@ -255,7 +255,7 @@ REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 def dpo_args(out: Path, **flags) -> list[str]:
     values = {"data": PAIRS, "output-dir": out, "seq-len": 96, "micro-batch-size": 2, "grad-accum": 1,
               "max-steps": 4, "warmup-steps": 0, "lr": 2e-3, "zero-stage": 2, "precision": "fp32", "seed": 3,
-              "eval-batches": 2, "val-fraction": 0.05, "log-interval": 1, "eval-interval": 100, "save-interval": 100,
+              "eval-samples": 8, "val-fraction": 0.05, "log-interval": 1, "eval-interval": 100, "save-interval": 100,
               # a cache per test: the precomputed reference is really computed where a test asks for it
               "data-cache-dir": Path(out).parent / "cache"}
     return cli_flags(values, **flags)

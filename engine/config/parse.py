@@ -21,6 +21,7 @@ import yaml
 from common.errors import ZerotrainError, did_you_mean
 from engine.config.sections import flag
 from engine.config.tree import (
+    RETIRED,
     Config,
     field_sections,
     field_types,
@@ -83,6 +84,9 @@ def parse_config(argv: list[str] | None = None, *, stage_sections: Iterable[type
     for token in rest:
         if token.startswith("--"):
             name = token[2:].split("=", 1)[0]
+            if name.replace("-", "_") in RETIRED:
+                new, what = RETIRED[name.replace("-", "_")]
+                raise ZerotrainError(f"--{name} was replaced by {flag(new)} ({what})")
             valid = [flag(n) for n in field_sections(stage_sections)] + ["--config"]
             hint = did_you_mean("--" + name, valid, cutoff=0.5)
             raise ZerotrainError(f"unknown flag '--{name}'" + (f"; {hint}" if hint else ""))

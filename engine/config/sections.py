@@ -201,8 +201,9 @@ class TrainConfig:
     """Steps between metrics.jsonl records."""
     eval_interval: int = 100
     """Steps between validation passes (0 = only at the end)."""
-    eval_batches: int = 20
-    """Micro-batches per rank in one validation pass."""
+    eval_samples: int = 160
+    """Validation samples scored in one pass (the split's first ones; all of it when smaller), shared out over the
+    ranks: the same samples on any number of ranks, so val_loss does not depend on it."""
     max_consecutive_nonfinite: int = 5
     """A NaN/inf loss skips the step; this many in a row stop the run."""
     report_to: list[str] = field(default_factory=list)
@@ -226,7 +227,7 @@ class TrainConfig:
     each distinct warning once); add ZEROTRAIN_DS_LOG=info for DeepSpeed's engine details."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_interval", "eval_batches",
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_interval", "eval_samples",
                      "max_consecutive_nonfinite"):
             require_positive(self, name)
         if self.global_batch_size < 0:

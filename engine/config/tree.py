@@ -39,6 +39,10 @@ from engine.config.sections import (
 
 Section = TypeVar("Section")
 
+RETIRED = {"eval_batches": ("eval_samples", "validation samples in all, not micro-batches per rank")}
+"""Keys earlier versions had: {old: (its replacement, what changed)}. Given by a user they are an
+error naming the replacement; in a saved config (an earlier run's config.yaml) they are dropped."""
+
 
 @dataclass
 class Config:
@@ -94,15 +98,18 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, stage_sections: Iterable[type] = (),
-                  source: str = "config") -> Config:
+                  source: str = "config", saved: bool = False) -> Config:
         """Build from nested ({section: {key: value}}) and/or flat ({key: value}) mappings, with the
-        common sections and `stage_sections` (section dataclasses of the stage being run)."""
+        common sections and `stage_sections` (section dataclasses of the stage being run).
+        `saved`: the mapping is a config an earlier run saved, whose retired keys are dropped."""
         classes = section_classes(tuple(stage_sections))
         owner = field_sections(tuple(stage_sections))
         flat: dict[str, Any] = {}
-        merge(flat, values or {}, source, classes)
+        merge(flat, values or {}, source, classes, saved=saved)
         per_section: dict[str, dict[str, Any]] = {name: {} for name in classes}
         for key, value in flat.items():
+            if key in RETIRED:  # a saved config's (merge refused any other)
+                continue
             if key not in owner:
                 hint = did_you_mean(key, list(owner) + list(classes), cutoff=0.5)
                 raise ZerotrainError(f"{source}: unknown key '{key}'" + (f"; {hint}" if hint else ""))
@@ -144,18 +151,30 @@ def field_types(section_cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(section_cls)}
 
 
-def merge(into: dict[str, Any], new: dict[str, Any], source: str, classes: dict[str, type]) -> None:
-    """Merge a nested or flat mapping into one flat mapping; later values win."""
+def merge(into: dict[str, Any], new: dict[str, Any], source: str, classes: dict[str, type], *,
+          saved: bool = False) -> None:
+    """Merge a nested or flat mapping into one flat mapping; later values win. A retired key is an
+    error naming its replacement, unless the mapping is a `saved` config (kept, for the caller to
+    drop)."""
     for key, value in new.items():
         if key in classes and isinstance(value, dict):
             known = list(field_types(classes[key]))
             for sub_key, sub_value in value.items():
-                if sub_key not in known:
+                if sub_key not in known and sub_key not in RETIRED:
                     hint = did_you_mean(sub_key, known, cutoff=0.5)
                     raise ZerotrainError(f"{source}: unknown key '{key}.{sub_key}'" + (f"; {hint}" if hint else ""))
+                _check_retired(sub_key, source, saved)
                 into[sub_key] = sub_value
         else:
+            _check_retired(key, source, saved)
             into[key] = value
+
+
+def _check_retired(key: str, source: str, saved: bool) -> None:
+    if key in RETIRED and not saved:
+        new, what = RETIRED[key]
+        raise ZerotrainError(f"{source}: '{key}' was replaced by '{new}' ({what}): use {new} "
+                             f"(--{new.replace('_', '-')})")
 
 
 def coerce(value: Any, annotation: Any, where: str) -> Any:

@@ -4,6 +4,7 @@ at the same place), the micro-batch loader, and the validation batches."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -114,15 +115,20 @@ class BatchLoader:
         self.sampler.load_state_dict(state)
 
 
-def eval_batches(dataset: torch.utils.data.Dataset, rank: int, world_size: int, micro_batch_size: int,
-                 max_batches: int, collate) -> Iterator[dict[str, torch.Tensor]]:
-    """Validation micro-batches for one rank: a fixed, unshuffled share of the split.
+def rank_rounds(n: int, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
+    """Rank `rank`'s share of examples 0 .. n - 1 (r, r + world, ...) in micro-batches, as many
+    rounds on every rank, since a collective pass (a ZeRO-3 forward) needs every rank in every
+    round: a rank whose share runs out first gets empty rounds."""
+    mine = list(range(rank, n, world_size))
+    rounds = math.ceil(math.ceil(n / world_size) / micro_batch_size) if n else 0
+    return [mine[r * micro_batch_size:(r + 1) * micro_batch_size] for r in range(rounds)]
 
-    Every rank yields the same number of batches (the extra samples that do not divide are
-    left out), so collective calls in the eval loop stay in step.
-    """
-    per_step = micro_batch_size * world_size
-    steps = min(max_batches, len(dataset) // per_step)
-    for step in range(steps):
-        start = step * per_step + rank * micro_batch_size
-        yield collate([dataset[i] for i in range(start, start + micro_batch_size)])
+
+def eval_batches(dataset: torch.utils.data.Dataset, rank: int, world_size: int, micro_batch_size: int,
+                 samples: int, collate) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+    """Validation micro-batches for one rank, each with whether it counts: the split's first
+    `samples` samples (all of them when it is smaller), unshuffled, shared out by rank_rounds. So
+    every number of ranks scores the same samples, and a validation loss does not depend on it;
+    an empty round repeats a sample that does not count, to keep the ranks in step."""
+    for indices in rank_rounds(min(samples, len(dataset)), rank, world_size, micro_batch_size):
+        yield collate([dataset[i] for i in (indices or [0])]), bool(indices)

@@ -22,6 +22,7 @@ of a few lines calling `engine.training.main.main(argv, STAGE)` + a batch script
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal
@@ -146,15 +147,19 @@ class Stage:
 
 @torch.no_grad()
 def summed_over(objective: Objective, model: Callable[..., object], batches: Iterable[Batch],
-                device: torch.device) -> dict[str, float]:
+                device: torch.device, counts: Iterable[bool] | None = None) -> dict[str, float]:
     """The objective's loss, units and metrics each summed over `batches`, without gradients:
-    validation's and `zerotrain eval`'s pass over held-out data (means are sums / units)."""
+    validation's and `zerotrain eval`'s pass over held-out data (means are sums / units).
+    `counts`: whether each batch's results count (one a rank runs only to keep a collective pass
+    in step does not); all of them by default."""
     sums: dict[str, float] = {"units": 0.0, "loss": 0.0}
-    for batch in batches:
+    for batch, counted in zip(batches, counts if counts is not None else itertools.repeat(True)):
         batch = {k: v.to(device) for k, v in batch.items()}
         out = objective.loss(model, batch)
-        sums["units"] += objective.units(batch)
-        sums["loss"] += float(out.loss)
+        # A batch that does not count still adds its metrics' keys: every rank reduces the same ones.
         for name, value in out.metrics.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
+            sums[name] = sums.get(name, 0.0) + (float(value) if counted else 0.0)
+        if counted:
+            sums["units"] += objective.units(batch)
+            sums["loss"] += float(out.loss)
     return sums

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -89,12 +88,11 @@ def over_dataset(fn: Callable[[dict[str, torch.Tensor]], list[Any]], dataset, co
     of batches (a ZeRO-3 model's forwards are collective), then the ranks share their results."""
     import torch.distributed as dist
 
+    from engine.data.loader import rank_rounds
+
     n = len(dataset)
-    mine = list(range(world.rank, n, world.size))
-    rounds = math.ceil(math.ceil(n / world.size) / micro_batch_size) if n else 0
     results: list[tuple[int, Any]] = []
-    for r in range(rounds):
-        indices = mine[r * micro_batch_size:(r + 1) * micro_batch_size]
+    for indices in rank_rounds(n, world.rank, world.size, micro_batch_size):
         batch = collate([dataset[i] for i in (indices or [0])])  # an idle rank still joins the forward
         out = fn({k: v.to(device) for k, v in batch.items()})
         results += zip(indices, out)

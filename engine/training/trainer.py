@@ -169,14 +169,15 @@ class Trainer:
     def evaluate(self) -> dict[str, float] | None:
         """Validation loss and metrics (val_ prefixed): sums over this rank's share of the
         validation batches, reduced over ranks, divided by the units counted."""
-        batches = list(eval_batches(self.data.val, self.world.rank, self.world.size, self.cfg.train.micro_batch_size,
-                                    self.cfg.train.eval_batches, self.data.collate)) if self.data.val else []
+        rounds = list(eval_batches(self.data.val, self.world.rank, self.world.size, self.cfg.train.micro_batch_size,
+                                   self.cfg.train.eval_samples, self.data.collate)) if self.data.val else []
+        batches, counts = [batch for batch, _ in rounds], [counted for _, counted in rounds]
         if not batches:
             return None
         self.engine.eval()
         if self.hooks.evaluate is not None:
             self.hooks.evaluate(self.state.step)
-        sums = summed_over(self.objective, self.engine, batches, self.engine.device)
+        sums = summed_over(self.objective, self.engine, batches, self.engine.device, counts)
         self.engine.train()
         totals = all_reduce_sums(sums, self.engine.device)
         units = totals.pop("units")

@@ -92,7 +92,7 @@ def common_flags(args, out: Path, steps: int, lr: float) -> list[str]:
     flags = {"output-dir": out, "seq-len": args.seq_len, "micro-batch-size": args.micro_batch_size // args.ranks,
              "grad-accum": 1, "max-steps": steps, "warmup-steps": max(1, steps // 20), "lr": lr, "precision": "fp32",
              "zero-stage": 0, "seed": args.seed, "log-interval": max(1, steps // 10), "eval-interval": 0,
-             "eval-batches": 4, "save-interval": 10 ** 6, "resume": "never"}
+             "eval-samples": 4 * args.micro_batch_size, "save-interval": 10 ** 6, "resume": "never"}
     return [str(x) for k, v in flags.items() for x in (f"--{k}", v)]
 
 

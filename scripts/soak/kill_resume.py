@@ -50,7 +50,7 @@ SAVE_STEPS = [s for s in range(1, STEPS + 1) if s % SAVE_INTERVAL == 0 or s == S
 EVAL_STEPS = [s for s in range(1, STEPS + 1) if s % EVAL_INTERVAL == 0 or s == STEPS]
 RUN_FLAGS = {"preset": "debug", "data": ROOT / "data" / "samples" / "tinyshakespeare.txt", "seq-len": 32,
              "micro-batch-size": 2, "grad-accum": GRAD_ACCUM, "max-steps": STEPS, "warmup-steps": 2, "lr": 3e-3,
-             "log-interval": 1, "eval-interval": EVAL_INTERVAL, "eval-batches": 2, "save-interval": SAVE_INTERVAL,
+             "log-interval": 1, "eval-interval": EVAL_INTERVAL, "eval-samples": 8, "save-interval": SAVE_INTERVAL,
              "keep-last": 1, "precision": "fp32", "seed": 11}
 
 

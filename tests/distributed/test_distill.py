@@ -178,7 +178,7 @@ def test_what_on_policy_and_stored_teachers_cannot_do_is_named_first(flags, mess
 # --------------------------------------------------------------------------- through the launcher
 
 LORA_RUN = dict(max_steps=4, zero_stage=2, lora_r=4, lora_alpha=8, lora_dropout=0.0, log_interval=1, eval_interval=2,
-                eval_batches=2, save_interval=2, on_policy_ratio=0.7, on_policy_max_new_tokens=6)
+                eval_samples=8, save_interval=2, on_policy_ratio=0.7, on_policy_max_new_tokens=6)
 """The launcher tests' run: LoRA under ZeRO-2 on 2 ranks, a checkpoint at step 2 and at step 4. With seed 3,
 steps 1, 2 and 4 are on-policy, step 3 is not."""
 ON_POLICY_STEPS = {1, 2, 4}

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.distributed
 def base_args(tokenizer_dir, data, out, **overrides) -> list[str]:
     args = {"tokenizer": tokenizer_dir, "data": data, "output-dir": out, "preset": "debug", "seq-len": 32,
             "micro-batch-size": 4, "grad-accum": 1, "max-steps": 8, "warmup-steps": 2, "lr": 3e-3,
-            "log-interval": 1, "eval-interval": 4, "eval-batches": 2, "save-interval": 4, "seed": 1}
+            "log-interval": 1, "eval-interval": 4, "eval-samples": 16, "save-interval": 4, "seed": 1}
     args.update({k.replace("_", "-"): v for k, v in overrides.items()})
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 

@@ -88,7 +88,8 @@ def _step_loss(rank, world_size, out, base_model_dir, stage, accum):
     evaluation = trainer.evaluate()
     from engine.data.loader import eval_batches
 
-    val = list(eval_batches(trainer.data.val, rank, world_size, 2, 2, trainer.data.collate))
+    val = [batch for batch, counted in eval_batches(trainer.data.val, rank, world_size, 2, 8, trainer.data.collate)
+           if counted]
     vnll, vtokens, _ = direct_sums(trainer.engine.module, val)
     vsums = all_reduce_sums({"nll": vnll, "tokens": vtokens}, torch.device("cpu"))
     state = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
@@ -117,7 +118,9 @@ def test_step_loss_is_the_mean_over_every_trained_token(in_process, world_size):
 def test_one_rank_and_two_ranks_take_the_same_step(in_process):
     """Pretraining, global batch 4: one rank x micro-batch 4 == two ranks x micro-batch 2 (the
     sampler gives them the same samples), in loss, gradient norm (Adam would hide a gradient
-    scaled by a constant) and the updated weights."""
+    scaled by a constant) and the updated weights; and in validation loss, before and after, over
+    7 samples (--eval-samples: the same samples on any number of ranks, one rank's share a sample
+    short)."""
     out = in_process / "same_step"
     one, two = (json.loads((out / f"losses{n}.json").read_text()) for n in (1, 2))
     assert one == pytest.approx(two, rel=1e-5)
@@ -129,10 +132,11 @@ def test_one_rank_and_two_ranks_take_the_same_step(in_process):
 
 def _same_step(rank, world_size, out, base_model_dir, micro):
     trainer = build_trainer(rank, world_size, out, base_model_dir, "pretrain", micro_batch_size=micro, seq_len=32,
-                            data=SAMPLES / "tinyshakespeare.txt")
-    losses = []
+                            data=SAMPLES / "tinyshakespeare.txt", eval_samples=7)
+    losses = [trainer.evaluate()["val_loss"]]
     for _ in range(2):
         losses += [trainer.train_step()["loss"], float(trainer.engine.get_global_grad_norm())]
+    losses.append(trainer.evaluate()["val_loss"])
     if rank == 0:
         (out / f"losses{world_size}.json").write_text(json.dumps(losses))
         torch.save({n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()},

@@ -29,7 +29,7 @@ def sft_output(base_model_dir, out, *extra: str) -> str:
     those) and a merged model at the end (peft is called again: its warnings come again)."""
     proc = run_launcher("sft.py", cli_flags({
         "init-from": base_model_dir, "data": SAMPLES / "sharegpt_identity_500.json", "output-dir": out,
-        "max-steps": 2, "seq-len": 32, "micro-batch-size": 2, "eval-interval": 2, "eval-batches": 1,
+        "max-steps": 2, "seq-len": 32, "micro-batch-size": 2, "eval-interval": 2, "eval-samples": 4,
         "lora-r": 4, "lora-modules-to-save": "embed_tokens,lm_head", "merge-lora-at-end": "true"}) + list(extra))
     return proc.stdout + proc.stderr
 

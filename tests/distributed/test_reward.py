@@ -21,7 +21,7 @@ def reward_run(base_model_dir, tmp_path_factory):
     run_launcher("reward.py", ["--init-from", base_model_dir, "--data", PAIRS, "--output-dir", out / "run",
                                "--seq-len", 128, "--micro-batch-size", 8, "--max-steps", 40, "--lr", "1e-3",
                                "--warmup-steps", 4, "--precision", "fp32", "--zero-stage", 2, "--log-interval", 5,
-                               "--eval-interval", 20, "--eval-batches", 6, "--val-fraction", "0.1",
+                               "--eval-interval", 20, "--eval-samples", 96, "--val-fraction", "0.1",
                                "--center-rewards-coefficient", "0.01", "--data-cache-dir", out / "cache"], nproc=2)
     return out / "run"
 

@@ -25,7 +25,7 @@ def _train(rank, world_size, out, base_model_dir, name, extra):
     argv = ["--init-from", str(base_model_dir), "--data", str(SAMPLES / "sharegpt_identity_500.json"),
             "--output-dir", str(out / name), "--seq-len", "64", "--micro-batch-size", "2", "--max-steps", "2",
             "--warmup-steps", "0", "--lr", "1e-3", "--precision", "fp32", "--zero-stage", "0", "--log-interval", "1",
-            "--eval-interval", "0", "--eval-batches", "1", "--val-fraction", "0.05", "--seed", "5",
+            "--eval-interval", "0", "--eval-samples", "4", "--val-fraction", "0.05", "--seed", "5",
             "--data-cache-dir", str(out / "cache"), *extra]
     assert main(argv, TOY if name == "toy" else SFT) == 0
 

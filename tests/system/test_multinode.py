@@ -27,7 +27,7 @@ def test_two_nodes_train_zero3_over_ssh_and_consolidate(ssh_nodes, tokenizer_dir
     out = tmp_path / "run"
     args = {"preset": "debug", "tokenizer": tokenizer_dir, "data": pretrain_data, "output-dir": out, "seq-len": 32,
             "micro-batch-size": 4, "max-steps": 8, "warmup-steps": 2, "lr": 3e-3, "log-interval": 1,
-            "eval-interval": 8, "eval-batches": 2, "save-interval": 4, "zero-stage": 3, "precision": "fp32"}
+            "eval-interval": 8, "eval-samples": 16, "save-interval": 4, "zero-stage": 3, "precision": "fp32"}
     cmd = [str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "launcher/pretrain.py"]
     cmd += [x for k, v in args.items() for x in (f"--{k}", str(v))]

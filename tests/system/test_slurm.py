@@ -27,7 +27,7 @@ FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 def train_args(tokenizer_dir, data, out) -> list[str]:
     args = {"preset": "debug", "tokenizer": tokenizer_dir, "data": data, "output-dir": out, "seq-len": 32,
             "micro-batch-size": 4, "max-steps": MAX_STEPS, "warmup-steps": 2, "lr": 3e-3, "log-interval": 1,
-            "eval-interval": 1000, "eval-batches": 2, "save-interval": 1000, "precision": "fp32", "seed": 1}
+            "eval-interval": 1000, "eval-samples": 16, "save-interval": 1000, "precision": "fp32", "seed": 1}
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 

@@ -141,3 +141,16 @@ def test_the_default_warmup_fits_the_run(argv, warmup):
     cfg = parse_config(argv)
     assert cfg.optim.warmup_steps == warmup
     assert Config.from_dict(cfg.to_dict()).optim.warmup_steps == warmup
+
+
+def test_a_retired_key_is_named_with_its_replacement_and_dropped_from_a_saved_config(tmp_path):
+    from engine.stages import load_config
+
+    with pytest.raises(ZerotrainError, match=r"--eval-batches was replaced by --eval-samples \(validation samples "
+                                             r"in all, not micro-batches per rank\)"):
+        parse_config(["--eval-batches", "2"])
+    (tmp_path / "old.yaml").write_text("train:\n  eval_batches: 2\n")
+    with pytest.raises(ZerotrainError, match=r"old.yaml: 'eval_batches' was replaced by 'eval_samples'"):
+        parse_config(["--config", str(tmp_path / "old.yaml")])
+    saved = load_config({"train": {"eval_batches": 2, "max_steps": 7}}, "RUN/config.yaml")  # an earlier run's
+    assert saved.train.max_steps == 7 and saved.train.eval_samples == 160

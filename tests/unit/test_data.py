@@ -279,9 +279,12 @@ def test_loader_resumes_at_the_same_position_even_on_another_world_size():
         BatchLoader(dataset[:40], ShardedSampler(40, 0, 2, seed=3), 4, collate_stack).load_state_dict(state)
 
 
-def test_eval_batches_are_equal_in_number_on_every_rank():
+@pytest.mark.parametrize("world_size, samples, rounds", [(1, 7, 4), (2, 7, 2), (3, 7, 2), (2, 10, 3), (4, 30, 2),
+                                                         (2, 3, 1)])
+def test_validation_scores_the_same_samples_on_any_number_of_ranks_in_as_many_rounds_each(world_size, samples,
+                                                                                           rounds):
     dataset = [{"input_ids": torch.tensor([i]), "labels": torch.tensor([i])} for i in range(11)]
-    per_rank = [list(eval_batches(dataset, r, 2, 2, 10, collate_stack)) for r in range(2)]
-    assert len(per_rank[0]) == len(per_rank[1]) == 2
-    seen = sorted(int(x) for batches in per_rank for b in batches for x in b["input_ids"].flatten())
-    assert seen == list(range(8))
+    per_rank = [list(eval_batches(dataset, r, world_size, 2, samples, collate_stack)) for r in range(world_size)]
+    assert all(len(batches) == rounds for batches in per_rank)  # a collective pass stays in step
+    counted = sorted(int(x) for batches in per_rank for b, counts in batches if counts for x in b["input_ids"].flatten())
+    assert counted == list(range(min(samples, len(dataset))))  # each once, whatever the ranks
