@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class RLConfig:
-    """Reinforcement learning with rewards (launcher/grpo.py): sampling, rewards and the loss."""
+    """Reinforcement learning with rewards (launcher/grpo.py): sampling, rewards and the loss. launcher/ppo.py
+    reads the rewards, sampling, --epsilon and --num-iterations too (engine.objectives.ppo)."""
 
     SECTION: ClassVar[str] = "rl"
 
