@@ -56,7 +56,7 @@ def config_for(stage: Stage, argv: list[str] | None, *, defaults: dict[str, Any]
     or YAML key of another stage's section is refused, naming the launcher it belongs to, rather
     than ignored."""
     cfg = parse_config(argv, stage_sections=stage_sections(), description=stage_description(stage),
-                       defaults=defaults)
+                       defaults={**dict(stage.defaults), **(defaults or {})})
     check_stage_sections(cfg, stage)
     cfg.stage_sections = {name: section for name, section in cfg.stage_sections.items()
                           if type(section) in stage.sections}

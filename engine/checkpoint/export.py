@@ -15,16 +15,17 @@ from engine.distributed import on_rank0
 from engine.training.lora import merged_model, save_adapter
 
 
-def full_state_dict(engine, *, zero3: bool, precision: str, only_trainable: bool = False
+def full_state_dict(engine, *, zero3: bool, precision: str, only_trainable: bool = False, exported: str = ""
                     ) -> dict[str, torch.Tensor] | None:
     """The model's weights on rank 0 (fp32 master weights where mixed precision keeps them), None
     elsewhere. `only_trainable` takes just what the optimizer updates (LoRA matrices and
-    modules_to_save) and no buffers."""
+    modules_to_save) and no buffers; `exported` (engine.objectives.base.Stage.exported) names the
+    submodule that is the model (only its weights are gathered, named as in it)."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
-    module = engine.module
+    module = engine.module.get_submodule(exported) if exported else engine.module
     params = {n: p for n, p in module.named_parameters() if p.requires_grad or not only_trainable}
     out = {}
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None, enabled=zero3):
@@ -45,14 +46,15 @@ def write_adapter(engine, out_dir: Path | None, *, zero3: bool, precision: str) 
 
 
 def export_final(engine, run: RunDir, tokenizer, model_config: Any, *, lora: bool, merge_lora: bool, zero3: bool,
-                 precision: str) -> Path:
-    """final/: the model in HF format with the tokenizer; LoRA runs write final/adapter/ and, with
-    --merge-lora-at-end, the merged model. Built under a temporary name, then put in place of an
-    older final/ in one step."""
+                 precision: str, exported: str = "") -> Path:
+    """final/: the model in HF format with the tokenizer (the `exported` submodule alone, when the
+    stage names one); LoRA runs write final/adapter/ and, with --merge-lora-at-end, the merged
+    model. Built under a temporary name, then put in place of an older final/ in one step."""
     import torch.distributed as dist
 
     # Gather on every rank first; then rank 0 writes while the others wait for its result.
-    model_state = full_state_dict(engine, zero3=zero3, precision=precision) if not lora or merge_lora else None
+    model_state = (full_state_dict(engine, zero3=zero3, precision=precision, exported=exported)
+                   if not lora or merge_lora else None)
     adapter_state = full_state_dict(engine, zero3=zero3, precision=precision, only_trainable=True) if lora else None
 
     def write() -> None:

@@ -34,6 +34,9 @@ class Sidecar:
     """The run's resolved config (engine.config.tree.Config.to_dict())."""
     model_config: dict[str, Any]
     """The transformers config of the model trained (PretrainedConfig.to_dict())."""
+    exported: str = ""
+    """The submodule whose weights are the model (engine.objectives.base.Stage.exported: PPO's actor,
+    its critic beside it); its name, with a dot, starts theirs in the checkpoint. "" all of them."""
     lora: dict[str, Any] | None = None
     """PEFT LoRA settings (r, lora_alpha, target_modules, ...) for LoRA runs."""
     files: dict[str, str] = field(default_factory=dict)

@@ -125,11 +125,22 @@ class Stage:
     section: type | None = None
     """Its own config section (a dataclass with SECTION, checked like the common ones), if any: its
     flags are this stage's alone, and the other launchers refuse them."""
+    shares: tuple[type, ...] = ()
+    """Other stages' sections it reads too, their flags meaning the same here (PPO reads GRPO's
+    rewards and sampling); the launchers of neither stage refuse them."""
+    defaults: tuple[tuple[str, Any], ...] = ()
+    """(field, value) defaults of its own for fields of a shared section (PPO samples 1 completion
+    per prompt, GRPO 8); flags and YAML still override them."""
     mixes: bool = True
     """Several --data sources may be mixed by weight."""
-    model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
-    """Turns the causal LM built from --init-from (or the preset) into the module it trains, before
-    LoRA and DeepSpeed (a reward model's scalar head on its trunk); None: the causal LM itself."""
+    model: Callable[[torch.nn.Module, Config], torch.nn.Module] | None = None
+    """Turns the causal LM built from --init-from (or the preset) into the module it trains, given
+    the run's config, before LoRA and DeepSpeed (a reward model's scalar head on its trunk, PPO's
+    actor beside its critic); None: the causal LM itself."""
+    exported: str = ""
+    """The submodule of the trained module that is the model: what final/ holds and what
+    consolidation and --init-from take from its checkpoints (PPO's actor, not its critic); "" the
+    whole module."""
     headline: tuple[tuple[str, str], ...] = ()
     """(label, metric) shown beside the loss on the progress bar, e.g. ("acc", "rewards/accuracies")."""
     summary: str = ""
@@ -137,8 +148,8 @@ class Stage:
 
     @property
     def sections(self) -> tuple[type, ...]:
-        """Its config sections (none, or its own)."""
-        return (self.section,) if self.section is not None else ()
+        """Its config sections: its own, if any, and those it shares."""
+        return ((self.section,) if self.section is not None else ()) + self.shares
 
     @property
     def launcher(self) -> str:

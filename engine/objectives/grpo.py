@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class RLConfig:
-    """Reinforcement learning with rewards (launcher/grpo.py): sampling, rewards and the loss."""
+    """Reinforcement learning with rewards (launcher/grpo.py): sampling, rewards and the loss. launcher/ppo.py
+    reads the rewards, sampling, --epsilon and --num-iterations too (engine.objectives.ppo)."""
 
     SECTION: ClassVar[str] = "rl"
 
@@ -116,6 +117,24 @@ class RLConfig:
     @property
     def clip_high(self) -> float:
         return self.epsilon_high or (5.0 if self.rl_loss == "cispo" else self.epsilon)
+
+
+@dataclass
+class Drawn:
+    """A micro-batch's completions as sampled and scored (GroupRelative.draw)."""
+
+    train: Batch
+    """Rows of prompt then completion (input_ids, attention_mask, position_ids, labels on the trained tokens)."""
+    prompts: list
+    texts: list[str]
+    scores: torch.Tensor
+    """Each reward's score [rows, rewards] (float64, NaN where a function gave None)."""
+    lengths: torch.Tensor
+    """Completion tokens of each row [rows], its stop token included."""
+    truncated: torch.Tensor
+    """Rows that hit --max-new-tokens without a stop token [rows]."""
+    groups: torch.Tensor
+    """Each row's prompt index [rows]."""
 
 
 class GroupRelative(Objective):
@@ -188,8 +207,13 @@ class GroupRelative(Objective):
             log_on_rank0(world().rank, f"reward model {self.rl.reward_model}: "
                          + (f"{shards} tensors partitioned over {world().size} ranks (ZeRO-3)" if shards
                             else "whole on every rank"))
-        if self.rl.kl_beta:
+        if self.uses_reference:
             self.reference = reference_logps(cfg, plan, engine, "", self.completion_logps)
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the objective needs the reference's log-probs (GRPO: for its KL term)."""
+        return bool(self.rl.kl_beta)
 
     def completion_logps(self, model: Any, batch: Batch, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs [rows, positions] of the completion tokens at the sampling temperature, 0
@@ -231,7 +255,8 @@ class GroupRelative(Objective):
             # first's ratio is 1 all the same: the same weights score the same tokens).
             with torch.no_grad():
                 for train in out:
-                    train["old_logps"] = self.completion_logps(model, train)[0]
+                    if "old_logps" not in train:  # PPO's rollouts have them already
+                        train["old_logps"] = self.completion_logps(model, train)[0]
             self.kept = out
         return out
 
@@ -245,9 +270,9 @@ class GroupRelative(Objective):
         if state:
             self.kept, self.metrics, self.last_step = state["rollouts"], state["metrics"], state["step"]
 
-    def rollout(self, module: Any, batch: Batch, step: int, seed: int) -> tuple[Batch, list[dict], dict]:
-        """One micro-batch of prompts -> its completions as a training batch, their rollout-log
-        rows and their statistics."""
+    def draw(self, module: Any, batch: Batch, step: int, seed: int) -> Drawn:
+        """One micro-batch of prompts, each sampled --num-generations times from `module` and
+        scored by every reward: the rollout before its advantages, shared with PPO."""
         from engine.objectives.rollout import sample
 
         rl, g = self.rl, self.rl.num_generations
@@ -270,7 +295,6 @@ class GroupRelative(Objective):
         given = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
                  for prompt, text in zip(prompts, texts)]
         scores = score(self.rewards, prompts, given, ids, columns, step)
-        rewards, advantages, std = group_advantages(scores, self.weights, g, rl.scale_rewards)
 
         width = prompt_ids.shape[1]
         input_ids = torch.cat([prompt_ids, completions.ids], dim=1)
@@ -279,43 +303,59 @@ class GroupRelative(Objective):
         labels[:, width:] = torch.where(mask, completions.ids, IGNORE_INDEX)
         # Positions as generate() gave them: counted from each row's first prompt token.
         position_ids = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)
-        train = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids,
-                 "labels": labels, "advantages": advantages.to(input_ids.device, torch.float32)}
+        train = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids, "labels": labels}
+        groups = batch["index"].repeat_interleave(g)
+        return Drawn(train, prompts, texts, scores, completions.mask.sum(-1), completions.truncated, groups)
+
+    def draw_stats(self, drawn: Drawn) -> dict[str, float]:
+        """A rollout's statistics that GRPO and PPO share: completions, their lengths, and each
+        reward's sum and count."""
+        stat = {"completions": len(drawn.texts), "length": float(drawn.lengths.sum()),
+                "truncated": float(drawn.truncated.sum())}
+        for j, reward in enumerate(self.rewards):
+            fn = drawn.scores[:, j]
+            stat[f"rewards/{reward.name}/sum"] = float(torch.nansum(fn))
+            stat[f"rewards/{reward.name}/count"] = float((~torch.isnan(fn)).sum())
+        return stat
+
+    def draw_rows(self, drawn: Drawn, step: int) -> list[dict]:
+        """The rollout log's rows of a rollout, before each objective's own fields."""
+        return [{"step": step, "group": int(drawn.groups[r]), "prompt": drawn.prompts[r],
+                 "completion": drawn.texts[r], "completion_tokens": int(drawn.lengths[r]),
+                 "rewards": {reward.name: _finite(drawn.scores[r, j]) for j, reward in enumerate(self.rewards)}}
+                for r in range(len(drawn.texts))]
+
+    def rollout(self, module: Any, batch: Batch, step: int, seed: int) -> tuple[Batch, list[dict], dict]:
+        """One micro-batch of prompts -> its completions as a training batch, their rollout-log
+        rows and their statistics."""
+        g = self.rl.num_generations
+        drawn = self.draw(module, batch, step, seed)
+        rewards, advantages, std = group_advantages(drawn.scores, self.weights, g, self.rl.scale_rewards)
+        train = {**drawn.train, "advantages": advantages.to(drawn.train["input_ids"].device, torch.float32)}
         if self.reference is not None:
             train["ref_logps"] = self.reference(train)
 
-        lengths = completions.mask.sum(-1)
-        stat = {"completions": len(ids), "length": float(lengths.sum()),
-                "truncated": float(completions.truncated.sum()), "reward": float(torch.nansum(rewards)),
+        stat = {**self.draw_stats(drawn), "reward": float(torch.nansum(rewards)),
                 "reward_sq": float(torch.nansum(rewards ** 2)), "scored": float((~torch.isnan(rewards)).sum()),
-                "zero_std_groups": float((std.view(-1, g)[:, 0] == 0).sum()), "groups": len(ids) // g}
-        for j, reward in enumerate(self.rewards):
-            fn = scores[:, j]
-            stat[f"rewards/{reward.name}/sum"] = float(torch.nansum(fn))
-            stat[f"rewards/{reward.name}/count"] = float((~torch.isnan(fn)).sum())
-        rows = [{"step": step, "group": int(batch["index"][r // g]), "prompt": prompts[r], "completion": texts[r],
-                 "completion_tokens": int(lengths[r]),
-                 "rewards": {reward.name: _finite(scores[r, j]) for j, reward in enumerate(self.rewards)},
-                 "reward": _finite(rewards[r]), "advantage": float(advantages[r])} for r in range(len(ids))]
+                "zero_std_groups": float((std.view(-1, g)[:, 0] == 0).sum()), "groups": len(drawn.texts) // g}
+        rows = [{**row, "reward": _finite(rewards[r]), "advantage": float(advantages[r])}
+                for r, row in enumerate(self.draw_rows(drawn, step))]
         return train, rows, stat
 
     def reduce_stats(self, stats: list[dict], device: torch.device) -> dict[str, float]:
         """The step's rollout metrics (TRL's names), summed over micro-batches and ranks."""
-        from engine.distributed import all_reduce_sums
-
-        sums: dict[str, float] = {}
-        for stat in stats:
-            for k, v in stat.items():
-                sums[k] = sums.get(k, 0.0) + v
-        t = all_reduce_sums(sums, device)
+        t = summed_stats(stats, device)
         scored = max(t["scored"], 1.0)
         mean = t["reward"] / scored
-        metrics = {"reward": mean,
-                   "reward_std": float(np.sqrt(max(t["reward_sq"] / scored - mean ** 2, 0.0)
-                                               * scored / max(scored - 1.0, 1.0))),
-                   "completions/mean_length": t["length"] / t["completions"],
-                   "completions/clipped_ratio": t["truncated"] / t["completions"],
-                   "frac_reward_zero_std": t["zero_std_groups"] / t["groups"]}
+        return {"reward": mean,
+                "reward_std": float(np.sqrt(max(t["reward_sq"] / scored - mean ** 2, 0.0)
+                                            * scored / max(scored - 1.0, 1.0))),
+                **self.draw_metrics(t), "frac_reward_zero_std": t["zero_std_groups"] / t["groups"]}
+
+    def draw_metrics(self, t: dict[str, float]) -> dict[str, float | None]:
+        """The metrics of draw_stats' sums over the step: completion lengths and each reward's mean."""
+        metrics: dict[str, float | None] = {"completions/mean_length": t["length"] / t["completions"],
+                                            "completions/clipped_ratio": t["truncated"] / t["completions"]}
         for reward in self.rewards:
             count = t[f"rewards/{reward.name}/count"]
             metrics[f"rewards/{reward.name}/mean"] = t[f"rewards/{reward.name}/sum"] / count if count else None
@@ -369,6 +409,17 @@ class GroupRelative(Objective):
         if self.rl.rl_loss in TOKEN_LEVEL:
             return values.sum()
         return (values.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+
+
+def summed_stats(stats: list[dict], device: torch.device) -> dict[str, float]:
+    """Rollout statistics summed over a step's micro-batches, then over the ranks."""
+    from engine.distributed import all_reduce_sums
+
+    sums: dict[str, float] = {}
+    for stat in stats:
+        for k, v in stat.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return all_reduce_sums(sums, device)
 
 
 def _finite(value: torch.Tensor) -> float | None:

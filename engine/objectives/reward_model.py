@@ -47,9 +47,10 @@ class RewardConfig:
             invalid(self, "center_rewards_coefficient", self.center_rewards_coefficient, "0 (off) or more")
 
 
-def as_reward_model(model: torch.nn.Module) -> torch.nn.Module:
+def as_reward_model(model: torch.nn.Module, cfg: Config | None = None) -> torch.nn.Module:
     """The architecture's sequence-classification model with one label, its trunk `model`'s own
-    weights and its score head newly initialised (the config's initializer_range)."""
+    weights and its score head newly initialised (the config's initializer_range); `cfg` is not
+    needed (the Stage.model hook's signature)."""
     import copy
 
     from transformers import AutoModelForSequenceClassification

@@ -13,6 +13,8 @@ Tied weights: a `.pth` keeps both names over one storage (it loads strictly into
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from common.errors import ZerotrainError
 from common.publish import check_apart
 from engine.checkpoint.run_dir import resolve_tag
@@ -36,6 +38,11 @@ def checkpoint_entries(ckpt: Checkpoint, *, keep_lora_keys: bool = False, lora_a
     tag_dir = ckpt.info.path
     entries, aliases = source_entries(ckpt.tensors), dict(ckpt.aliases)
     notes = list(ckpt.notes)
+    exported = ckpt.sidecar.exported if ckpt.sidecar is not None else ""
+    if exported:
+        entries, aliases, others = submodule_entries(entries, aliases, exported)
+        notes.append(f"the model is the checkpoint's {exported} (its {ckpt.sidecar.kind} run trained "
+                     f"{', '.join(others)} beside it, left out)")
     if ckpt.info.is_lora and not keep_lora_keys:
         settings = read_adapter_config(tag_dir, ckpt.sidecar, lora_alpha=lora_alpha, adapter_config=adapter_config)
         if settings is None:
@@ -45,6 +52,19 @@ def checkpoint_entries(ckpt: Checkpoint, *, keep_lora_keys: bool = False, lora_a
         entries, aliases = fold_lora(entries, aliases, settings)
         notes.append(f"LoRA folded into the base weights (alpha from {settings.source})")
     return entries, aliases, notes
+
+
+def submodule_entries(entries: list[Entry], aliases: dict[str, str], prefix: str
+                      ) -> tuple[list[Entry], dict[str, str], list[str]]:
+    """The entries and tied names under `prefix` (a submodule's name), named as in that submodule,
+    and the other submodules' names."""
+    start = prefix + "."
+    if not any(e.name.startswith(start) for e in entries):
+        raise ZerotrainError(f"the checkpoint's sidecar says its model is {prefix}, but it holds no {start}* weights")
+    kept = [replace(e, name=e.name[len(start):]) for e in entries if e.name.startswith(start)]
+    tied = {k[len(start):]: v[len(start):] for k, v in aliases.items() if k.startswith(start) and v.startswith(start)}
+    others = sorted({e.name.split(".")[0] for e in entries if not e.name.startswith(start)})
+    return kept, tied, others
 
 
 def consolidate(ckpt_dir: str, output: str, *, tag: str | None = None, dtype: str = "fp32",

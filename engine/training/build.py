@@ -117,7 +117,8 @@ def check_same_data(data: Data, resume_tag: Path) -> None:
                          "--output-dir NEW_DIR")
 
 
-def build_model(cfg: Config, plan: RunPlan, head: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Model:
+def build_model(cfg: Config, plan: RunPlan, head: Callable[[torch.nn.Module, Config], torch.nn.Module] | None = None
+                ) -> Model:
     """The trained model: the causal LM of --init-from (or the preset), through the stage's `head`
     when it has one (engine.objectives.base.Stage.model), with LoRA when asked."""
     from model.flops import flops_per_token
@@ -126,7 +127,7 @@ def build_model(cfg: Config, plan: RunPlan, head: Callable[[torch.nn.Module], to
     torch.manual_seed(cfg.train.seed)
     model = build_base_model(cfg, source, tokenizer, plan.context)
     if head is not None:
-        model = head(model)
+        model = head(model, cfg)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model.config, name, getattr(tokenizer, name))
         if getattr(model, "generation_config", None) is not None:  # none on models that do not generate

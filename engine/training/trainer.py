@@ -198,7 +198,8 @@ class Trainer:
         sidecar = Sidecar(step=self.state.step, tokens_seen=self.state.tokens_seen, kind=self.stage.name,
                           zero_stage=zero_stage(self.plan.ds_config), world_size=self.world.size,
                           precision=self.plan.precision, config=self.cfg.to_dict(),
-                          model_config=self.model.config.to_dict(), lora=self.model.lora, data=self.data.identity)
+                          model_config=self.model.config.to_dict(), exported=self.stage.exported, lora=self.model.lora,
+                          data=self.data.identity)
         tag = save_checkpoint(self.engine, self.plan.run.checkpoints, client, sidecar, self.cfg.checkpoint.keep_last,
                               estimated_bytes=self.model.checkpoint_bytes,
                               after_shards=self.hooks.after_checkpoint_shards,
@@ -281,7 +282,7 @@ class Trainer:
         with watchdog.activity("save"):
             final = export_final(self.engine, self.plan.run, self.plan.tokenizer, self.model.config,
                                  lora=bool(self.model.lora), merge_lora=cfg.lora.merge_lora_at_end, zero3=self.zero3,
-                                 precision=self.plan.precision)
+                                 precision=self.plan.precision, exported=self.stage.exported)
         self.log(f"final model in {final}")
         return 0
 

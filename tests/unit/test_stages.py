@@ -67,3 +67,24 @@ def test_two_stages_of_one_name_are_refused(toy):
 
     with pytest.raises(ValueError, match="already declared"):
         stages.register(replace(toy, summary="another"))
+
+
+def test_ppo_reads_grpo_rewards_and_sampling_and_refuses_the_rest(tmp_path):
+    """PPO shares GRPO's rl section (its own default of 1 completion a prompt) beside its own ppo
+    section; GRPO refuses PPO's flags, PPO refuses GRPO's loss flags and LoRA."""
+    from engine.objectives.grpo import GRPO, RLConfig
+    from engine.objectives.ppo import PPO, PPOConfig
+
+    base = ["--output-dir", str(tmp_path / "run"), "--reward-fn", "length"]
+    cfg = stages.config_for(PPO, [*base, "--gamma", "0.9", "--epsilon", "0.1"])
+    assert cfg.section(RLConfig).num_generations == 1 and cfg.section(RLConfig).reward_fn == ["length"]
+    assert cfg.section(PPOConfig).gamma == 0.9 and cfg.section(RLConfig).epsilon == 0.1
+    assert stages.config_for(PPO, [*base, "--num-generations", "4"]).section(RLConfig).num_generations == 4
+    assert stages.config_for(GRPO, base).section(RLConfig).num_generations == 8
+    with pytest.raises(ZerotrainError, match=r"--gamma: not a flag of grpo \(ppo section\).*launcher/ppo.py"):
+        stages.config_for(GRPO, [*base, "--gamma", "0.9"])
+    for flags, match in ((["--kl-beta", "0.1"], "--kl-beta: GRPO's, not PPO's"),
+                         (["--lora-r", "8"], "--lora-r: PPO trains the policy and its critic in full")):
+        cfg = stages.config_for(PPO, [*base, *flags])
+        with pytest.raises(ZerotrainError, match=match):
+            PPO.objective(cfg).check(cfg, None)
