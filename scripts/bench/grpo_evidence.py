@@ -2,14 +2,16 @@
 then trained with GRPO and the built-in `accuracy` reward, measured on additions neither stage saw.
 
     python scripts/bench/grpo_evidence.py [--workdir runs/grpo-evidence] [--ranks 1] [--quick]
+    python scripts/bench/grpo_evidence.py --ranks 2 --zero-stage 3 --micro-batch-size 32 \
+        --reward-fn scripts/bench/arith_rewards.py:closeness      # a user's own reward, 2 ZeRO-3 ranks
 
 1. Data: scripts/make_arithmetic.py (a + b for a, b < --limit; a --held-out share of the pairs
    kept apart): SFT conversations "What is a + b?" -> "<answer>a+b</answer>", the same training
    pairs as GRPO prompts with their solution, and the held-out pairs.
 2. SFT: launcher/sft.py --preset debug from scratch (zerotrain's shipped tokenizer) for
    --sft-steps, so the model writes the format and some right answers.
-3. GRPO: launcher/grpo.py --init-from the SFT run, --reward-fn accuracy, --num-generations G,
-   for --grpo-steps on the training prompts.
+3. GRPO: launcher/grpo.py --init-from the SFT run, --reward-fn accuracy (or --reward-fn's),
+   --num-generations G, for --grpo-steps on the training prompts, on --ranks at --zero-stage.
 4. Held-out accuracy of the SFT model and the GRPO model, by this script: greedy completions of
    every held-out prompt, and 8 completions of each sampled at temperature 1 (the distribution
    GRPO trains), scored by the same `accuracy` function (and the share that has the <answer>
@@ -47,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rl-loss", default="grpo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--zero-stage", type=int, default=0, help="of the GRPO run (SFT runs at ZeRO-0)")
+    p.add_argument("--reward-fn", default="accuracy",
+                   help="GRPO's reward: a built-in name or PATH.py:NAME (e.g. "
+                        "scripts/bench/arith_rewards.py:closeness); held-out accuracy is `accuracy`'s whatever it is")
     p.add_argument("--threads", type=int, default=2, help="OpenMP threads a rank")
     p.add_argument("--quick", action="store_true", help="a smoke run: few steps")
     args = p.parse_args(argv)
@@ -113,13 +119,14 @@ def main(argv: list[str] | None = None) -> None:
     grpo = work / "grpo"
     started = time.perf_counter()
     bench.run(bench.launch([str(ROOT / "launcher" / "grpo.py"), "--init-from", str(sft), "--data",
-                            str(data / "prompts.jsonl"), "--output-dir", str(grpo), "--reward-fn", "accuracy",
+                            str(data / "prompts.jsonl"), "--output-dir", str(grpo), "--reward-fn", args.reward_fn,
                             "--rl-loss", args.rl_loss, "--num-generations", str(args.num_generations),
                             "--micro-batch-size", str(args.micro_batch_size), "--max-new-tokens", "16",
                             "--seq-len", "48", "--max-steps", str(args.grpo_steps), "--lr", str(args.grpo_lr),
-                            "--warmup-steps", "0", "--precision", "fp32", "--zero-stage", "0", "--log-interval", "1",
-                            "--save-interval", str(10 ** 6), "--val-fraction", "0", "--seed", str(args.seed),
-                            "--data-cache-dir", str(work / "cache")], args.ranks), args.threads, "GRPO")
+                            "--warmup-steps", "0", "--precision", "fp32", "--zero-stage", str(args.zero_stage),
+                            "--log-interval", "1", "--save-interval", str(10 ** 6), "--val-fraction", "0",
+                            "--seed", str(args.seed), "--data-cache-dir", str(work / "cache")], args.ranks),
+              args.threads, "GRPO")
     grpo_seconds = time.perf_counter() - started
     held = [json.loads(line) for line in (data / "held_out.jsonl").read_text().splitlines()]
     measured = {name: {"greedy": held_out_accuracy(run / "final", held),
