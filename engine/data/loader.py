@@ -80,6 +80,12 @@ class ShardedSampler:
         self.cursor += self.world_size * micro_batch_size
         return [self._index(p) for p in range(start, start + micro_batch_size)]
 
+    def take(self, count: int) -> list[int]:
+        """The indices at the next `count` positions of the stream, the same on every rank (an
+        RL step shares its prompts out itself: engine.objectives.grpo); advances the cursor."""
+        start, self.cursor = self.cursor, self.cursor + count
+        return [self._index(p) for p in range(start, start + count)]
+
     @property
     def epoch(self) -> float:
         return self.cursor / self.num_samples

@@ -80,9 +80,10 @@ class Objective(ABC):
         return batches
 
     def draws_data(self, step: int) -> bool:
-        """Whether step `step` takes new micro-batches from the loader; False for a step that
-        trains on batches the objective kept from an earlier one (step_batches is then given
-        none). True by default."""
+        """Whether the loop takes step `step`'s micro-batches from the loader; False when
+        step_batches makes them itself (given none): from batches it kept from an earlier step, or
+        from the loader it was given at build (an RL step draws its prompts for every rank at
+        once). True by default."""
         return True
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,14 +2,18 @@
 prompt, reward functions score them, and each completion is pushed up or down by its advantage
 over its group (engine.objectives.policy_loss has the math, equal to TRL's GRPOTrainer).
 
-A step, on each rank: the loader gives each micro-batch --micro-batch-size / G prompts (so a
-micro-batch holds whole groups of --micro-batch-size completions, TRL's convention that the
-batch size counts completions); the model samples G completions of each (one sampling stream
-per step, rank and micro-batch, seeded by the run's seed, so a resumed run samples the same);
-the reward functions score them; advantages are taken within each group; with --kl-beta > 0 the
-reference (the --init-from model, or the policy with its LoRA adapter disabled) scores the
-completion tokens. The loop then trains on the completions as on any batch: rows of prompt then
-completion, the completion tokens trained.
+A step, with TRL's conventions (the batch size counts completions; the global batch holds whole
+groups): the step's C = --micro-batch-size x --grad-accum x ranks completions are the G samples
+of each of its C / G prompts in turn, the prompts the same on every rank (the next C / G of the
+loader's stream); rank r's micro-batch i is the (i x ranks + r)-th block of --micro-batch-size of
+them, so a group may span micro-batches and ranks (with --micro-batch-size a multiple of G, each
+micro-batch holds whole groups). Each rank samples its micro-batches' completions (one sampling
+stream per step, rank and micro-batch, seeded by the run's seed, so a resumed run samples the
+same); the reward functions score them; the scores of the whole step are gathered from every
+rank and advantages taken within each group (batch scaling over the whole step); with
+--kl-beta > 0 the reference (the --init-from model, or the policy with its LoRA adapter
+disabled) scores the completion tokens. The loop then trains on the completions as on any
+batch: rows of prompt then completion, the completion tokens trained.
 
 Under ZeRO-3 the policy's weights are gathered once for a micro-batch's generation, not once a
 token. With --num-iterations 1 (the default) the policy samples from its current weights, so the
@@ -44,6 +48,7 @@ from engine.objectives.policy_loss import (
     TOKEN_LEVEL,
     clipped,
     group_advantages,
+    nanstd,
     per_token_loss,
     summed_loss,
 )
@@ -72,7 +77,8 @@ class RLConfig:
     reward_weights: list[float] = field(default_factory=list)
     """One weight per reward (each --reward-fn, then --reward-model; default: 1 each); the reward is the weighted sum."""
     num_generations: int = 8
-    """Completions sampled per prompt (G), the group its advantage is taken in; must divide --micro-batch-size."""
+    """Completions sampled per prompt (G), the group its advantage is taken in; a step's completions (micro-batch
+    size x grad accum x ranks) must be whole groups (a group may span micro-batches and ranks)."""
     max_new_tokens: int = 256
     """Longest completion, in tokens; prompts are cut from the left to leave it room within --seq-len."""
     temperature: float = 1.0
@@ -87,7 +93,7 @@ class RLConfig:
     """The upper clip bound is 1 + epsilon_high (0: the same as epsilon; DAPO uses 0.28); cispo's cap on the ratio
     (0: 5, MiniMax-M1's)."""
     scale_rewards: str = "group"
-    """group: advantages divided by their group's std, batch: by the micro-batch's std, none: not divided (Dr. GRPO)."""
+    """group: advantages divided by their group's std, batch: by the whole step's std, none: not divided (Dr. GRPO)."""
     mask_truncated_completions: bool = False
     """Leave completions that hit --max-new-tokens without an end out of the loss (DAPO)."""
     num_iterations: int = 1
@@ -156,6 +162,8 @@ class GroupRelative(Objective):
         # --num-iterations > 1: the rollouts of the cycle's first step, kept for its later steps.
         self.kept: list[Batch] | None = None
         self.last_step = 0
+        self.loader = self.collate = None  # the prompts' stream (engine.data.loader.BatchLoader), its collate
+        self.grad_accum = 1
 
     # ----------------------------------------------------------------------- set-up
 
@@ -164,9 +172,11 @@ class GroupRelative(Objective):
         if not rl.reward_fn and not rl.reward_model:
             raise ZerotrainError("no reward: pass --reward-fn (accuracy, format, length or PATH.py:NAME; repeatable) "
                                  "or --reward-model DIR")
-        if mbs % rl.num_generations:
-            raise ZerotrainError(f"--micro-batch-size {mbs} counts completions and must hold whole groups of "
-                                 f"--num-generations {rl.num_generations}: use a multiple of it")
+        completions = mbs * cfg.train.grad_accum * plan.world_size
+        if completions % rl.num_generations:
+            raise ZerotrainError(f"a step's {completions} completions (--micro-batch-size {mbs} x --grad-accum "
+                                 f"{cfg.train.grad_accum} x {plan.world_size} ranks) must hold whole groups of "
+                                 f"--num-generations {rl.num_generations}: make that product a multiple of it")
         if rl.max_new_tokens >= cfg.data.seq_len:
             raise ZerotrainError(f"--max-new-tokens {rl.max_new_tokens} leaves no room for a prompt within --seq-len "
                                  f"{cfg.data.seq_len}: raise --seq-len or lower --max-new-tokens")
@@ -183,8 +193,9 @@ class GroupRelative(Objective):
         self.stop_ids, self.pad_id = stop_ids(plan.tokenizer), plan.tokenizer.pad_token_id
         self.zero3 = zero_stage(plan.ds_config) == 3
         self.log_path, self.log_interval = plan.run.rollouts, cfg.train.log_interval
-        # The loader's micro-batches are prompts, each to be sampled G times.
-        data.loader.micro_batch_size = cfg.train.micro_batch_size // self.rl.num_generations
+        # Each step draws its prompts from the loader's stream itself (step_prompts).
+        self.loader, self.collate = data.loader, data.collate
+        self.micro_batch_size, self.grad_accum = cfg.train.micro_batch_size, cfg.train.grad_accum
         if data.val is not None:
             log_on_rank0(world().rank, "validation: none for RL runs (their held-out measure is a reward, not a loss)")
             data.val = None
@@ -226,26 +237,42 @@ class GroupRelative(Objective):
     # ----------------------------------------------------------------------- rollouts
 
     def draws_data(self, step: int) -> bool:
+        return False  # step_batches draws the step's prompts for every rank at once (step_prompts)
+
+    def samples(self, step: int) -> bool:
+        """Whether step `step` samples (the first of each --num-iterations cycle) or trains on the
+        cycle's rollouts again."""
         return (step - 1) % self.rl.num_iterations == 0
 
+    def step_prompts(self) -> list[Batch]:
+        """This rank's micro-batches of the step's prompts, one row per completion to sample: the
+        step's C completions are the G samples of each of the next C / G prompts of the loader's
+        stream in turn, and micro-batch i of rank r is their (i x ranks + r)-th block of
+        --micro-batch-size (TRL's order: with a micro-batch size that G divides, the blocks of
+        whole groups the loader gave each rank and micro-batch before)."""
+        from engine.distributed import world
+
+        ranks, rank = world().size, world().rank
+        mbs, g = self.micro_batch_size, self.rl.num_generations
+        indices = self.loader.sampler.take(mbs * self.grad_accum * ranks // g)
+        return [self.collate([self.prompts[indices[k // g]] for k in range(block * mbs, (block + 1) * mbs)])
+                for block in (i * ranks + rank for i in range(self.grad_accum))]
+
     def step_batches(self, model: Any, batches: list[Batch], step: int) -> list[Batch]:
-        import torch.distributed as dist
+        from engine.distributed import world
 
         self.last_step = step
-        if not self.draws_data(step):
+        if not self.samples(step):
             if self.kept is None:
                 raise RuntimeError(f"step {step} reuses rollouts that were never made")
             return self.kept  # the metrics stay the rollout's: they describe what is trained on
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = world().rank
         module = getattr(model, "module", model)
         device = next(module.parameters()).device
-        out, logged, stats = [], [], []
-        for i, batch in enumerate(batches):
-            seed = int(np.random.default_rng([self.seed, 0x7270, step, rank, i]).integers(2 ** 62))
-            rollout, rows, stat = self.rollout(module, {k: v.to(device) for k, v in batch.items()}, step, seed)
-            out.append(rollout)
-            logged.extend(rows)
-            stats.append(stat)
+        prompts = [{k: v.to(device) for k, v in batch.items()} for batch in self.step_prompts()]
+        seeds = [int(np.random.default_rng([self.seed, 0x7270, step, rank, i]).integers(2 ** 62))
+                 for i in range(len(prompts))]
+        out, logged, stats = self.rollouts(module, prompts, step, seeds)
         self.metrics = self.reduce_stats(stats, device)
         if self.log_interval and step % self.log_interval == 0:
             self.write_log(logged, rank)
@@ -260,6 +287,39 @@ class GroupRelative(Objective):
             self.kept = out
         return out
 
+    def rollouts(self, module: Any, prompts: list[Batch], step: int, seeds: list[int]
+                 ) -> tuple[list[Batch], list[dict], list[dict]]:
+        """This rank's micro-batches of prompts (a row per completion) -> their training batches,
+        rollout-log rows and statistics. Advantages are taken over groups that may span
+        micro-batches and ranks: every micro-batch is sampled and scored first, then the scores of
+        the whole step are gathered from every rank."""
+        from engine.distributed import world
+
+        g, rank, ranks = self.rl.num_generations, world().rank, world().size
+        drawn = [self.draw(module, batch, step, seed) for batch, seed in zip(prompts, seeds)]
+        mine = torch.cat([d.scores for d in drawn])  # [micro-batches x mbs, rewards], block by block
+        every = _all_gathered(mine)  # [ranks, ...]: micro-batch i of rank r is block i x ranks + r
+        mbs = self.micro_batch_size
+        blocks = every.view(ranks, len(drawn), mbs, -1).transpose(0, 1).reshape(-1, mine.shape[-1])
+        rewards, advantages, _ = group_advantages(blocks, self.weights, g, self.rl.scale_rewards)
+        # frac_reward_zero_std counts groups whose rewards are all equal, whatever the scaling (TRL).
+        flat = torch.nan_to_num(nanstd(rewards.view(-1, g), dim=1), nan=0.0) == 0
+        out, logged, stats = [], [], []
+        for i, d in enumerate(drawn):
+            ks = torch.arange((i * ranks + rank) * mbs, (i * ranks + rank + 1) * mbs)  # its completions' places
+            train = {**d.train, "advantages": advantages[ks].to(d.train["input_ids"].device, torch.float32)}
+            if self.reference is not None:
+                train["ref_logps"] = self.reference(train)
+            heads = ks[ks % g == 0]  # the groups counted here: those whose first completion this is
+            stats.append({**self.draw_stats(d), "reward": float(torch.nansum(rewards[ks])),
+                          "reward_sq": float(torch.nansum(rewards[ks] ** 2)),
+                          "scored": float((~torch.isnan(rewards[ks])).sum()),
+                          "zero_std_groups": float(flat[heads // g].sum()), "groups": len(heads)})
+            logged.extend({**row, "reward": _finite(rewards[k]), "advantage": float(advantages[k])}
+                          for k, row in zip(ks.tolist(), self.draw_rows(d, step)))
+            out.append(train)
+        return out, logged, stats
+
     def state_dict(self) -> dict[str, Any]:
         if self.kept is None or self.last_step % self.rl.num_iterations == 0:
             return {}  # the cycle is complete: the next step samples anew
@@ -271,21 +331,20 @@ class GroupRelative(Objective):
             self.kept, self.metrics, self.last_step = state["rollouts"], state["metrics"], state["step"]
 
     def draw(self, module: Any, batch: Batch, step: int, seed: int) -> Drawn:
-        """One micro-batch of prompts, each sampled --num-generations times from `module` and
-        scored by every reward: the rollout before its advantages, shared with PPO."""
+        """One micro-batch of prompts, a row per completion, each sampled from `module` and scored
+        by every reward: the rollout before its advantages, shared with PPO."""
         from engine.objectives.rollout import sample
 
-        rl, g = self.rl, self.rl.num_generations
+        rl = self.rl
         room = self.seq_len - rl.max_new_tokens
         prompt_ids, prompt_mask = batch["prompt_ids"][:, -room:], batch["prompt_mask"][:, -room:]
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)
         completions = sample(module, prompt_ids, prompt_mask, max_new_tokens=rl.max_new_tokens,
                              temperature=rl.temperature, top_p=rl.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id,
                              seed=seed, gather=self.zero3)
         mask = completions.mask
         if rl.mask_truncated_completions:
             mask = mask & ~completions.truncated[:, None]
-        records = [self.prompts.record(int(i)) for i in batch["index"].repeat_interleave(g)]
+        records = [self.prompts.record(int(i)) for i in batch["index"]]
         prompts = [prompt for prompt, _ in records]
         names = sorted({name for _, columns in records for name in columns})
         columns = {name: [cols.get(name) for _, cols in records] for name in names}
@@ -304,8 +363,7 @@ class GroupRelative(Objective):
         # Positions as generate() gave them: counted from each row's first prompt token.
         position_ids = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)
         train = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids, "labels": labels}
-        groups = batch["index"].repeat_interleave(g)
-        return Drawn(train, prompts, texts, scores, completions.mask.sum(-1), completions.truncated, groups)
+        return Drawn(train, prompts, texts, scores, completions.mask.sum(-1), completions.truncated, batch["index"])
 
     def draw_stats(self, drawn: Drawn) -> dict[str, float]:
         """A rollout's statistics that GRPO and PPO share: completions, their lengths, and each
@@ -324,23 +382,6 @@ class GroupRelative(Objective):
                  "completion": drawn.texts[r], "completion_tokens": int(drawn.lengths[r]),
                  "rewards": {reward.name: _finite(drawn.scores[r, j]) for j, reward in enumerate(self.rewards)}}
                 for r in range(len(drawn.texts))]
-
-    def rollout(self, module: Any, batch: Batch, step: int, seed: int) -> tuple[Batch, list[dict], dict]:
-        """One micro-batch of prompts -> its completions as a training batch, their rollout-log
-        rows and their statistics."""
-        g = self.rl.num_generations
-        drawn = self.draw(module, batch, step, seed)
-        rewards, advantages, std = group_advantages(drawn.scores, self.weights, g, self.rl.scale_rewards)
-        train = {**drawn.train, "advantages": advantages.to(drawn.train["input_ids"].device, torch.float32)}
-        if self.reference is not None:
-            train["ref_logps"] = self.reference(train)
-
-        stat = {**self.draw_stats(drawn), "reward": float(torch.nansum(rewards)),
-                "reward_sq": float(torch.nansum(rewards ** 2)), "scored": float((~torch.isnan(rewards)).sum()),
-                "zero_std_groups": float((std.view(-1, g)[:, 0] == 0).sum()), "groups": len(drawn.texts) // g}
-        rows = [{**row, "reward": _finite(rewards[r]), "advantage": float(advantages[r])}
-                for r, row in enumerate(self.draw_rows(drawn, step))]
-        return train, rows, stat
 
     def reduce_stats(self, stats: list[dict], device: torch.device) -> dict[str, float]:
         """The step's rollout metrics (TRL's names), summed over micro-batches and ranks."""
@@ -409,6 +450,20 @@ class GroupRelative(Objective):
         if self.rl.rl_loss in TOKEN_LEVEL:
             return values.sum()
         return (values.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+
+
+def _all_gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (the same shape on every rank) from every rank, stacked in rank order."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor[None]
+    from engine.distributed import comm_device
+
+    local = tensor.to(comm_device())
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.stack(parts).to(tensor.device)
 
 
 def summed_stats(stats: list[dict], device: torch.device) -> dict[str, float]:

@@ -138,7 +138,14 @@ class Proximal(GroupRelative):
 
     # ----------------------------------------------------------------------- rollouts
 
+    def rollouts(self, module: Any, prompts: list[Batch], step: int, seeds: list[int]
+                 ) -> tuple[list[Batch], list[dict], list[dict]]:
+        """Micro-batch by micro-batch: PPO's advantages are per token, within each completion."""
+        done = [self.rollout(module, batch, step, seed) for batch, seed in zip(prompts, seeds)]
+        return [train for train, _, _ in done], [row for _, rows, _ in done for row in rows], [s for *_, s in done]
+
     def rollout(self, module: Any, batch: Batch, step: int, seed: int) -> tuple[Batch, list[dict], dict]:
+        """One micro-batch of prompts -> its training batch, rollout-log rows and statistics."""
         ppo = self.ppo
         drawn = self.draw(getattr(module, ACTOR), batch, step, seed)
         train = drawn.train

@@ -28,7 +28,8 @@ def distinct(prompts, completions, completion_ids, solution, **columns):
     return [len(set(text(c))) / 10 if s else None for c, s in zip(completions, solution)]
 '''
 STEPS, G, MBS = 3, 4, 8
-SAMPLED = {"zero3": [1, 2, 3], "lora": [1, 3]}  # the steps that sample (the LoRA run: --num-iterations 2)
+SAMPLED = {"zero3": [1, 2, 3], "lora": [1, 3], "span": [1, 2, 3]}  # the steps that sample (lora: --num-iterations 2)
+COMPLETIONS = {"zero3": MBS * 2, "lora": MBS * 2, "span": 2 * 2 * 2}  # a step's, every rank's
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +49,18 @@ def grpo_runs(base_model_dir, tmp_path_factory):
     run_cases({"zero3": ("grpo", [*common, "--output-dir", out / "zero3", "--zero-stage", 3]),
                "lora": ("grpo", [*common, "--output-dir", out / "lora", "--zero-stage", 2, "--lora-r", 8,
                                  "--rl-loss", "dapo", "--epsilon-high", "0.28", "--num-iterations", 2,
-                                 "--save-interval", 1])}, out / "cases", nproc=2)
+                                 "--save-interval", 1]),
+               # groups that span ranks: 2 completions a micro-batch, 2 micro-batches a step on 2 ranks, G = 4
+               "span": ("grpo", [*common, "--output-dir", out / "span", "--zero-stage", 2, "--micro-batch-size", 2,
+                                 "--grad-accum", 2])}, out / "cases", nproc=2)
     return out
 
 
-@pytest.mark.parametrize("run", ["zero3", "lora"])
+@pytest.mark.parametrize("run", ["zero3", "lora", "span"])
 def test_the_rollout_log_recomputes_rewards_and_advantages(grpo_runs, run):
     rows = [json.loads(line) for line in (grpo_runs / run / "rollouts.jsonl").read_text().splitlines()]
     assert sorted({row["step"] for row in rows}) == SAMPLED[run]
-    assert len(rows) == len(SAMPLED[run]) * MBS * 2  # every completion of every sampling step, both ranks'
+    assert len(rows) == len(SAMPLED[run]) * COMPLETIONS[run]  # every completion of every sampling step, both ranks'
     namespace: dict = {}
     exec(REWARD_FILE, namespace)
     groups = defaultdict(list)
@@ -72,7 +76,7 @@ def test_the_rollout_log_recomputes_rewards_and_advantages(grpo_runs, run):
         assert row["rewards"]["length"] == -row["completion_tokens"] / 100
         assert row["reward"] == pytest.approx((distinct or 0.0) + 0.5 * row["rewards"]["length"], rel=1e-12)
         groups[(row["step"], row["group"])].append(row)
-    assert len(groups) == len(SAMPLED[run]) * (MBS // G) * 2 and all(len(g) == G for g in groups.values())
+    assert len(groups) == len(SAMPLED[run]) * COMPLETIONS[run] // G and all(len(g) == G for g in groups.values())
     spread = 0
     for group in groups.values():
         scores = torch.tensor([[r["rewards"]["distinct"] if r["rewards"]["distinct"] is not None else math.nan,
@@ -81,6 +85,10 @@ def test_the_rollout_log_recomputes_rewards_and_advantages(grpo_runs, run):
         assert [r["advantage"] for r in group] == pytest.approx(advantages.tolist(), rel=1e-5, abs=1e-6)
         spread += bool(std[0] > 0)
     assert spread > len(groups) // 2  # most groups train (their rewards differ)
+    if run == "span":  # the log holds rank 0's rows, then rank 1's: each group has rows in both
+        for step in SAMPLED[run]:
+            of_step = [row["group"] for row in rows if row["step"] == step]
+            assert set(of_step[:4]) == set(of_step[4:]) and len(set(of_step)) == 2, of_step
 
 
 @pytest.mark.parametrize("run", ["zero3", "lora"])

@@ -81,3 +81,33 @@ def test_prepared_prompts_read_back_with_their_records(tmp_path, tokenizer):
     assert batch["prompt_mask"][:, -1].tolist() == [1, 1]  # left-padded: every prompt ends at the edge
     assert torch.equal(batch["prompt_ids"][0, -lengths[0]:], train[0]["prompt_ids"])
     assert batch["index"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("ranks, accum, mbs, g", [(2, 2, 3, 4), (2, 1, 8, 4), (1, 4, 2, 8), (3, 1, 4, 2)])
+def test_an_rl_step_shares_its_prompts_out_in_trls_order(monkeypatch, ranks, accum, mbs, g):
+    """The step's completions are the G samples of each of its prompts in turn; micro-batch i of
+    rank r is their (i x ranks + r)-th block: every rank together holds each prompt exactly G
+    times, and where G divides the micro-batch each micro-batch holds whole groups, the prompts
+    of the loader's per-rank blocks."""
+    from engine.data.loader import BatchLoader, ShardedSampler
+    from engine.objectives.grpo import GroupRelative, RLConfig
+
+    prompts = [{"prompt_ids": torch.tensor([i]), "index": torch.tensor(i)} for i in range(50)]
+    collate = lambda rows: {"index": torch.stack([r["index"] for r in rows])}  # noqa: E731
+    taken = {}
+    for rank in range(ranks):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(ranks))
+        objective = GroupRelative(RLConfig(reward_fn=["length"], num_generations=g), seed=0, seq_len=64)
+        objective.loader = BatchLoader(prompts, ShardedSampler(50, rank, ranks, seed=7), 1, collate)
+        objective.prompts, objective.collate, objective.micro_batch_size, objective.grad_accum = \
+            prompts, collate, mbs, accum
+        taken[rank] = [b["index"].tolist() for b in objective.step_prompts()]
+        assert objective.loader.sampler.cursor == ranks * accum * mbs // g
+    every = [i for rank in taken.values() for batch in rank for i in batch]
+    assert all(every.count(i) == g for i in set(every)) and len(set(every)) == ranks * accum * mbs // g
+    if mbs % g == 0:  # what the loader would have given rank r's micro-batch i, each prompt G times
+        for rank in range(ranks):
+            sampler = ShardedSampler(50, rank, ranks, seed=7)
+            assert taken[rank] == [[i for i in sampler.next_indices(mbs // g) for _ in range(g)]
+                                   for _ in range(accum)]
