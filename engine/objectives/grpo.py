@@ -15,8 +15,10 @@ rank and advantages taken within each group (batch scaling over the whole step);
 disabled) scores the completion tokens. The loop then trains on the completions as on any
 batch: rows of prompt then completion, the completion tokens trained.
 
-Under ZeRO-3 the policy's weights are gathered once for a micro-batch's generation, not once a
-token. With --num-iterations 1 (the default) the policy samples from its current weights, so the
+Under ZeRO-3 generation runs on the partitioned weights with the ranks in step (each keeps
+running forwards until every rank's completions are done: engine.objectives.rollout.sample).
+
+With --num-iterations 1 (the default) the policy samples from its current weights, so the
 ratio to the "old" policy is 1 and only the advantage's sign and size move it. With
 --num-iterations N (TRL's num_iterations), a step's rollouts are trained on again by the next
 N - 1 steps, which draw no prompts: their log-probs under the policy that sampled them are taken
@@ -340,7 +342,7 @@ class GroupRelative(Objective):
         prompt_ids, prompt_mask = batch["prompt_ids"][:, -room:], batch["prompt_mask"][:, -room:]
         completions = sample(module, prompt_ids, prompt_mask, max_new_tokens=rl.max_new_tokens,
                              temperature=rl.temperature, top_p=rl.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                             seed=seed, gather=self.zero3)
+                             seed=seed, synced=self.zero3)
         mask = completions.mask
         if rl.mask_truncated_completions:
             mask = mask & ~completions.truncated[:, None]

@@ -10,7 +10,6 @@ one whose divergence to the teacher is measured.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,25 +50,27 @@ class Completions:
 @torch.no_grad()
 def sample(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
            temperature: float, stop_ids: list[int], pad_id: int, seed: int, top_p: float = 1.0,
-           synced: bool = False, gather: bool = False) -> Completions:
+           synced: bool = False) -> Completions:
     """Completions of left-padded prompts [rows, width] sampled from `model` (its generate(),
     in eval mode, then back as it was).
 
     The sampling stream is seeded by `seed` alone and leaves the global RNG where it was, so a
-    resumed run draws the same samples. Under ZeRO-3 either `synced` keeps ranks in step (every
-    rank runs forwards until all are done, gathering each layer's weights each token, as
-    transformers needs for partitioned weights) or `gather` collects the whole model on every
-    rank once, for the call (faster, when the model fits on one device).
+    resumed run draws the same samples. Under ZeRO-3 `synced` keeps the ranks in step: every
+    rank runs forwards until all are done (transformers' synced_gpus), since each forward gathers
+    each layer's weights, a collective that ranks whose completions end at different lengths would
+    otherwise not match. (Gathering the whole model once for the call is not enough: DeepSpeed's
+    forward hooks release the weights after each layer, and removing those hooks takes its
+    private API.)
     """
     devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
     was_training = model.training
     model.eval()
     try:
-        with _gathered(model, gather), torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
                                  temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,
-                                 eos_token_id=stop_ids, pad_token_id=pad_id, synced_gpus=synced and not gather)
+                                 eos_token_id=stop_ids, pad_token_id=pad_id, synced_gpus=synced)
     finally:
         model.train(was_training)
     ids = out[:, prompt_ids.shape[1]:]
@@ -77,15 +78,6 @@ def sample(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, m
     # Up to and including the first stop id: nothing after it counts (generate pads there).
     before_stop = (is_stop.cumsum(-1) - is_stop.long()) == 0
     return Completions(ids.masked_fill(~before_stop, pad_id), before_stop, ~is_stop.any(-1))
-
-
-def _gathered(model: Any, gather: bool):
-    """The model's ZeRO-3 partitioned weights gathered whole for the duration (read-only)."""
-    if not gather:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 def sample_replies(model: Any, batch: Batch, *, seq_len: int, max_new_tokens: int, temperature: float,

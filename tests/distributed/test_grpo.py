@@ -224,3 +224,35 @@ def test_fixed_rollouts_train_alike_on_two_zero3_ranks_and_one_zero0_rank(base_m
         for key in ("loss", "kl", "entropy", "clip_ratio/region_mean"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), key
     assert one[1]["kl"] > 0  # the second step trains a policy that has moved from its reference
+
+
+def _uneven_completions(rank, world_size, out, base_model_dir, prompts):
+    """Rank 0 takes nearly every token for a stop token, so its completions end after one token
+    while rank 1's run to --max-new-tokens: ZeRO-3 generation gathers weights layer by layer,
+    and the ranks must stay in step through it."""
+    from engine.distributed import World
+    from engine.objectives.grpo import GRPO
+    from engine.stages import config_for
+    from engine.training.main import setup
+
+    argv = ["--init-from", str(base_model_dir), "--data", str(prompts), "--output-dir", str(out / "uneven"),
+            "--reward-fn", "length", "--num-generations", "2", "--micro-batch-size", "4", "--max-new-tokens", "10",
+            "--seq-len", "32", "--max-steps", "2", "--zero-stage", "3", "--precision", "fp32", "--seed", "3",
+            "--data-cache-dir", str(out / "cache")]
+    trainer = setup(config_for(GRPO, argv), GRPO, World(rank, rank, world_size))
+    if rank == 0:
+        trainer.objective.stop_ids = list(range(3, len(trainer.plan.tokenizer)))
+    records = [trainer.train_step() for _ in range(2)]
+    lengths = [r["completions/mean_length"] for r in records]
+    (out / f"uneven{rank}.json").write_text(json.dumps(lengths))
+
+
+def test_zero3_ranks_whose_completions_end_at_different_lengths_stay_in_step(base_model_dir, tmp_path):
+    from tests.helpers import run_ranks
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(16)))
+    run_ranks(_uneven_completions, 2, tmp_path, base_model_dir, prompts)
+    lengths = json.loads((tmp_path / "uneven0.json").read_text())
+    # the mean over both ranks: rank 0's completions are 1 token, rank 1's up to 10
+    assert all(1.0 < length < 10.0 for length in lengths), lengths
