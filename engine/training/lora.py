@@ -90,6 +90,10 @@ def merged_model(peft_model, state_dict: dict[str, torch.Tensor]) -> torch.nn.Mo
     with torch.device("meta"):
         skeleton = _peft_model(AutoModelForCausalLM.from_config(base_config), peft_model.peft_config["default"])
     skeleton.load_state_dict(state_dict, strict=False, assign=True)
+    if any(p.is_meta for p in skeleton.parameters()):
+        # A tied lm_head is not in the state dict (one tensor with embed_tokens, named once) and
+        # assign=True replaced embed_tokens' tensor alone: tie the head to it again.
+        skeleton.get_base_model().tie_weights()
     model = skeleton.merge_and_unload()
     # modules_to_save trains embed_tokens and lm_head as separate copies: keep them untied.
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
