@@ -138,9 +138,9 @@ class Stage:
     the run's config, before LoRA and DeepSpeed (a reward model's scalar head on its trunk, PPO's
     actor beside its critic); None: the causal LM itself."""
     exported: str = ""
-    """The submodule of the trained module that is the model: what final/ holds and what
-    consolidation and --init-from take from its checkpoints (PPO's actor, not its critic); "" the
-    whole module."""
+    """The submodule of the trained module that is the model: what final/ holds, what
+    consolidation, extract-adapter and --init-from take from its checkpoints, and what --lora-r
+    adapts (PPO's actor, not its critic, which trains in full); "" the whole module."""
     headline: tuple[tuple[str, str], ...] = ()
     """(label, metric) shown beside the loss on the progress bar, e.g. ("acc", "rewards/accuracies")."""
     summary: str = ""

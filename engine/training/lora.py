@@ -24,8 +24,15 @@ def lora_target_modules(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def wrap_lora(cfg: Config, model: torch.nn.Module, base_path: str | None) -> torch.nn.Module:
-    """get_peft_model with the run's LoRA settings (base weights frozen)."""
+def wrap_lora(cfg: Config, model: torch.nn.Module, base_path: str | None, exported: str = "") -> torch.nn.Module:
+    """get_peft_model with the run's LoRA settings (base weights frozen) on `model`'s `exported`
+    submodule (engine.objectives.base.Stage.exported; all of it when ""), the rest of `model` as
+    it was: the adapter is then the exported model's alone, for its base model as it is."""
+    if exported:
+        parent, _, name = exported.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, name, wrap_lora(cfg, owner.get_submodule(name), base_path))
+        return model
     import peft
 
     lora = cfg.lora
