@@ -25,7 +25,7 @@ def full_state_dict(engine, *, zero3: bool, precision: str, only_trainable: bool
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
-    module = engine.module.get_submodule(exported) if exported else engine.module
+    module = engine.module.get_submodule(exported)  # "" is the module itself
     params = {n: p for n, p in module.named_parameters() if p.requires_grad or not only_trainable}
     out = {}
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None, enabled=zero3):
@@ -38,31 +38,35 @@ def full_state_dict(engine, *, zero3: bool, precision: str, only_trainable: bool
     return out if dist.get_rank() == 0 else None
 
 
-def write_adapter(engine, out_dir: Path | None, *, zero3: bool, precision: str) -> None:
-    """The PEFT adapter, gathered (complete under every ZeRO stage), into `out_dir` on rank 0."""
-    state = full_state_dict(engine, zero3=zero3, precision=precision, only_trainable=True)
+def write_adapter(engine, out_dir: Path | None, *, zero3: bool, precision: str, exported: str = "") -> None:
+    """The PEFT adapter of the model (the `exported` submodule, which LoRA wraps), gathered
+    (complete under every ZeRO stage), into `out_dir` on rank 0."""
+    state = full_state_dict(engine, zero3=zero3, precision=precision, only_trainable=True, exported=exported)
     if state is not None:
-        save_adapter(engine.module, state, out_dir)
+        save_adapter(engine.module.get_submodule(exported), state, out_dir)
 
 
 def export_final(engine, run: RunDir, tokenizer, model_config: Any, *, lora: bool, merge_lora: bool, zero3: bool,
                  precision: str, exported: str = "") -> Path:
     """final/: the model in HF format with the tokenizer (the `exported` submodule alone, when the
-    stage names one); LoRA runs write final/adapter/ and, with --merge-lora-at-end, the merged
-    model. Built under a temporary name, then put in place of an older final/ in one step."""
+    stage names one, and LoRA wraps it alone); LoRA runs write final/adapter/ and, with
+    --merge-lora-at-end, the merged model. Built under a temporary name, then put in place of an
+    older final/ in one step."""
     import torch.distributed as dist
 
     # Gather on every rank first; then rank 0 writes while the others wait for its result.
     model_state = (full_state_dict(engine, zero3=zero3, precision=precision, exported=exported)
                    if not lora or merge_lora else None)
-    adapter_state = full_state_dict(engine, zero3=zero3, precision=precision, only_trainable=True) if lora else None
+    adapter_state = (full_state_dict(engine, zero3=zero3, precision=precision, only_trainable=True, exported=exported)
+                     if lora else None)
+    model_module = engine.module.get_submodule(exported)
 
     def write() -> None:
         with publishing(run.final, directory=True) as tmp:
             if adapter_state is not None:
-                save_adapter(engine.module, adapter_state, tmp / ADAPTER)
+                save_adapter(model_module, adapter_state, tmp / ADAPTER)
             if model_state is not None:
-                model = merged_model(engine.module, model_state) if lora else plain_model(model_config, model_state)
+                model = merged_model(model_module, model_state) if lora else plain_model(model_config, model_state)
                 model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
 

@@ -10,6 +10,14 @@ with a new head (engine.objectives.reward_model.as_reward_model), as TRL and Ope
 
 The actor is the model: final/ and consolidation take its weights alone (Stage.exported), and
 generation and the reference use it alone.
+
+With --lora-r, LoRA adapts the actor alone and the critic trains in full (TRL's PPOTrainer with
+a peft_config does the same). Then the adapter is a causal LM's, for the --init-from model as
+it is (final/adapter/, extract-adapter), with nothing of the critic in it; the reference is the
+actor with its adapter disabled (disable_adapter below: no copy), which leaves the critic's
+values as they are; and the critic's new value head needs no modules_to_save. Adapting the
+critic too would save its optimizer state, but would need a second adapter beside the actor's
+in the one module, which every tool that reads a checkpoint's adapter would have to tell apart.
 """
 
 from __future__ import annotations
@@ -53,6 +61,10 @@ class ActorCritic(torch.nn.Module):
     @property
     def generation_config(self):
         return self.actor.generation_config
+
+    def disable_adapter(self):
+        """The actor's LoRA adapter off, for the reference (engine.objectives.reference)."""
+        return self.actor.disable_adapter()
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.actor.gradient_checkpointing_enable(**kwargs)

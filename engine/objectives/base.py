@@ -130,8 +130,8 @@ class Stage:
     """Other stages' sections it reads too, their flags meaning the same here (PPO reads GRPO's
     rewards and sampling); the launchers of neither stage refuse them."""
     defaults: tuple[tuple[str, Any], ...] = ()
-    """(field, value) defaults of its own for fields of a shared section (PPO samples 1 completion
-    per prompt, GRPO 8); flags and YAML still override them."""
+    """(field, value) defaults of its own for fields of a shared or common section (PPO samples 1
+    completion per prompt, GRPO 8; PPO's LoRA has no dropout); flags and YAML still override them."""
     mixes: bool = True
     """Several --data sources may be mixed by weight."""
     model: Callable[[torch.nn.Module, Config], torch.nn.Module] | None = None
@@ -139,9 +139,9 @@ class Stage:
     the run's config, before LoRA and DeepSpeed (a reward model's scalar head on its trunk, PPO's
     actor beside its critic); None: the causal LM itself."""
     exported: str = ""
-    """The submodule of the trained module that is the model: what final/ holds and what
-    consolidation and --init-from take from its checkpoints (PPO's actor, not its critic); "" the
-    whole module."""
+    """The submodule of the trained module that is the model: what final/ holds, what
+    consolidation, extract-adapter and --init-from take from its checkpoints, and what --lora-r
+    adapts (PPO's actor, not its critic, which trains in full); "" the whole module."""
     headline: tuple[tuple[str, str], ...] = ()
     """(label, metric) shown beside the loss on the progress bar, e.g. ("acc", "rewards/accuracies")."""
     summary: str = ""

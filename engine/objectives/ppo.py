@@ -5,9 +5,10 @@ trained beside the policy (engine.objectives.ppo_loss has the math).
 
 The policy (actor) and the critic are one module (engine.objectives.actor_critic), so one
 DeepSpeed engine and one optimizer train both, every checkpoint holds both, and final/ is the
-actor alone. A step, on each rank, is GRPO's (engine.objectives.grpo, whose rollout machinery this
-reuses: prompts per micro-batch, seeded sampling, scoring, the rollout log, --num-iterations
-with its rollouts carried through checkpoints), with the rollout's own part:
+actor alone; --lora-r adapts the actor alone (the critic trains in full). A step, on each rank,
+is GRPO's (engine.objectives.grpo, whose rollout machinery this reuses: prompts per micro-batch,
+seeded sampling, scoring, the rollout log, --num-iterations with its rollouts carried through
+checkpoints), with the rollout's own part:
 
 - the sampling policy's log-probs and the critic's values of the completion tokens, and with
   --kl-coef > 0 the reference's (the --init-from model) log-probs;
@@ -30,7 +31,7 @@ import torch
 
 from common.errors import ZerotrainError
 from engine.config.sections import flag, invalid
-from engine.objectives.actor_critic import ACTOR, actor_critic
+from engine.objectives.actor_critic import ACTOR, ActorCritic, actor_critic
 from engine.objectives.base import Batch, LossSums, Stage, model_inputs
 from engine.objectives.grpo import GroupRelative, RLConfig, summed_stats
 from engine.objectives.ppo_loss import gae, masked_whiten, policy_loss, token_rewards, value_loss
@@ -101,9 +102,6 @@ class Proximal(GroupRelative):
         if given:
             raise ZerotrainError(f"{', '.join(given)}: GRPO's, not PPO's (its KL penalty is --kl-coef, in the reward; "
                                  "its loss is per token, clipped by --epsilon); drop them")
-        if cfg.lora.enabled:
-            raise ZerotrainError("--lora-r: PPO trains the policy and its critic in full here (LoRA on the pair is not "
-                                 "built yet); drop --lora-r")
         super().check(cfg, plan)
         if self.ppo.critic_init:
             self.check_critic(plan)
@@ -128,7 +126,10 @@ class Proximal(GroupRelative):
         self.engine = engine
 
     def completion_logps(self, model: Any, batch: Batch, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.logps(model(**model_inputs(batch)).logits, batch), torch.empty(0)
+        # The reference's: a frozen causal LM, or with LoRA the pair with the actor's adapter
+        # disabled, of which only the actor runs (its values are not needed).
+        lm = model.actor if isinstance(model, ActorCritic) else model
+        return self.logps(lm(**model_inputs(batch)).logits, batch), torch.empty(0)
 
     def logps(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The completion tokens' log-probs at the sampling temperature, 0 elsewhere."""
@@ -206,7 +207,10 @@ class Proximal(GroupRelative):
 PPO = Stage("ppo", objective=lambda cfg: Proximal(cfg.section(RLConfig), cfg.section(PPOConfig), cfg.train.seed,
                                                   cfg.data.seq_len),
             data_kinds=("prompt",), plain_data="prompt", section=PPOConfig, shares=(RLConfig,),
-            defaults=(("num_generations", 1),), mixes=False,
+            # No LoRA dropout by default (TRL's PPO disables dropout): the rollout's forward, which
+            # takes the old log-probs and values, and each update's would draw other masks, so a
+            # rollout's first update would not have the ratio 1 it should.
+            defaults=(("num_generations", 1), ("lora_dropout", 0.0)), mixes=False,
             model=lambda model, cfg: actor_critic(model, cfg.section(PPOConfig).critic_init), exported=ACTOR,
             headline=(("score", "objective/scores"),),
             summary="reinforcement learning with a critic: PPO (GAE, clipped policy and value losses)")

@@ -21,6 +21,7 @@ from engine.checkpoint.run_dir import (
     resolve_tag,
 )
 from engine.config.precision import output_dtype
+from engine.offline.consolidate import exported_entries
 from engine.offline.ds_weights import load_checkpoint
 from engine.offline.hf_dir import (
     check_against_config,
@@ -46,7 +47,7 @@ from engine.offline.peft_names import (
     strip_peft,
 )
 from engine.offline.safetensors_io import write_safetensors
-from engine.offline.tensors import Entry, source_entries
+from engine.offline.tensors import Entry
 
 
 def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora_alpha: float | None = None,
@@ -67,7 +68,9 @@ def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora
     if settings is None:
         raise ZerotrainError(f"the lora_alpha of {tag_dir} is unknown (no zerotrain.json or adapter_config.json "
                              f"beside it): pass --lora-alpha A or --adapter-config FILE")
-    adapter_entries, peft_config = peft_adapter(source_entries(ckpt.tensors), settings)
+    # The model's adapter alone: a PPO run's actor's, named as in a plain causal LM.
+    entries, _, notes = exported_entries(ckpt)
+    adapter_entries, peft_config = peft_adapter(entries, settings)
 
     from peft import LoraConfig
 
@@ -80,7 +83,7 @@ def extract_adapter(ckpt_dir: str, out_dir: str, *, tag: str | None = None, lora
         if tokenizer is not None:
             write_tokenizer(tmp, tokenizer)
     params = sum(e.numel for e in adapter_entries)
-    notes = [f"lora_alpha from {settings.source}"] + ([f"tokenizer from {tokenizer}"] if tokenizer else [])
+    notes += [f"lora_alpha from {settings.source}"] + ([f"tokenizer from {tokenizer}"] if tokenizer else [])
     return Written(out, len(adapter_entries), params, total, notes)
 
 

@@ -36,13 +36,8 @@ def checkpoint_entries(ckpt: Checkpoint, *, keep_lora_keys: bool = False, lora_a
     notes for the user. A LoRA checkpoint's adapter is folded into the base weights, with the alpha
     from `read_adapter_config`, unless `keep_lora_keys`."""
     tag_dir = ckpt.info.path
-    entries, aliases = source_entries(ckpt.tensors), dict(ckpt.aliases)
-    notes = list(ckpt.notes)
-    exported = ckpt.sidecar.exported if ckpt.sidecar is not None else ""
-    if exported:
-        entries, aliases, others = submodule_entries(entries, aliases, exported)
-        notes.append(f"the model is the checkpoint's {exported} (its {ckpt.sidecar.kind} run trained "
-                     f"{', '.join(others)} beside it, left out)")
+    entries, aliases, left_out = exported_entries(ckpt)
+    notes = list(ckpt.notes) + left_out
     if ckpt.info.is_lora and not keep_lora_keys:
         settings = read_adapter_config(tag_dir, ckpt.sidecar, lora_alpha=lora_alpha, adapter_config=adapter_config)
         if settings is None:
@@ -51,6 +46,20 @@ def checkpoint_entries(ckpt: Checkpoint, *, keep_lora_keys: bool = False, lora_a
                                  f"to fold the adapter into the weights, or --keep-lora-keys to keep the raw keys")
         entries, aliases = fold_lora(entries, aliases, settings)
         notes.append(f"LoRA folded into the base weights (alpha from {settings.source})")
+    return entries, aliases, notes
+
+
+def exported_entries(ckpt: Checkpoint) -> tuple[list[Entry], dict[str, str], list[str]]:
+    """The model's tensors of a loaded checkpoint tag, named as in the model, its tied names and
+    a note on what was left out: the submodule its sidecar names as the model
+    (engine.objectives.base.Stage.exported: PPO's actor) alone, else all of them."""
+    entries, aliases = source_entries(ckpt.tensors), dict(ckpt.aliases)
+    notes = []
+    exported = ckpt.sidecar.exported if ckpt.sidecar is not None else ""
+    if exported:
+        entries, aliases, others = submodule_entries(entries, aliases, exported)
+        notes.append(f"the model is the checkpoint's {exported} (its {ckpt.sidecar.kind} run trained "
+                     f"{', '.join(others)} beside it, left out)")
     return entries, aliases, notes
 
 

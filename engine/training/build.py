@@ -117,10 +117,11 @@ def check_same_data(data: Data, resume_tag: Path) -> None:
                          "--output-dir NEW_DIR")
 
 
-def build_model(cfg: Config, plan: RunPlan, head: Callable[[torch.nn.Module, Config], torch.nn.Module] | None = None
-                ) -> Model:
-    """The trained model: the causal LM of --init-from (or the preset), through the stage's `head`
-    when it has one (engine.objectives.base.Stage.model), with LoRA when asked."""
+def build_model(cfg: Config, plan: RunPlan, head: Callable[[torch.nn.Module, Config], torch.nn.Module] | None = None,
+                exported: str = "") -> Model:
+    """The trained module: the causal LM of --init-from (or the preset), through the stage's `head`
+    when it has one (engine.objectives.base.Stage.model), with LoRA when asked on its `exported`
+    submodule (Stage.exported; the whole module when ""), the rest trained in full."""
     from model.flops import flops_per_token
 
     tokenizer, source = plan.tokenizer, plan.init_source
@@ -135,15 +136,15 @@ def build_model(cfg: Config, plan: RunPlan, head: Callable[[torch.nn.Module, Con
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora.enabled:
-            model.enable_input_require_grads()
+            model.get_submodule(exported).enable_input_require_grads()
     model_config = model.config
     flops = flops_per_token(model.config, cfg.data.seq_len)
     if cfg.lora.enabled:
         base_path = str(source.path.resolve()) if source is not None and source.kind == "hf" else None
-        model = wrap_lora(cfg, model, base_path)
+        model = wrap_lora(cfg, model, base_path, exported)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Model(model, model_config, adapter_config(model), flops, 4 * total + 12 * trainable)
+    return Model(model, model_config, adapter_config(model.get_submodule(exported)), flops, 4 * total + 12 * trainable)
 
 
 def lr_lambda(cfg: Config) -> Callable[[int], float]:

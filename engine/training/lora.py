@@ -24,8 +24,15 @@ def lora_target_modules(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def wrap_lora(cfg: Config, model: torch.nn.Module, base_path: str | None) -> torch.nn.Module:
-    """get_peft_model with the run's LoRA settings (base weights frozen)."""
+def wrap_lora(cfg: Config, model: torch.nn.Module, base_path: str | None, exported: str = "") -> torch.nn.Module:
+    """get_peft_model with the run's LoRA settings (base weights frozen) on `model`'s `exported`
+    submodule (engine.objectives.base.Stage.exported; all of it when ""), the rest of `model` as
+    it was: the adapter is then the exported model's alone, for its base model as it is."""
+    if exported:
+        parent, _, name = exported.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, name, wrap_lora(cfg, owner.get_submodule(name), base_path))
+        return model
     import peft
 
     lora = cfg.lora
@@ -90,6 +97,10 @@ def merged_model(peft_model, state_dict: dict[str, torch.Tensor]) -> torch.nn.Mo
     with torch.device("meta"):
         skeleton = _peft_model(AutoModelForCausalLM.from_config(base_config), peft_model.peft_config["default"])
     skeleton.load_state_dict(state_dict, strict=False, assign=True)
+    if any(p.is_meta for p in skeleton.parameters()):
+        # A tied lm_head is not in the state dict (one tensor with embed_tokens, named once) and
+        # assign=True replaced embed_tokens' tensor alone: tie the head to it again.
+        skeleton.get_base_model().tie_weights()
     model = skeleton.merge_and_unload()
     # modules_to_save trains embed_tokens and lm_head as separate copies: keep them untied.
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight

@@ -51,7 +51,7 @@ def setup(cfg: Config, stage: Stage, here: World, hooks: Hooks | None = None) ->
     if plan.resume_tag is not None:
         check_same_data(data, plan.resume_tag)
     resume_tag = resume_point(plan, here)
-    model = build_model(cfg, plan, stage.model)
+    model = build_model(cfg, plan, stage.model, stage.exported)
     engine = build_engine(cfg, plan, model)
     objective.build(cfg, plan, engine, data)
     trainer = Trainer(cfg, stage, plan, here, data, model, engine, objective, hooks or Hooks())

@@ -207,7 +207,7 @@ class Trainer:
                               objective_state=self.objective.state_dict())
         if self.model.lora:
             write_adapter(self.engine, tag / ADAPTER if self.world.rank == 0 else None, zero3=self.zero3,
-                          precision=self.plan.precision)
+                          precision=self.plan.precision, exported=self.stage.exported)
         self.log(f"checkpoint {tag}")
         return tag
 
