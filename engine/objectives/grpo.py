@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from common.errors import ZerotrainError
-from engine.config.sections import invalid, require_positive
+from engine.config.sections import choice, invalid, require_positive
 from engine.data.format import IGNORE_INDEX
 from engine.objectives.base import Batch, LossSums, Objective, Stage, model_inputs
 from engine.objectives.policy_loss import (
@@ -67,8 +67,8 @@ class RLConfig:
 
     SECTION: ClassVar[str] = "rl"
 
-    rl_loss: str = "grpo"
-    """grpo, dr_grpo, dapo, bnpo or cispo: TRL's loss types (they differ in how token losses are averaged)."""
+    rl_loss: str = choice("grpo", LOSS_TYPES)
+    """TRL's loss types (they differ in how token losses are averaged)."""
     reward_fn: list[str] = field(default_factory=list)
     """Reward functions: built-in accuracy, format or length, or PATH.py:NAME (TRL's signature); repeatable."""
     reward_model: str = ""
@@ -92,7 +92,7 @@ class RLConfig:
     epsilon_high: float = 0.0
     """The upper clip bound is 1 + epsilon_high (0: the same as epsilon; DAPO uses 0.28); cispo's cap on the ratio
     (0: 5, MiniMax-M1's)."""
-    scale_rewards: str = "group"
+    scale_rewards: str = choice("group", SCALE_REWARDS)
     """group: advantages divided by their group's std, batch: by the whole step's std, none: not divided (Dr. GRPO)."""
     mask_truncated_completions: bool = False
     """Leave completions that hit --max-new-tokens without an end out of the loss (DAPO)."""
@@ -101,10 +101,6 @@ class RLConfig:
     clipped against the policy that sampled them; prompts are drawn every N steps."""
 
     def __post_init__(self) -> None:
-        if self.rl_loss not in LOSS_TYPES:
-            invalid(self, "rl_loss", self.rl_loss, "one of " + ", ".join(LOSS_TYPES))
-        if self.scale_rewards not in SCALE_REWARDS:
-            invalid(self, "scale_rewards", self.scale_rewards, "one of " + ", ".join(SCALE_REWARDS))
         for name in ("num_generations", "max_new_tokens", "temperature", "num_iterations"):
             require_positive(self, name)
         if not 0.0 < self.top_p <= 1.0:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ZerotrainError
-from engine.config.sections import invalid, require_positive
+from engine.config.sections import choice, invalid, require_positive
 from engine.objectives.base import Batch, LossSums, Objective, Stage, model_inputs
 from engine.objectives.tokens import (
     chunk_count,
@@ -50,7 +50,7 @@ class PrefConfig:
 
     SECTION: ClassVar[str] = "pref"
 
-    pref_loss: str = "dpo"
+    pref_loss: str = choice("dpo", PREF_LOSSES)
     """dpo (sigmoid), ipo, orpo or simpo; orpo and simpo need no reference model."""
     beta: float = 0.1
     """Strength: DPO/SimPO's beta, IPO's tau (the target margin is 1 / (2 beta)), ORPO's lambda."""
@@ -68,8 +68,6 @@ class PrefConfig:
     one model."""
 
     def __post_init__(self) -> None:
-        if self.pref_loss not in PREF_LOSSES:
-            invalid(self, "pref_loss", self.pref_loss, "one of " + ", ".join(PREF_LOSSES))
         require_positive(self, "beta")
         if not 0.0 <= self.label_smoothing < 0.5:
             invalid(self, "label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
