@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ZerotrainError
-from engine.config.sections import choice, invalid, require_positive
+from engine.config.sections import Given, choice, invalid, require_positive
 from engine.objectives.base import Batch, LossSums, Objective, Stage, model_inputs
 from engine.objectives.tokens import (
     chunk_count,
@@ -300,4 +300,8 @@ class Distill(Objective):
 
 DISTILL = Stage("distill", objective=lambda cfg: Distill(cfg.section(DistillConfig), cfg.train.loss_chunk_size),
                 data_kinds=("pretrain", "sft"), section=DistillConfig,
+                # lr: recipes/distill_minillm_gpt2.yaml's for a real student (TRL's DistillationConfig has 1e-6,
+                # for on-policy distillation of an already-tuned model). pack: as for SFT (packed == padded),
+                # but off with --on-policy-ratio, which rebuilds each row from its prompt and refuses packing.
+                defaults=(("lr", 5e-5), ("pack", Given(True, "on_policy_ratio", False))),
                 summary="distillation of a frozen teacher into the trained student")

@@ -478,7 +478,8 @@ def _finite(value: torch.Tensor) -> float | None:
     return None if np.isnan(value) else value
 
 
-GRPO = Stage("grpo", objective=lambda cfg: GroupRelative(cfg.section(RLConfig), cfg.train.seed, cfg.data.seq_len),
+GRPO = Stage("grpo", defaults=(("lr", 1e-6),),  # TRL's GRPOConfig.learning_rate
+             objective=lambda cfg: GroupRelative(cfg.section(RLConfig), cfg.train.seed, cfg.data.seq_len),
              data_kinds=("prompt",), plain_data="prompt", section=RLConfig, mixes=False,
              headline=(("reward", "reward"),),
              summary="reinforcement learning with rewards: GRPO, Dr. GRPO, DAPO, BNPO, CISPO")

@@ -206,7 +206,8 @@ class Proximal(GroupRelative):
 PPO = Stage("ppo", objective=lambda cfg: Proximal(cfg.section(RLConfig), cfg.section(PPOConfig), cfg.train.seed,
                                                   cfg.data.seq_len),
             data_kinds=("prompt",), plain_data="prompt", section=PPOConfig, shares=(RLConfig,),
-            defaults=(("num_generations", 1),), mixes=False,
+            # lr: TRL's on-policy configs' (GRPOConfig, RLOOConfig: 1e-6; TRL 1.16 has no PPOConfig left).
+            defaults=(("num_generations", 1), ("lr", 1e-6)), mixes=False,
             model=lambda model, cfg: actor_critic(model, cfg.section(PPOConfig).critic_init), exported=ACTOR,
             headline=(("score", "objective/scores"),),
             summary="reinforcement learning with a critic: PPO (GAE, clipped policy and value losses)")
