@@ -52,11 +52,12 @@ def stage_sections() -> tuple[type, ...]:
 
 
 def config_for(stage: Stage, argv: list[str] | None, *, defaults: dict[str, Any] | None = None) -> Config:
-    """The config of a `stage` run from its command line: the common sections and its own. A flag
-    or YAML key of another stage's section is refused, naming the launcher it belongs to, rather
-    than ignored."""
+    """The config of a `stage` run from its command line: the common sections and its own, with
+    the stage's defaults. A flag or YAML key of another stage's section is refused, naming the
+    launcher it belongs to, rather than ignored; --help lists the stage's sections only."""
     cfg = parse_config(argv, stage_sections=stage_sections(), description=stage_description(stage),
-                       defaults={**dict(stage.defaults), **(defaults or {})})
+                       defaults={**dict(stage.defaults), **(defaults or {})}, shown=stage.sections,
+                       epilog=stage_epilog(stage))
     check_stage_sections(cfg, stage)
     cfg.stage_sections = {name: section for name, section in cfg.stage_sections.items()
                           if type(section) in stage.sections}
@@ -93,3 +94,17 @@ def stage_description(stage: Stage) -> str:
     """The --help description of a stage's launcher."""
     kinds = " or ".join(data_kind(k).title for k in stage.data_kinds)
     return f"zerotrain {stage.name}: {stage.summary or 'train'} (on {kinds})"
+
+
+def stage_epilog(stage: Stage) -> str:
+    """The end of a stage's --help: the ways to launch it, and where the manual is."""
+    script = stage.launcher
+    forms = [(f"python {script} --flag value ...", "one process: CPU, or one GPU"),
+             (f"torchrun --nproc_per_node N {script} ...", "N processes on this machine"),
+             (f"deepspeed --hostfile hostfiles/a100 {script} ...", "several machines over ssh"),
+             (f"sbatch scripts/slurm/{stage.name}.sbatch", "under SLURM")]
+    width = max(len(command) for command, _ in forms) + 3
+    return "\n".join(["launch (the same flags in every form):",
+                      *(f"  {command.ljust(width)}{what}" for command, what in forms), "",
+                      "YAML: --config FILE.yaml takes the same names as keys, flat or by section; flags override it.",
+                      "manual: docs/README.md (a page per stage); every flag of every launcher: docs/flags.md"])

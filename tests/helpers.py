@@ -256,6 +256,7 @@ def dpo_args(out: Path, **flags) -> list[str]:
     values = {"data": PAIRS, "output-dir": out, "seq-len": 96, "micro-batch-size": 2, "grad-accum": 1,
               "max-steps": 4, "warmup-steps": 0, "lr": 2e-3, "zero-stage": 2, "precision": "fp32", "seed": 3,
               "eval-samples": 8, "val-fraction": 0.05, "log-interval": 1, "eval-interval": 100, "save-interval": 100,
+              "pack": "false",  # padded pairs, one a row, unless a test packs them (launcher/dpo.py's default)
               # a cache per test: the precomputed reference is really computed where a test asks for it
               "data-cache-dir": Path(out).parent / "cache"}
     return cli_flags(values, **flags)

@@ -8,9 +8,9 @@ same helpers; engine.config.tree assembles a run's config from these and the sta
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 from common.errors import ZerotrainError
 from engine.config.precision import PRECISIONS
@@ -22,8 +22,51 @@ def flag(name: str) -> str:
 
 
 def invalid(section: Any, name: str, value: Any, expected: str) -> None:
-    """Raise the error of a field given a value it does not take, naming its key and flag."""
-    raise ZerotrainError(f"{type(section).SECTION}.{name} ({flag(name)}) must be {expected}, got {value!r}")
+    """Raise the error of a field given a value it does not take, naming its key and flag
+    (`section`: the section or its class)."""
+    owner = section if isinstance(section, type) else type(section)
+    raise ZerotrainError(f"{owner.SECTION}.{name} ({flag(name)}) must be {expected}, got {value!r}")
+
+
+def choice(default: Any, options: Iterable[Any]) -> Any:
+    """A field that takes one of a fixed set of values (each item of it, for a list field): the
+    set's one home, which the config's checks (check_choices) and --help read."""
+    options = tuple(options)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"choices": options})
+    return field(default=default, metadata={"choices": options})
+
+
+def choices_of(section_cls: type) -> dict[str, tuple[Any, ...]]:
+    """A section's fields declared with `choice`, and their values."""
+    return {f.name: f.metadata["choices"] for f in fields(section_cls) if "choices" in f.metadata}
+
+
+def check_choices(section_cls: type, values: dict[str, Any]) -> None:
+    """Refuse a value outside its field's choices (None, where a field may be unset, is not one)."""
+    for name, options in choices_of(section_cls).items():
+        value = values.get(name)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and item not in options:
+                invalid(section_cls, name, item, ("any" if isinstance(value, list) else "one") + " of "
+                        + ", ".join(map(str, options)))
+
+
+def field_default(section_cls: type, name: str) -> Any:
+    """The default a section's dataclass gives a field."""
+    f = next(f for f in fields(section_cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+@dataclass(frozen=True)
+class Given:
+    """A stage's default for a field that changes when the run gives another field a value:
+    `value`, or `then` once `field` is set to something true (a non-zero number, a non-empty
+    string or list), by a flag or YAML. Stage.defaults holds these beside plain values."""
+
+    value: Any
+    field: str
+    then: Any
 
 
 def require_positive(section: Any, name: str) -> None:
@@ -50,14 +93,10 @@ class ModelConfig:
     tokenizer: str = ""
     """HF tokenizer directory or sentencepiece `.model` file (train one with `zerotrain train-tokenizer`);
     default: the tokenizer that comes with init_from."""
-    attn_implementation: str = "sdpa"
-    """transformers attention backend: sdpa, eager or flash_attention_2."""
+    attn_implementation: str = choice("sdpa", ("sdpa", "eager", "flash_attention_2"))
+    """transformers attention backend."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
-
-    def __post_init__(self) -> None:
-        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-            invalid(self, "attn_implementation", self.attn_implementation, "one of sdpa, eager, flash_attention_2")
 
 
 @dataclass
@@ -124,7 +163,7 @@ class DataConfig:
     num_proc: int = 1
     """Processes that prepare raw SFT conversations (0: every core); the prepared data is the same
     for any count. 1 by default: the workers start from a fork server (a second import of torch),
-    which costs more than it saves below tens of thousands of conversations (BENCHMARKS.md)."""
+    which costs more than it saves below tens of thousands of conversations."""
 
     def __post_init__(self) -> None:
         require_positive(self, "seq_len")
@@ -156,8 +195,11 @@ class OptimConfig:
     weight_decay: float = 0.1
     """AdamW decoupled weight decay; never applied to norms, biases and embeddings."""
     adam_beta1: float = 0.9
+    """AdamW's decay of its running mean of gradients."""
     adam_beta2: float = 0.95
+    """AdamW's decay of its running mean of squared gradients."""
     adam_eps: float = 1e-8
+    """AdamW's term added to the denominator for numerical stability."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
 
@@ -193,7 +235,7 @@ class TrainConfig:
     global_batch_size: int = 0
     """Sequences per optimizer step over all ranks; 0 = micro_batch_size x grad_accum x world size.
     When set it must equal that product (checked against the world size at start-up)."""
-    precision: str = "auto"
+    precision: str = choice("auto", PRECISIONS)
     """auto (bf16 where supported, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32."""
     seed: int = 42
     """Seeds model init, data order and dropout."""
@@ -206,16 +248,16 @@ class TrainConfig:
     ranks: the same samples on any number of ranks, so val_loss does not depend on it."""
     max_consecutive_nonfinite: int = 5
     """A NaN/inf loss skips the step; this many in a row stop the run."""
-    report_to: list[str] = field(default_factory=list)
-    """DeepSpeed monitors to log to as well, written under output_dir/monitor: tensorboard, csv, wandb.
+    report_to: list[str] = choice([], MONITORS)
+    """DeepSpeed monitors to log to as well, written under output_dir/monitor.
     (Not `--monitor`: torchrun would take that as an abbreviation of its --monitor-interval.)"""
     loss_chunk_size: int = 0
     """Tokens per chunk of the LM head and its loss (every stage, validation too; DPO's and
     distillation's log-probs, a live reference's and teacher's as well): the full tokens x vocab
     logits are never held and only the trained tokens go through the head. 0 (default): the full
     logits, as transformers computes them. For vocabularies of 32,000 or more when memory is short:
-    110 (64 MiB of fp32 logits at 151,936) measured 0.21x the loss's peak memory at 0.79x its speed
-    on CPU, 512 0.40x at 0.86x (BENCHMARKS.md)."""
+    smaller chunks hold less of the loss's memory at some cost in speed (a chunk of 64 MiB of fp32
+    logits is a sensible start)."""
     hang_timeout: float | None = None
     """Seconds a rank may go without finishing an optimizer step before the job is declared stalled:
     every rank writes its threads' stacks to output_dir/hang/rankN.txt and the job exits (status 75)
@@ -238,11 +280,6 @@ class TrainConfig:
             invalid(self, "hang_timeout", self.hang_timeout, "seconds, 0 (off), or unset for the default")
         if self.eval_interval < 0:
             invalid(self, "eval_interval", self.eval_interval, "0 (only at the end) or a positive integer")
-        if self.precision not in PRECISIONS:
-            invalid(self, "precision", self.precision, "one of " + ", ".join(PRECISIONS))
-        for name in self.report_to:
-            if name not in MONITORS:
-                invalid(self, "report_to", name, "any of " + ", ".join(MONITORS))
 
 
 @dataclass
@@ -257,18 +294,16 @@ class CheckpointConfig:
     """Checkpoints kept in output_dir/checkpoints; older ones are deleted (0 keeps all)."""
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint path."""
-    verify_checkpoints: str = "full"
+    verify_checkpoints: str = choice("full", ("full", "tail"))
     """full: once a save is complete, each rank hashes its share of the tag's files whole (CRC-32) in a
     background thread while training goes on, into TAG/checksums/; resume, consolidate, export,
     extract-adapter and inspect re-hash and compare, so a flipped byte anywhere in a shard is caught. The
-    default, as it costs about a fifth (0.16-0.23x) of the time torch.save takes to write the same bytes, off
-    the critical path (BENCHMARKS.md). tail: each file's size and a hash of its last MiB only (truncation and
-    foreign files, not damage mid-file); also what a tag without digests gets."""
+    default, as it costs a fraction of the time the save itself takes, off the critical path. tail: each
+    file's size and a hash of its last MiB only (truncation and foreign files, not damage mid-file); also what
+    a tag without digests gets."""
 
     def __post_init__(self) -> None:
         require_positive(self, "save_interval")
-        if self.verify_checkpoints not in ("full", "tail"):
-            invalid(self, "verify_checkpoints", self.verify_checkpoints, "full or tail")
         if self.keep_last < 0:
             invalid(self, "keep_last", self.keep_last, "0 (keep all) or a positive integer")
         if not self.resume:
@@ -283,7 +318,7 @@ class DistributedConfig:
 
     ds_config: str = ""
     """DeepSpeed JSON config; default ds_configs/zero{zero_stage}.json."""
-    zero_stage: int | None = None
+    zero_stage: int | None = choice(None, (0, 1, 2, 3))
     """ZeRO stage 0-3; overrides the stage in ds_config (default 2 when neither says)."""
     dist_timeout: int = 1800
     """Seconds a collective (all-reduce, barrier; nccl and gloo alike) waits for the other ranks
@@ -291,8 +326,6 @@ class DistributedConfig:
     others wait; a stall during training is caught sooner by --hang-timeout."""
 
     def __post_init__(self) -> None:
-        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
-            invalid(self, "zero_stage", self.zero_stage, "0, 1, 2 or 3")
         require_positive(self, "dist_timeout")
 
 

@@ -35,6 +35,7 @@ from engine.config.sections import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    check_choices,
 )
 
 Section = TypeVar("Section")
@@ -117,8 +118,9 @@ class Config:
         built = {}
         for name, section_cls in classes.items():
             annotations = field_types(section_cls)
-            built[name] = section_cls(**{k: coerce(v, annotations[k], f"{source}: {name}.{k}")
-                                         for k, v in per_section[name].items()})
+            given = {k: coerce(v, annotations[k], f"{source}: {name}.{k}") for k, v in per_section[name].items()}
+            check_choices(section_cls, given)  # before the section's own checks, which may read these
+            built[name] = section_cls(**given)
         common = {c.SECTION: built.pop(c.SECTION) for c in COMMON_SECTIONS}
         return cls(**common, stage_sections=built)
 

@@ -130,8 +130,10 @@ class Stage:
     """Other stages' sections it reads too, their flags meaning the same here (PPO reads GRPO's
     rewards and sampling); the launchers of neither stage refuse them."""
     defaults: tuple[tuple[str, Any], ...] = ()
-    """(field, value) defaults of its own for fields of a shared or common section (PPO samples 1
-    completion per prompt, GRPO 8; PPO's LoRA has no dropout); flags and YAML still override them."""
+    """(field, value) defaults of its own for any field, of a common section or a shared one (DPO's
+    lr; PPO samples 1 completion per prompt, GRPO 8; PPO's LoRA has no dropout); a value may be an
+    engine.config.sections.Given (another default once the run sets a field: DPO's lr with
+    --lora-r). Flags and YAML still override them, and the launcher's --help shows them."""
     mixes: bool = True
     """Several --data sources may be mixed by weight."""
     model: Callable[[torch.nn.Module, Config], torch.nn.Module] | None = None

@@ -32,4 +32,8 @@ class CausalLM(Objective):
 PRETRAIN = Stage("pretrain", objective=lambda cfg: CausalLM(cfg.train.loss_chunk_size),
                  data_kinds=("pretrain", "sft"), plain_data="pretrain", summary="pretraining (next-token prediction)")
 SFT = Stage("sft", objective=lambda cfg: CausalLM(cfg.train.loss_chunk_size), data_kinds=("pretrain", "sft"),
-            plain_data="sft", summary="supervised fine-tuning, full or LoRA (next-token prediction on the replies)")
+            plain_data="sft",
+            # Packed rows give the padded batches' loss and gradients (tests/unit/test_packing.py) in fewer,
+            # shorter rows: faster on the shipped conversations (README), so on unless --no-pack.
+            defaults=(("pack", True),),
+            summary="supervised fine-tuning, full or LoRA (next-token prediction on the replies)")

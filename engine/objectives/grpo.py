@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from common.errors import ZerotrainError
-from engine.config.sections import invalid, require_positive
+from engine.config.sections import choice, invalid, require_positive
 from engine.data.format import IGNORE_INDEX
 from engine.objectives.base import Batch, LossSums, Objective, Stage, model_inputs
 from engine.objectives.policy_loss import (
@@ -69,8 +69,8 @@ class RLConfig:
 
     SECTION: ClassVar[str] = "rl"
 
-    rl_loss: str = "grpo"
-    """grpo, dr_grpo, dapo, bnpo or cispo: TRL's loss types (they differ in how token losses are averaged)."""
+    rl_loss: str = choice("grpo", LOSS_TYPES)
+    """TRL's loss types (they differ in how token losses are averaged)."""
     reward_fn: list[str] = field(default_factory=list)
     """Reward functions: built-in accuracy, format or length, or PATH.py:NAME (TRL's signature); repeatable."""
     reward_model: str = ""
@@ -94,7 +94,7 @@ class RLConfig:
     epsilon_high: float = 0.0
     """The upper clip bound is 1 + epsilon_high (0: the same as epsilon; DAPO uses 0.28); cispo's cap on the ratio
     (0: 5, MiniMax-M1's)."""
-    scale_rewards: str = "group"
+    scale_rewards: str = choice("group", SCALE_REWARDS)
     """group: advantages divided by their group's std, batch: by the whole step's std, none: not divided (Dr. GRPO)."""
     mask_truncated_completions: bool = False
     """Leave completions that hit --max-new-tokens without an end out of the loss (DAPO)."""
@@ -103,10 +103,6 @@ class RLConfig:
     clipped against the policy that sampled them; prompts are drawn every N steps."""
 
     def __post_init__(self) -> None:
-        if self.rl_loss not in LOSS_TYPES:
-            invalid(self, "rl_loss", self.rl_loss, "one of " + ", ".join(LOSS_TYPES))
-        if self.scale_rewards not in SCALE_REWARDS:
-            invalid(self, "scale_rewards", self.scale_rewards, "one of " + ", ".join(SCALE_REWARDS))
         for name in ("num_generations", "max_new_tokens", "temperature", "num_iterations"):
             require_positive(self, name)
         if not 0.0 < self.top_p <= 1.0:
@@ -484,7 +480,10 @@ def _finite(value: torch.Tensor) -> float | None:
     return None if np.isnan(value) else value
 
 
-GRPO = Stage("grpo", objective=lambda cfg: GroupRelative(cfg.section(RLConfig), cfg.train.seed, cfg.data.seq_len),
+# lr: TRL's GRPOConfig.learning_rate. No LoRA dropout by default: with --num-iterations > 1 the
+# sampling policy's log-probs and each update's would draw other dropout masks (PPO's reason too).
+GRPO = Stage("grpo", defaults=(("lr", 1e-6), ("lora_dropout", 0.0)),
+             objective=lambda cfg: GroupRelative(cfg.section(RLConfig), cfg.train.seed, cfg.data.seq_len),
              data_kinds=("prompt",), plain_data="prompt", section=RLConfig, mixes=False,
              headline=(("reward", "reward"),),
              summary="reinforcement learning with rewards: GRPO, Dr. GRPO, DAPO, BNPO, CISPO")

@@ -207,10 +207,11 @@ class Proximal(GroupRelative):
 PPO = Stage("ppo", objective=lambda cfg: Proximal(cfg.section(RLConfig), cfg.section(PPOConfig), cfg.train.seed,
                                                   cfg.data.seq_len),
             data_kinds=("prompt",), plain_data="prompt", section=PPOConfig, shares=(RLConfig,),
+            # lr: TRL's on-policy configs' (GRPOConfig, RLOOConfig: 1e-6; TRL 1.16 has no PPOConfig left).
             # No LoRA dropout by default (TRL's PPO disables dropout): the rollout's forward, which
             # takes the old log-probs and values, and each update's would draw other masks, so a
             # rollout's first update would not have the ratio 1 it should.
-            defaults=(("num_generations", 1), ("lora_dropout", 0.0)), mixes=False,
+            defaults=(("num_generations", 1), ("lr", 1e-6), ("lora_dropout", 0.0)), mixes=False,
             model=lambda model, cfg: actor_critic(model, cfg.section(PPOConfig).critic_init), exported=ACTOR,
             headline=(("score", "objective/scores"),),
             summary="reinforcement learning with a critic: PPO (GAE, clipped policy and value losses)")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ZerotrainError
-from engine.config.sections import invalid, require_positive
+from engine.config.sections import Given, choice, invalid, require_positive
 from engine.objectives.base import Batch, LossSums, Objective, Stage, model_inputs
 from engine.objectives.tokens import (
     chunk_count,
@@ -50,9 +50,9 @@ class PrefConfig:
 
     SECTION: ClassVar[str] = "pref"
 
-    pref_loss: str = "dpo"
+    pref_loss: str = choice("dpo", PREF_LOSSES)
     """dpo (sigmoid), ipo, orpo or simpo; orpo and simpo need no reference model."""
-    beta: float = 0.1
+    beta: float = 0.1  # TRL's DPOConfig.beta
     """Strength: DPO/SimPO's beta, IPO's tau (the target margin is 1 / (2 beta)), ORPO's lambda."""
     label_smoothing: float = 0.0
     """cDPO: the probability that a pair's preference is flipped (dpo and simpo only)."""
@@ -68,8 +68,6 @@ class PrefConfig:
     one model."""
 
     def __post_init__(self) -> None:
-        if self.pref_loss not in PREF_LOSSES:
-            invalid(self, "pref_loss", self.pref_loss, "one of " + ", ".join(PREF_LOSSES))
         require_positive(self, "beta")
         if not 0.0 <= self.label_smoothing < 0.5:
             invalid(self, "label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
@@ -245,5 +243,9 @@ class Preference(Objective):
 
 DPO = Stage("dpo", objective=lambda cfg: Preference(cfg.section(PrefConfig), cfg.train.loss_chunk_size),
             data_kinds=("pref",), plain_data="pref", section=PrefConfig, mixes=False,
+            # lr: TRL's DPOConfig.learning_rate (1e-6) for full weights; with LoRA LLaMA-Factory's DPO
+            # examples' 5e-6 (examples/train_lora/*_dpo.yaml), as an adapter's few weights take larger steps.
+            # pack: packed pairs give the padded ones' loss and gradients (tests/unit/test_pref_pack.py).
+            defaults=(("lr", Given(1e-6, "lora_r", 5e-6)), ("pack", True)),
             headline=(("acc", "rewards/accuracies"),),
             summary="preference tuning (DPO, IPO, ORPO, SimPO) of a policy")

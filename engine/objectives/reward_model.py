@@ -106,6 +106,7 @@ class RewardModel(Objective):
 
 
 REWARD = Stage("reward", objective=lambda cfg: RewardModel(cfg.section(RewardConfig)), data_kinds=("pref",),
-               plain_data="pref", section=RewardConfig, mixes=False, headline=(("acc", "accuracy"),),
+               plain_data="pref", section=RewardConfig, mixes=False,
+               defaults=(("lr", 1e-4),),  # TRL's RewardConfig.learning_rate headline=(("acc", "accuracy"),),
                model=as_reward_model,
                summary="a reward model: a scalar head on a causal LM's trunk, Bradley-Terry on preference pairs")

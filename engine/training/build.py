@@ -23,6 +23,7 @@ from engine.checkpoint.resume import make_universal
 from engine.checkpoint.run_dir import universal_dir
 from engine.checkpoint.sidecar import Sidecar
 from engine.config.deepspeed import zero_stage
+from engine.config.sections import ModelConfig, field_default
 from engine.config.tree import Config
 from engine.data.format import read_meta
 from engine.data.kinds import collate_for, data_kind
@@ -145,6 +146,20 @@ def build_model(cfg: Config, plan: RunPlan, head: Callable[[torch.nn.Module, Con
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Model(model, model_config, adapter_config(model.get_submodule(exported)), flops, 4 * total + 12 * trainable)
+
+
+def new_model_line(cfg: Config, model: Model) -> str:
+    """What a run that starts from no weights (no --init-from, no checkpoint) trains, said once:
+    the preset and its size, and loudly when it is the default, the test-sized debug preset."""
+    params = sum(p.numel() for p in model.module.parameters())
+    line = f"no --init-from: a new model from preset {cfg.model.preset!r}, {params:,} parameters"
+    if cfg.model.preset == field_default(ModelConfig, "preset"):
+        from model.presets import preset_names
+
+        others = "|".join(name for name in preset_names() if name != cfg.model.preset)
+        line += (f" (the {model.config.num_hidden_layers}-layer preset the tests use, not a useful model: pass "
+                 f"--preset {others} for a real one)")
+    return line
 
 
 def lr_lambda(cfg: Config) -> Callable[[int], float]:

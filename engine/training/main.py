@@ -34,6 +34,7 @@ from engine.training.build import (
     build_engine,
     build_model,
     check_same_data,
+    new_model_line,
     resume_point,
     write_run_files,
 )
@@ -52,6 +53,8 @@ def setup(cfg: Config, stage: Stage, here: World, hooks: Hooks | None = None) ->
         check_same_data(data, plan.resume_tag)
     resume_tag = resume_point(plan, here)
     model = build_model(cfg, plan, stage.model, stage.exported)
+    if plan.init_source is None and plan.resume_tag is None:
+        log_on_rank0(here.rank, new_model_line(cfg, model))
     engine = build_engine(cfg, plan, model)
     objective.build(cfg, plan, engine, data)
     trainer = Trainer(cfg, stage, plan, here, data, model, engine, objective, hooks or Hooks())

@@ -92,7 +92,8 @@ def zerotrain_flags(args, model_dir: Path, data: Path, out: Path, precompute: bo
             "--zero-stage", str(args.zero_stage), "--attn-implementation", args.attn_implementation,
             "--pref-loss", "dpo", "--beta", str(args.beta), "--precompute-ref", str(precompute).lower(),
             "--val-fraction", "0", "--log-interval", str(args.steps), "--eval-interval", str(10 ** 6),
-            "--save-interval", str(10 ** 6), "--resume", "never", "--seed", "42"]
+            "--save-interval", str(10 ** 6), "--resume", "never", "--seed", "42",
+            "--pack", "false"]  # padded pairs, as TRL's DPOTrainer batches them by default
 
 
 # --------------------------------------------------------------------------- workers (one rank each)

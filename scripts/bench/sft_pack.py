@@ -9,7 +9,7 @@ one script run (rounds rotate which goes first):
                      at most --seq-len tokens, position_ids restarting per example, no padding
                      inside a row (rows padded to the longest row; with --seq-len at least a
                      micro-batch's tokens that is one row, as HF flatten makes);
-- zerotrain pad:     launcher/sft.py without --pack: padded to the longest example (the in-house
+- zerotrain pad:     launcher/sft.py --no-pack: padded to the longest example (the in-house
                      baseline, to tell the packing from the trainer);
 - HF pad:            transformers' Trainer + DataCollatorForSeq2Seq(padding="longest",
                      label_pad_token_id=-100), what a user writes by default;

@@ -20,7 +20,8 @@ KEYS = ("loss", "ce", "kd")
 def distill_args(out: Path, base_model_dir: Path, teacher_dir: Path, **flags) -> list[str]:
     values = {"init-from": base_model_dir, "teacher": teacher_dir, "data": SAMPLES / "sharegpt_identity_500.json",
               "output-dir": out, "seq-len": 64, "micro-batch-size": 2, "warmup-steps": 0, "lr": 2e-3,
-              "precision": "fp32", "seed": 3, "data-cache-dir": Path(out).parent / "cache"}
+              "precision": "fp32", "seed": 3, "data-cache-dir": Path(out).parent / "cache",
+              "pack": "false"}  # padded rows, as these tests were written for (distill packs by default)
     return cli_flags(values, **flags)
 
 

@@ -33,7 +33,7 @@ def test_a_packed_dpo_run_with_a_precomputed_reference_takes_the_padded_runs_ste
     reference over packed batches: the steps are the padded run's (live reference)."""
     runs = {}
     # seq-len 256: most sample pairs fit whole, and are short enough that rows hold several
-    layouts = (("padded", {}), ("packed", {"pack": "true", "precompute_ref": "true"}))
+    layouts = (("padded", {"pack": "false"}), ("packed", {"pack": "true", "precompute_ref": "true"}))
     run_ranks_in_turn(1, [(_steps, tmp_path, base_model_dir, name, {"micro_batch_size": 4, "seq_len": 256, **flags})
                           for name, flags in layouts])
     for name, _ in layouts:

@@ -23,7 +23,7 @@ SHAREGPT = SAMPLES / "sharegpt_identity_500.json"
 def sft_args(out, **overrides) -> list[str]:
     args = {"data": SHAREGPT, "output-dir": out, "seq-len": 64, "micro-batch-size": 2, "max-steps": 6,
             "warmup-steps": 1, "lr": 5e-3, "log-interval": 1, "eval-interval": 6, "eval-samples": 8,
-            "save-interval": 3, "seed": 3}
+            "save-interval": 3, "seed": 3, "pack": "false"}  # padded batches (SFT packs by default)
     args.update({k.replace("_", "-"): v for k, v in overrides.items()})
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 

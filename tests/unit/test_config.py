@@ -28,7 +28,7 @@ def test_yaml_nested_and_flat_then_flags_win(tmp_path):
     (["--warmup-steps", "2000", "--max-steps", "10"], "warmup_steps (2000) is larger than train.max_steps (10)"),
     (["--precision", "fp8"], "train.precision (--precision) must be one of auto, bf16, fp16, fp32, got 'fp8'"),
     (["--micro-batch-size", "0"], "train.micro_batch_size (--micro-batch-size) must be a positive number"),
-    (["--zero-stage", "4"], "distributed.zero_stage (--zero-stage) must be 0, 1, 2 or 3, got 4"),
+    (["--zero-stage", "4"], "distributed.zero_stage (--zero-stage) must be one of 0, 1, 2, 3, got 4"),
     (["--seq-len", "abc"], "data.seq_len: expected int, got 'abc'"),
     (["--val-fraction", "0.7"], "data.val_fraction (--val-fraction) must be a number in [0, 0.5)"),
     (["stray"], "unexpected argument 'stray'"),

@@ -118,7 +118,7 @@ def test_a_teacher_with_fewer_tokens_is_refused(logits):
     (["--kd-loss", "kl"], "distill.kd_loss (--kd-loss) must be one of forward_kl, reverse_kl, jsd"),
     (["--kd-alpha", "1.5"], "distill.kd_alpha (--kd-alpha) must be a number in [0, 1]"),
     (["--kd-temperature", "0"], "distill.kd_temperature (--kd-temperature) must be a positive number"),
-    (["--teacher-zero-stage", "2"], "must be 0 (a whole copy per rank) or 3 (partitioned)"),
+    (["--teacher-zero-stage", "2"], "distill.teacher_zero_stage (--teacher-zero-stage) must be one of 0, 3, got 2"),
     (["--on-policy-ratio", "1.5"], "distill.on_policy_ratio (--on-policy-ratio) must be a number in [0, 1]"),
     (["--teacher-top-k", "-1"], "must be 0 (live teacher) or the number of log-probs kept per token"),
     (["--teacher-top-k", "8", "--on-policy-ratio", "0.5"], "run the teacher live for on-policy steps"),
