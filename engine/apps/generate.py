@@ -1,5 +1,8 @@
 """Using a trained model: load it (plus a LoRA adapter) for inference, generate and chat.
 
+What a MODEL argument names is decided here (resolve_model, over engine.checkpoint.run_dir's
+`resolve`) and the weights are built as --init-from builds them (engine.training.init_from).
+
 Generation is transformers' own `model.generate`; `zerotrain eval` (engine.apps.evaluate) and
 `zerotrain serve` (engine.apps.serve) load models through load_for_inference too.
 """
@@ -7,60 +10,135 @@ Generation is transformers' own `model.generate`; `zerotrain eval` (engine.apps.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+import yaml
 
 from common.errors import ZerotrainError
-from engine.checkpoint.run_dir import resolve
+from engine.checkpoint.run_dir import CONFIG, FINAL, Resolved, RunDir, adapter_only, has_tokenizer, resolve
 from engine.distributed import local_device
+from engine.training.init_from import MODEL_KINDS, resolve_init_from
 
 Messages = list[dict[str, str]]
 
 
 # --------------------------------------------------------------------------- loading
 
+@dataclass(frozen=True)
+class ModelSource:
+    """What the MODEL argument of generate / chat / eval / serve (and --adapter) stand for."""
+
+    base: Resolved
+    """The weights: an HF directory, a .pth/.safetensors state dict, or a DeepSpeed checkpoint (tag)."""
+    adapter: Path | None = None
+    """A PEFT adapter put on top."""
+    tokenizer: Path | None = None
+    """Where the tokenizer lies: the adapter's (or its run's), else the model's."""
+    run_config: Any = None
+    """A LoRA run's Config: its base is built as that run built it (preset, grown embeddings)."""
+
+
+def resolve_model(model: str | Path, adapter: str | Path | None = None) -> ModelSource:
+    """What `model` and `adapter` name. `model`: an HF model directory, a .pth/.safetensors state dict,
+    a run directory (its final/; a LoRA run's base model from its config.yaml's init_from with
+    final/adapter/ on top; a run with no final/ yet, its latest checkpoint), a DeepSpeed checkpoint
+    directory or one tag folder. `adapter`: a PEFT adapter directory or a LoRA run directory."""
+    path = Path(model)
+    run = RunDir(path)
+    if path.is_dir() and adapter_only(run):
+        if adapter is not None:
+            raise ZerotrainError(f"{path} is a LoRA run: it brings its own adapter ({run.final_adapter}); drop "
+                                 f"--adapter, or pass the base model with --adapter {adapter}")
+        return _lora_run(run)
+    lora_final = path.name == FINAL and path.is_dir() and adapter_only(RunDir(path.parent))
+    if (path / "adapter_config.json").is_file() or lora_final:
+        where = f"the run directory ({path.parent})" if lora_final else "the run directory"
+        raise ZerotrainError(f"{path} is a LoRA adapter, not a model: pass {where}, or the base model with "
+                             f"--adapter {path}, or run `zerotrain merge-adapter BASE {path} OUTPUT` for a merged "
+                             "model")
+    base = resolve(path, MODEL_KINDS, "MODEL")
+    if adapter is None:
+        return ModelSource(base, tokenizer=base.tokenizer)
+    found = resolve(adapter, ("adapter",), "--adapter")
+    return ModelSource(base, found.path, found.tokenizer or base.tokenizer)
+
+
+def _lora_run(run: RunDir) -> ModelSource:
+    from engine.stages import load_config
+
+    fix = f"or pass the base model with --adapter {run.root}"
+    if not run.config.is_file():
+        raise ZerotrainError(f"LoRA run {run.root} has no {CONFIG} to name its base model; {fix}")
+    cfg = load_config(yaml.safe_load(run.config.read_text()), source=str(run.config))
+    init_from = cfg.model.init_from
+    if not init_from:
+        raise ZerotrainError(f"LoRA run {run.root} was trained on a random init ({run.config} has no init_from), "
+                             f"so it has no base model to load; {fix}")
+    if not Path(init_from).exists():
+        relative = "" if Path(init_from).is_absolute() else (
+            ", read from the current directory: run this from where the run was launched")
+        raise ZerotrainError(f"the base model of LoRA run {run.root}, {init_from} ({run.config}: init_from), does "
+                             f"not exist{relative}; {fix}")
+    base = resolve_init_from(init_from, f"{run.config}: init_from")
+    tokenizer = next((t for t in (run.final, run.tokenizer) if has_tokenizer(t)), base.tokenizer)
+    return ModelSource(base, run.final_adapter, tokenizer, cfg)
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """An HF model directory: `path` itself, or `path/final` for a zerotrain run directory."""
     return resolve(path, ("hf",), "model directory").path
 
 
-def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
-                       tokenizer: str | Path | None = None) -> tuple[torch.nn.Module, Any]:
+def load_for_inference(model: str | Path, adapter: str | Path | None = None, tokenizer: str | Path | None = None,
+                       *, preset: str | None = None) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode on the GPU if there is one, else the CPU; tokenizer).
 
-    `model_dir` is an HF model directory or a run directory (RUN/final). The tokenizer comes from
-    `tokenizer`, else from the adapter directory when it holds one (extract-adapter writes the
-    run's), else from the model directory. `adapter` is a PEFT adapter directory put on top; one
-    trained with an extended tokenizer (its embeddings in modules_to_save) gets a base whose
-    embeddings are first grown to the tokenizer, as training grew them.
+    `model` and `adapter` are what resolve_model takes; a DeepSpeed checkpoint is gathered in
+    memory, tensor by tensor (as --init-from reads one; `zerotrain consolidate` writes it once for
+    faster loads). `preset` shapes a state dict without a config.json beside it, or a checkpoint
+    without a config. The tokenizer comes from `tokenizer`, else from the adapter directory (or its
+    run) when it holds one, else from the model. An adapter trained with an extended tokenizer (its
+    embeddings in modules_to_save) gets a base whose embeddings are first grown to the tokenizer,
+    as training grew them.
     """
-    from model.build import build_model
+    from engine.training.init_from import build_base_model, load_source, run_context
     from model.tokenizer import id_changes, load_tokenizer
 
-    model_dir = resolve_model_dir(model_dir)
-    with_adapter = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
-    tok = load_tokenizer(str(tokenizer or (adapter if with_adapter else model_dir)))
-    model = build_model(str(model_dir))
-    if len(tok) > model.config.vocab_size:
-        own = model_dir / "tokenizer_config.json"
-        if adapter is None or not own.is_file() or id_changes(load_tokenizer(str(model_dir)), tok):
-            raise ZerotrainError(f"the tokenizer has {len(tok)} tokens but model {model_dir} only "
-                                 f"{model.config.vocab_size}; pass the tokenizer it was trained with (--tokenizer)")
-        model.resize_token_embeddings(len(tok))  # the adapter's saved embeddings fill the new rows
-    if adapter is not None:
-        model = _load_adapter(model, Path(adapter), model_dir)
-    model.to(local_device()).eval()
-    return model, tok
+    source = resolve_model(model, adapter)
+    tokenizer = tokenizer or source.tokenizer
+    if tokenizer is None:
+        raise ZerotrainError(f"--tokenizer is required ({source.base.path} has none beside it): the tokenizer "
+                             "the model was trained with")
+    tok = load_tokenizer(str(tokenizer))
+    base = source.base
+    if base.kind == "deepspeed":
+        print(f"[zerotrain] gathering checkpoint {base.tag or 'latest'} of {base.path} in memory; "
+              f"`zerotrain consolidate {base.path} OUT_DIR` writes it once for faster loads", file=sys.stderr)
+    if source.run_config is not None:  # a LoRA run: its base as the run built it
+        net = build_base_model(source.run_config, base, tok, run_context(source.run_config))
+    else:
+        if base.kind == "state_dict" and not preset and not (base.path.parent / "config.json").is_file():
+            raise ZerotrainError(f"MODEL {base.path} is a state dict with no config.json beside it: pass --preset "
+                                 "(the preset it was trained with), or put its config.json beside it")
+        own = load_tokenizer(str(base.tokenizer)) if base.tokenizer and Path(base.tokenizer) != Path(tokenizer) else tok
+        net = load_source(base, preset=preset, vocab_size=len(own) if preset else None, what="MODEL")
+        if len(tok) > net.config.vocab_size:
+            if source.adapter is None or base.tokenizer is None or id_changes(own, tok):
+                raise ZerotrainError(f"the tokenizer has {len(tok)} tokens but model {base.path} only "
+                                     f"{net.config.vocab_size}; pass the tokenizer it was trained with (--tokenizer)")
+            net.resize_token_embeddings(len(tok))  # the adapter's saved embeddings fill the new rows
+    if source.adapter is not None:
+        net = _load_adapter(net, source.adapter, base.path)
+    net.to(local_device()).eval()
+    return net, tok
 
 
 def _load_adapter(model: torch.nn.Module, adapter: Path, model_dir: Path) -> torch.nn.Module:
     from peft import PeftModel
 
-    if not (adapter / "adapter_config.json").is_file():
-        raise ZerotrainError(f"adapter directory {adapter} has no adapter_config.json; pass a PEFT adapter "
-                             "(save_pretrained, or `zerotrain extract-adapter` of a LoRA checkpoint)")
     try:
         return PeftModel.from_pretrained(model, str(adapter))
     except (OSError, ValueError, RuntimeError, KeyError) as e:

@@ -443,8 +443,9 @@ def create_app(generator: Generator) -> FastAPI:
 
 
 def serve(model: str | Path, *, adapter: str | Path | None = None, tokenizer: str | Path | None = None,
-          host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None) -> None:
-    """Load the model and serve it until SIGTERM or Ctrl-C (then return normally)."""
+          preset: str | None = None, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None) -> None:
+    """Load the model (anything load_for_inference takes) and serve it until SIGTERM or Ctrl-C (then
+    return normally)."""
     import signal
 
     import uvicorn
@@ -452,7 +453,7 @@ def serve(model: str | Path, *, adapter: str | Path | None = None, tokenizer: st
     from engine.apps.generate import load_for_inference
 
     name = model_name or Path(model).resolve().name
-    loaded, tok = load_for_inference(model, adapter, tokenizer)
+    loaded, tok = load_for_inference(model, adapter, tokenizer, preset=preset)
     generator = Generator(loaded, tok, name)
     server = uvicorn.Server(uvicorn.Config(create_app(generator), host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))

@@ -13,7 +13,7 @@
 
 Every command that takes a model, an adapter or a checkpoint accepts a run directory for it, and
 `resolve` turns what the user passed into what the command reads (`resolve_tag`: a CKPT_DIR and
-its --tag into one tag folder).
+its --tag into one tag folder; `adapter_only`: a LoRA run, whose model is its base plus its adapter).
 """
 
 from __future__ import annotations
@@ -228,6 +228,12 @@ def resolve(path: str | Path, accept: tuple[Kind, ...], what: str) -> Resolved:
                              f"checkpoint into a model with `zerotrain consolidate {run.checkpoints} OUT_DIR`")
     it_is = f" (it is {DESCRIPTIONS[found.kind]})" if found is not None else ""
     raise ZerotrainError(f"{what} {path} is not {wanted}, nor a zerotrain run directory holding one{it_is}")
+
+
+def adapter_only(run: RunDir) -> bool:
+    """A LoRA run's final/: its adapter/ and no merged model (--merge-lora-at-end writes one). Such a
+    run stands for its base model (config.yaml's init_from) with final/adapter/ on top."""
+    return (run.final_adapter / "adapter_config.json").is_file() and _classify(run.final) is None
 
 
 def checkpoint_dir(ckpt_dir: str | Path) -> Path:

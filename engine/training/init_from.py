@@ -3,7 +3,7 @@ model directory, a .pth/.safetensors state dict shaped like --preset, a run dire
 else its checkpoints/), a DeepSpeed checkpoint directory of any ZeRO stage; engine.checkpoint.run_dir
 says which), with its embeddings grown to a tokenizer that extends its own. The tokenizer comes
 with the source unless --tokenizer names one. Frozen models (a reference, a teacher) are built
-the same way.
+the same way, and so are the models `zerotrain generate | chat | eval | serve` load (engine.apps.generate).
 """
 
 from __future__ import annotations
@@ -17,12 +17,25 @@ from engine.checkpoint.run_dir import Resolved, resolve, resolve_tag
 from engine.config.tree import Config
 from engine.distributed import log_on_rank0, world
 
+MODEL_KINDS = ("hf", "state_dict", "deepspeed")
+"""What can stand for a model's weights: an HF directory, a state dict, a DeepSpeed checkpoint (a run
+directory stands for its final/, else its checkpoints/)."""
 
-def resolve_init_from(init_from: str) -> Resolved | None:
-    """What --init-from names (None: a fresh model from the preset), failing early with a clear message."""
+
+def resolve_init_from(init_from: str, what: str = "--init-from") -> Resolved | None:
+    """What --init-from names (None: a fresh model from the preset), failing early with a clear
+    message; `what` names the argument in it."""
     if not init_from:
         return None
-    return resolve(init_from, ("hf", "state_dict", "deepspeed"), "--init-from")
+    return resolve(init_from, MODEL_KINDS, what)
+
+
+def run_context(cfg: Config) -> int:
+    """The positions a run's model is built for when a preset shapes it: the preset's, or the
+    run's --seq-len when longer (checks the preset's name)."""
+    from model.presets import preset_config
+
+    return max(preset_config(cfg.model.preset).max_position_embeddings, cfg.data.seq_len)
 
 
 def tokenizer_path(cfg: Config, source: Resolved | None) -> str:
@@ -48,16 +61,27 @@ def build_base_model(cfg: Config, source: Resolved | None, tokenizer: Any, conte
     attn = cfg.model.attn_implementation
     if source is None:
         return build_model(cfg.model.preset, vocab_size=len(tokenizer), max_seq_len=context, attn_implementation=attn)
-    if source.kind == "state_dict":
-        # shaped by the tokenizer it was trained with (the one beside it), which --tokenizer may extend
-        own = load_tokenizer(str(source.tokenizer)) if cfg.model.tokenizer and source.tokenizer else tokenizer
-        model = build_model(str(source.path), preset=cfg.model.preset, vocab_size=len(own), max_seq_len=context,
-                            attn_implementation=attn)
-    elif source.kind == "hf":
-        model = build_model(str(source.path), attn_implementation=attn)
-    else:
-        model = _model_from_checkpoint(cfg, source)
+    own = tokenizer  # a state dict is shaped by the tokenizer it was trained with, which --tokenizer may extend
+    if source.kind == "state_dict" and cfg.model.tokenizer and source.tokenizer:
+        own = load_tokenizer(str(source.tokenizer))
+    model = load_source(source, preset=cfg.model.preset, vocab_size=len(own), context=context, attn_implementation=attn)
     return fit_vocabulary(model, tokenizer, source)
+
+
+def load_source(source: Resolved, *, preset: str | None, vocab_size: int | None = None, context: int | None = None,
+                attn_implementation: str = "sdpa", what: str = "--init-from") -> torch.nn.Module:
+    """The model a resolved source holds, in fp32: an HF directory's; a state dict's, shaped by
+    `preset` (with `vocab_size`, `context`), else by the config.json beside it; a DeepSpeed
+    checkpoint tag's, gathered in memory (engine.offline, as consolidate reads it), shaped by its
+    own config, else by `preset`. `what` names the argument in errors."""
+    from model.build import build_model
+
+    if source.kind == "state_dict":
+        return build_model(str(source.path), preset=preset, vocab_size=vocab_size, max_seq_len=context,
+                           attn_implementation=attn_implementation)
+    if source.kind == "hf":
+        return build_model(str(source.path), attn_implementation=attn_implementation)
+    return _model_from_checkpoint(source, preset, attn_implementation, what)
 
 
 def fit_vocabulary(model: torch.nn.Module, tokenizer: Any, source: Resolved) -> torch.nn.Module:
@@ -89,7 +113,8 @@ def fit_vocabulary(model: torch.nn.Module, tokenizer: Any, source: Resolved) -> 
     return model
 
 
-def _model_from_checkpoint(cfg: Config, source: Resolved) -> torch.nn.Module:
+def _model_from_checkpoint(source: Resolved, preset: str | None, attn_implementation: str,
+                           what: str) -> torch.nn.Module:
     """The weights of a DeepSpeed checkpoint tag (fp32 masters, a LoRA adapter folded in) in a model
     built from the config consolidate would write beside them, read one tensor at a time."""
     from engine.offline.consolidate import checkpoint_entries
@@ -102,13 +127,13 @@ def _model_from_checkpoint(cfg: Config, source: Resolved) -> torch.nn.Module:
     ckpt = load_checkpoint(tag_dir)
     entries, _, _ = checkpoint_entries(ckpt)
     # --preset gives the shape when a foreign checkpoint carries no config of its own
-    config, where = find_model_config(tag_dir.parent, ckpt, entries, default_preset=cfg.model.preset)
+    config, where = find_model_config(tag_dir.parent, ckpt, entries, default_preset=preset)
     if config is None:
-        raise ZerotrainError(f"--init-from {tag_dir}: no model config beside the checkpoint (no config.json, no "
+        raise ZerotrainError(f"{what} {tag_dir}: no model config beside the checkpoint (no config.json, no "
                              f"zerotrain.json); pass the --preset it was trained with")
     untie_trained_head(config, entries)
-    model = build_from_config(config, where, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation)
-    check_state_dict({e.name: e.shape for e in entries}, model, source=f"--init-from checkpoint {tag_dir}",
+    model = build_from_config(config, where, dtype=torch.float32, attn_implementation=attn_implementation)
+    check_state_dict({e.name: e.shape for e in entries}, model, source=f"{what} checkpoint {tag_dir}",
                      target=f"the model config from {where}", noun="checkpoint",
                      advice="Pass the --preset it was trained with (a checkpoint without config.json or "
                             "zerotrain.json takes its shape from --preset).")

@@ -19,7 +19,7 @@ from engine.data.sources import DataSource, run_sources
 from engine.distributed import device_type
 from engine.objectives.base import Stage
 from engine.stages import launchers_for, load_config
-from engine.training.init_from import resolve_init_from, tokenizer_path
+from engine.training.init_from import resolve_init_from, run_context, tokenizer_path
 from engine.training.parts import RunPlan
 
 
@@ -58,7 +58,6 @@ def check_stage_data(stage: Stage, sources: list[DataSource]) -> None:
 
 def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
     """Check everything that can be checked on one process, fail early with a clear message."""
-    from model.presets import preset_config
     from model.tokenizer import load_tokenizer
 
     if not cfg.train.output_dir:
@@ -79,6 +78,6 @@ def plan_run(cfg: Config, stage: Stage, world_size: int) -> RunPlan:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     init_source = resolve_init_from(cfg.model.init_from)
     tokenizer = load_tokenizer(tokenizer_path(cfg, init_source))
-    context = max(preset_config(cfg.model.preset).max_position_embeddings, cfg.data.seq_len)  # checks the name
+    context = run_context(cfg)
     return RunPlan(run, device, precision, ds_config, sources, init_source, tokenizer, context, world_size,
                    resume_tag, saved)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from common.errors import ZerotrainError
 from engine.apps.cli import main
 from engine.apps.evaluate import evaluate
-from engine.apps.generate import generate, load_for_inference, resolve_model_dir
+from engine.apps.generate import generate, load_for_inference, resolve_model
 from engine.data.chat import encode_chat
 from engine.data.format import IGNORE_INDEX
 from engine.data.kinds import detect_kind
@@ -150,22 +150,26 @@ def test_loading_errors(model_dir, tmp_path):
     with pytest.raises(ZerotrainError, match="does not exist"):
         load_for_inference(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ZerotrainError, match="no adapter_config.json"):
+    with pytest.raises(ZerotrainError, match=r"--adapter .*empty is not a PEFT adapter directory"):
         load_for_inference(model_dir, adapter=tmp_path / "empty")
-    with pytest.raises(ZerotrainError, match="not a model directory"):
-        resolve_model_dir(tmp_path / "empty")
+    with pytest.raises(ZerotrainError, match="MODEL .* is not a model directory"):
+        resolve_model(tmp_path / "empty")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ZerotrainError, match="no final/ model yet.*zerotrain consolidate"):
-        resolve_model_dir(tmp_path / "run")
+        resolve_model(tmp_path / "run")
     (tmp_path / "run" / "final").symlink_to(model_dir)
-    assert resolve_model_dir(tmp_path / "run") == tmp_path / "run" / "final"
+    assert resolve_model(tmp_path / "run").base.path == tmp_path / "run" / "final"
 
 
 def test_cli_errors_exit_2(model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
-    assert "zerotrain generate: error: model directory" in capsys.readouterr().err
+    assert f"zerotrain generate: error: MODEL {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
     assert main(["eval", "--model", str(model_dir), "--adapter", str(tmp_path), "--data", "x.txt"]) == 2
-    assert f"zerotrain eval: error: adapter directory {tmp_path} has no adapter_config.json" in capsys.readouterr().err
+    assert f"zerotrain eval: error: --adapter {tmp_path} is not a PEFT adapter directory" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "hi"]) == 2
+    assert "name the model: zerotrain generate MODEL" in capsys.readouterr().err
+    assert main(["generate", str(model_dir), "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "two models given" in capsys.readouterr().err
 
 
 def test_cli_generate_prints_prompts_and_completions(model_dir, capsys):
@@ -173,6 +177,116 @@ def test_cli_generate_prints_prompts_and_completions(model_dir, capsys):
                  "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "### prompt 1\nHello\n### completion 1\n" in out and "### prompt 2\nWho are you?\n" in out
+    assert main(["generate", str(model_dir), "--prompt", "Hello", "Who are you?", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == out  # MODEL first, or --model: the same
+
+
+# --------------------------------------------------------------------------- one way to name a model
+
+@pytest.fixture(scope="module")
+def lora_run(model_dir, adapter_dir, tmp_path_factory) -> Path:
+    """A finished LoRA SFT run's directory as training leaves it: config.yaml naming its base model
+    (init_from), final/ holding the tokenizer and only adapter/ (no merged model)."""
+    import shutil
+
+    from engine.config.parse import parse_config
+
+    run = tmp_path_factory.mktemp("lora") / "run"
+    shutil.copytree(adapter_dir, run / "final" / "adapter")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, run / "final" / name)
+    parse_config(["--init-from", str(model_dir), "--lora-r", "4", "--output-dir", str(run)]).save(run / "config.yaml")
+    return run
+
+
+def logits_of(model, tok) -> torch.Tensor:
+    ids = torch.tensor([tok("Who are you?")["input_ids"]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_a_lora_run_directory_is_its_base_model_with_its_adapter(lora_run, model_dir, adapter_dir):
+    source = resolve_model(lora_run)
+    assert (source.base.kind, source.base.path, source.adapter) == ("hf", model_dir, lora_run / "final" / "adapter")
+    assert source.tokenizer == lora_run / "final"
+    expected = logits_of(*load_for_inference(model_dir, adapter=adapter_dir))
+    torch.testing.assert_close(logits_of(*load_for_inference(lora_run)), expected)
+    # --adapter takes the run directory too (its final/adapter/)
+    assert resolve_model(model_dir, lora_run).adapter == lora_run / "final" / "adapter"
+    torch.testing.assert_close(logits_of(*load_for_inference(model_dir, adapter=lora_run)), expected)
+
+
+def test_cli_generate_and_eval_take_a_lora_run_as_given(lora_run, model_dir, adapter_dir, tmp_path, capsys):
+    args = ["--prompt", "Hello", "--max-new-tokens", "6"]
+    assert main(["generate", str(lora_run), *args]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(adapter_dir), *args]) == 0
+    assert capsys.readouterr().out == from_run
+    data = tmp_path / "docs.txt"
+    data.write_text("\n".join(DOCS))
+    flags = ["--data", str(data), "--seq-len", "16", "--json"]
+    assert main(["eval", str(lora_run), *flags]) == 0
+    assert main(["eval", str(model_dir), "--adapter", str(lora_run), *flags]) == 0
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first == second and first["tokens"] > 0
+
+
+def test_cli_serve_takes_a_lora_run_as_given(lora_run, monkeypatch, capsys):
+    import signal
+
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own handlers
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: served.update(app=self.config.app))
+    assert main(["serve", str(lora_run), "--port", "8123"]) == 0
+    assert "'run' (" in capsys.readouterr().out and served["app"] is not None
+
+
+def test_an_adapter_is_not_a_model(lora_run, adapter_dir, model_dir):
+    for path in (adapter_dir, lora_run / "final"):
+        with pytest.raises(ZerotrainError, match=rf"{path} is a LoRA adapter, not a model: pass the run directory.*"
+                                                 rf"or the base model with --adapter {path}, or run `zerotrain "
+                                                 "merge-adapter"):
+            resolve_model(path)
+    with pytest.raises(ZerotrainError, match="is a LoRA run: it brings its own adapter"):
+        resolve_model(lora_run, adapter_dir)
+
+
+def test_a_lora_run_whose_base_is_gone_says_what_to_pass(lora_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    from engine.config.parse import parse_config
+
+    parse_config(["--init-from", "runs/nowhere", "--lora-r", "4"]).save(run / "config.yaml")
+    with pytest.raises(ZerotrainError, match=r"base model of LoRA run .*runs/nowhere .*init_from.*does not exist, read "
+                                             r"from the current directory.*or pass the base model with --adapter"):
+        resolve_model(run)
+
+
+def test_a_state_dict_and_a_checkpoint_tag_are_models(model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    model, tok = load_for_inference(model_dir)
+    path = tmp_path / "weights" / "model.safetensors"
+    path.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(path))
+    tok.save_pretrained(path.parent)
+    with pytest.raises(ZerotrainError, match="state dict with no config.json beside it: pass --preset"):
+        load_for_inference(path)
+    loaded, _ = load_for_inference(path, preset="debug")
+    torch.testing.assert_close(logits_of(loaded, tok), logits_of(model, tok))
+    tag = tmp_path / "run" / "checkpoints" / "global_step3"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (tag.parent / "latest").write_text(tag.name)
+    for given in (tmp_path / "run", tag):
+        source = resolve_model(given)
+        assert (source.base.kind, source.base.path) == ("deepspeed", tag.parent)
+    assert resolve_model(tag).base.tag == "global_step3"
 
 
 # --------------------------------------------------------------------------- chat
