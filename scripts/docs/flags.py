@@ -31,6 +31,12 @@ OUTPUT = ROOT / "docs" / "flags.md"
 COMMAND = "python scripts/docs/flags.py"
 
 
+def shipped_stages() -> dict[str, Any]:
+    """The stages zerotrain ships (declared in engine/), not ones a test or plugin registered."""
+    return {name: stage for name, stage in all_stages().items()
+            if getattr(stage.objective, "__module__", "").startswith("engine.")}
+
+
 def type_name(annotation: Any) -> str:
     """A field's type as a reader would write it: int, float, str, bool, list[str]."""
     if typing.get_origin(annotation) is list:
@@ -93,7 +99,7 @@ def section_table(section_cls: type, launchers: str, stage_defaults: dict[str, d
 
 def render() -> str:
     """The whole of docs/flags.md."""
-    stages = all_stages()
+    stages = shipped_stages()
     owners: dict[type, list[str]] = {}
     stage_defaults: dict[str, dict[str, Any]] = {}
     for name, stage in stages.items():
