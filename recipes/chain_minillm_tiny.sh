@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MiniLLM workflow on CPU: pretrain a `tiny` teacher and a `debug` student, SFT both on the
 # same instruction data, then distill the student from the teacher with reverse KL, half the
-# steps on the student's own sampled replies (recipes/distill_minillm_tiny.yaml). Needs runs/tok (zerotrain train-tokenizer ... --output runs/tok).
+# steps on the student's own sampled replies (recipes/distill_minillm_tiny.yaml).
 #   bash recipes/chain_minillm_tiny.sh [NUM_RANKS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
