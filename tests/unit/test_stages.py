@@ -71,7 +71,7 @@ def test_two_stages_of_one_name_are_refused(toy):
 
 def test_ppo_reads_grpo_rewards_and_sampling_and_refuses_the_rest(tmp_path):
     """PPO shares GRPO's rl section (its own default of 1 completion a prompt) beside its own ppo
-    section, and LoRA without dropout by default; GRPO refuses PPO's flags, PPO GRPO's loss flags."""
+    section, and LoRA without dropout by default (as GRPO; SFT keeps it); GRPO refuses PPO's flags, PPO GRPO's loss flags."""
     from engine.objectives.grpo import GRPO, RLConfig
     from engine.objectives.ppo import PPO, PPOConfig
 
@@ -81,7 +81,10 @@ def test_ppo_reads_grpo_rewards_and_sampling_and_refuses_the_rest(tmp_path):
     assert cfg.section(PPOConfig).gamma == 0.9 and cfg.section(RLConfig).epsilon == 0.1
     assert stages.config_for(PPO, [*base, "--num-generations", "4"]).section(RLConfig).num_generations == 4
     assert stages.config_for(GRPO, base).section(RLConfig).num_generations == 8
-    assert cfg.lora.lora_dropout == 0.0 and stages.config_for(GRPO, base).lora.lora_dropout == 0.05
+    assert cfg.lora.lora_dropout == 0.0 and stages.config_for(GRPO, base).lora.lora_dropout == 0.0
+    from engine.objectives.causal_lm import SFT
+
+    assert stages.config_for(SFT, ["--output-dir", str(tmp_path / "sft")]).lora.lora_dropout == 0.05
     assert stages.config_for(PPO, [*base, "--lora-dropout", "0.1"]).lora.lora_dropout == 0.1
     with pytest.raises(ZerotrainError, match=r"--gamma: not a flag of grpo \(ppo section\).*launcher/ppo.py"):
         stages.config_for(GRPO, [*base, "--gamma", "0.9"])
