@@ -97,10 +97,14 @@ def merged_model(peft_model, state_dict: dict[str, torch.Tensor]) -> torch.nn.Mo
     with torch.device("meta"):
         skeleton = _peft_model(AutoModelForCausalLM.from_config(base_config), peft_model.peft_config["default"])
     skeleton.load_state_dict(state_dict, strict=False, assign=True)
-    if any(p.is_meta for p in skeleton.parameters()):
+    base = skeleton.get_base_model()
+    head = getattr(base.get_output_embeddings(), "weight", None)
+    if head is not None and head.is_meta:
         # A tied lm_head is not in the state dict (one tensor with embed_tokens, named once) and
-        # assign=True replaced embed_tokens' tensor alone: tie the head to it again.
-        skeleton.get_base_model().tie_weights()
+        # assign=True replaced embed_tokens' tensor alone: tie the head to it again. (With lm_head
+        # in modules_to_save the head is peft's trained copy, loaded; the meta original it wraps
+        # is dropped by the merge.)
+        base.get_output_embeddings().weight = base.get_input_embeddings().weight
     model = skeleton.merge_and_unload()
     # modules_to_save trains embed_tokens and lm_head as separate copies: keep them untied.
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
