@@ -18,9 +18,9 @@ Both sides get
 - the same prompts: data/samples/arithmetic/prompts.jsonl (TRL's conversational shape with a
   `solution` column); before any run the script checks that TRL's tokenization of every prompt
   (apply_chat_template with the generation prompt) gives zerotrain's token ids;
-- the same prompts at each step: TRL's sampler is replaced by one yielding zerotrain's
-  ShardedSampler stream (the seeded permutation, each prompt G times), which accelerate's batch
-  sharding splits into exactly the prompts zerotrain's ranks take;
+- the same prompts at each step: TRL gets the dataset in zerotrain's ShardedSampler order (the
+  seeded permutation) with shuffle_dataset=False, so its sampler yields each prompt G times in
+  turn, which accelerate's batch sharding splits into exactly the prompts zerotrain's ranks take;
 - the same reward: `text_length` below (TRL's reward signature), given to TRL as a function and
   to zerotrain as --reward-fn scripts/bench/grpo_trl.py:text_length;
 - the same G, max new tokens, temperature (1, no top-k/top-p), stop token (the tokenizer's eos,
@@ -169,7 +169,7 @@ def trl_worker(args) -> None:
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.trainer, self.stamps, self.lengths = None, [], []
+            self.stamps, self.lengths = [], []
 
         def _stamp(self, state):
             self.stamps.append((time.perf_counter(), time.process_time(), int(state.num_input_tokens_seen)))
@@ -179,22 +179,10 @@ def trl_worker(args) -> None:
 
         def on_step_end(self, args, state, control, **_):
             self._stamp(state)
-            self.lengths.append(self.trainer._metrics["train"]["completions/mean_length"][-1])
 
-    class ZerotrainOrder(torch.utils.data.Sampler):
-        """zerotrain's ShardedSampler stream (epoch 0's seeded permutation), each prompt G times in a
-        row: accelerate hands batch k (micro-batch-size completions) to rank k % world, as zerotrain's
-        ranks take consecutive blocks of prompts."""
-
-        def __len__(self):
-            return len(order) * g
-
-        def __iter__(self):
-            return iter([i for i in order for _ in range(g)])
-
-    class Trainer(GRPOTrainer):
-        def _get_train_sampler(self, dataset=None):
-            return ZerotrainOrder()
+        def on_log(self, args, state, control, logs=None, **_):  # logging_steps=1: a record a step
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(logs["completions/mean_length"])
 
     set_seed(42)
     o, t = cfg.optim, cfg.train
@@ -203,19 +191,23 @@ def trl_worker(args) -> None:
         per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=1, max_steps=t.max_steps,
         learning_rate=o.lr, warmup_steps=o.warmup_steps, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": o.min_lr_ratio}, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2, adam_epsilon=o.adam_eps, max_grad_norm=o.grad_clip, logging_steps=t.max_steps,
+        adam_beta2=o.adam_beta2, adam_epsilon=o.adam_eps, max_grad_norm=o.grad_clip, logging_steps=1,
         save_strategy="no", eval_strategy="no", report_to=[], dataloader_num_workers=0, seed=t.seed,
         data_seed=t.seed, num_generations=g, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
         top_k=0, beta=0.0, num_iterations=1, loss_type="grpo", epsilon=0.2, scale_rewards="group", use_vllm=False,
-        log_completions=False)
+        log_completions=False,
+        # The dataset comes in zerotrain's ShardedSampler order (epoch 0's seeded permutation) and
+        # TRL's sampler keeps it, each prompt G times in a row: accelerate hands batch k
+        # (micro-batch-size completions) to rank k % world, as zerotrain's ranks take consecutive
+        # blocks of prompts.
+        shuffle_dataset=False)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
                                                  attn_implementation=args.attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prompts = load_dataset("json", data_files=str(PROMPTS), split="train")
+    prompts = load_dataset("json", data_files=str(PROMPTS), split="train").select(order)
     clock = Clock()
-    trainer = Trainer(model=model, reward_funcs=[text_length], args=config, train_dataset=prompts,
-                      processing_class=tokenizer, callbacks=[clock])
-    clock.trainer = trainer
+    trainer = GRPOTrainer(model=model, reward_funcs=[text_length], args=config, train_dataset=prompts,
+                          processing_class=tokenizer, callbacks=[clock])
     trainer.train()
     _write_rank0(out, {"stamps": clock.stamps, "lengths": clock.lengths})
 
