@@ -110,26 +110,33 @@ def test_metrics_and_the_kl_to_the_reference(grpo_runs, run):
         assert second["loss"] != first["loss"]
 
 
-def test_a_resumed_run_samples_and_trains_as_the_straight_one(grpo_runs, tmp_path):
-    straight = grpo_runs / "zero3"
-    resumed = rewound_copy(straight, tmp_path / "run", 2, later=("global_step3",))
-    flags = json.loads((grpo_runs / "cases" / "cases.json").read_text())["zero3"]["flags"]
+def resumed_case(grpo_runs, case: str, step: int, into, **launch):
+    """The fixture's `case` run rewound to its step-`step` checkpoint in `into`, then run again with
+    the same flags (it resumes there): (the run directory, the launch's output)."""
+    later = tuple(f"global_step{s}" for s in range(step + 1, STEPS + 1))
+    resumed = rewound_copy(grpo_runs / case, into, step, later=later)
+    flags = json.loads((grpo_runs / "cases" / "cases.json").read_text())[case]["flags"]
     flags[flags.index("--output-dir") + 1] = str(resumed)
-    proc = run_launcher("grpo.py", flags, nproc=2)
+    return resumed, run_launcher("grpo.py", flags, **launch)
+
+
+def last_step_rows(run) -> list[str]:
+    """The rollout log's lines of the last step, as the last launch wrote them (both ranks')."""
+    return [line for line in (run / "rollouts.jsonl").read_text().splitlines()
+            if json.loads(line)["step"] == STEPS][-MBS * 2:]
+
+
+def test_a_resumed_run_samples_and_trains_as_the_straight_one(grpo_runs, tmp_path):
+    resumed, proc = resumed_case(grpo_runs, "zero3", 2, tmp_path / "run", nproc=2)
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    assert train_losses(resumed) == train_losses(straight)
-    last = lambda run: [line for line in (run / "rollouts.jsonl").read_text().splitlines()  # noqa: E731
-                        if json.loads(line)["step"] == STEPS][-MBS * 2:]
-    assert last(resumed) == last(straight)  # the same completions, rewards and advantages
+    assert train_losses(resumed) == train_losses(grpo_runs / "zero3")
+    assert last_step_rows(resumed) == last_step_rows(grpo_runs / "zero3")  # the same completions, rewards, advantages
 
 
 def test_an_rl_run_resumes_on_another_number_of_ranks(grpo_runs, tmp_path):
     """The 2-rank ZeRO-3 run's step-2 checkpoint (a cycle's end: nothing carried) goes on on one
     rank: converted to DeepSpeed's universal layout, then one more step, sampled and trained."""
-    resumed = rewound_copy(grpo_runs / "zero3", tmp_path / "run", 2, later=("global_step3",))
-    flags = json.loads((grpo_runs / "cases" / "cases.json").read_text())["zero3"]["flags"]
-    flags[flags.index("--output-dir") + 1] = str(resumed)
-    proc = run_launcher("grpo.py", flags, nproc=1, launcher="python")
+    resumed, proc = resumed_case(grpo_runs, "zero3", 2, tmp_path / "run", nproc=1, launcher="python")
     assert "saved on 2 ranks, now 1" in proc.stdout
     last = [r for r in metrics(resumed) if "loss" in r][-1]
     assert last["step"] == STEPS and math.isfinite(last["loss"]) and last["reward"] is not None
@@ -144,15 +151,10 @@ def test_a_run_resumed_between_updates_of_one_rollout_trains_on_the_same_complet
     assert sorted(p.name for p in (straight / "checkpoints" / "global_step1").glob("objective_state_*")) == [
         "objective_state_0.pt", "objective_state_1.pt"]
     assert not list((straight / "checkpoints" / "global_step2").glob("objective_state_*"))  # a cycle's end
-    resumed = rewound_copy(straight, tmp_path / "run", 1, later=("global_step2", "global_step3"))
-    flags = json.loads((grpo_runs / "cases" / "cases.json").read_text())["lora"]["flags"]
-    flags[flags.index("--output-dir") + 1] = str(resumed)
-    proc = run_launcher("grpo.py", flags, nproc=2)
+    resumed, proc = resumed_case(grpo_runs, "lora", 1, tmp_path / "run", nproc=2)
     assert "resumed from" in proc.stdout and "at step 1" in proc.stdout
     assert train_losses(resumed) == train_losses(straight)
-    last = lambda run: [line for line in (run / "rollouts.jsonl").read_text().splitlines()  # noqa: E731
-                        if json.loads(line)["step"] == STEPS][-MBS * 2:]
-    assert last(resumed) == last(straight)
+    assert last_step_rows(resumed) == last_step_rows(straight)
 
 
 def test_checkpoint_tools_work_on_rl_runs(grpo_runs, tmp_path, capsys):
